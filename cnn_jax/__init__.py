@@ -1,0 +1,3 @@
+"""cnn_jax: convolutional image classifiers as pure JAX functions."""
+
+__version__ = "0.1.0"

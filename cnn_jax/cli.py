@@ -1,0 +1,100 @@
+"""absl flags for the experiment scripts: one flag per `Config` field, plus `--preset`.
+
+A flag given on the command line overrides the preset's value; a flag left out
+keeps it. `main_guard` turns the errors meant for users (bad config, bad data,
+divergence) into one line on stderr and a non-zero exit, with no traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from typing import Any, Callable
+
+from absl import flags
+
+from cnn_jax import config as config_lib
+from cnn_jax.config import Config, ConfigError
+
+FLAGS = flags.FLAGS
+_HELP = {
+    "dataset": "Dataset: mnist or fashion_mnist.",
+    "data_dir": "Folder with the four IDX files (offline source); empty: TensorFlow Datasets.",
+    "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
+    "conv_kernels": "Kernel size per conv layer, comma-separated.",
+    "pool": "Pooling: max or avg.",
+    "num_fc": "Width of the hidden dense layer.",
+    "init": "Initialisation: he, lecun (fan-in scaled) or seed (N(0, weight_scale)).",
+    "optimizer": "seed_sgd (the tutorial's hand-written SGD), sgd, momentum, adam or adamw.",
+    "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
+    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the seed).",
+    "conv_impl": "Convolution lowering: auto (patches on CPU, lax elsewhere), lax (reference) or patches.",
+    "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
+    "train_eval": "Train accuracy: full (evaluate the train set after each epoch) or running.",
+    "debug": "Print every layer's output shape.",
+}
+
+
+def define_config_flags() -> None:
+    """Define `--preset` and one flag per Config field (defaults: `Config()`'s values)."""
+    flags.DEFINE_enum("preset", "default", sorted(config_lib.PRESETS),
+                      "Named config to start from; flags given override its values.")
+    for field in dataclasses.fields(Config):
+        default = getattr(Config(), field.name)
+        help_text = _HELP.get(field.name, field.name.replace("_", " ").capitalize() + ".")
+        if isinstance(default, bool):
+            flags.DEFINE_boolean(field.name, default, help_text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(field.name, default, help_text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(field.name, default, help_text)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+        else:
+            flags.DEFINE_string(field.name, default, help_text)
+
+
+def _parse_int_list(name: str, values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise ConfigError(f"--{name}={','.join(values)} is not allowed: give comma-separated "
+                          "integers, e.g. 20,50") from None
+
+
+def config_from_flags(overrides: dict[str, Any] | None = None) -> Config:
+    """The preset named by `--preset`, with every flag given on the command line applied; validated."""
+    values = {}
+    for field in dataclasses.fields(Config):
+        if FLAGS[field.name].present:
+            value = FLAGS[field.name].value
+            if isinstance(getattr(Config(), field.name), tuple):
+                value = _parse_int_list(field.name, value)
+            values[field.name] = value
+    values.update(overrides or {})
+    return config_lib.validate(config_lib.replace(config_lib.PRESETS[FLAGS.preset], **values))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user as it is."""
+    from cnn_jax.data import DataError
+    return (ConfigError, DataError, FloatingPointError)
+
+
+def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """Wrap an absl main: user errors become one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str]) -> Any:
+        if len(argv) > 1:
+            print(f"error: unexpected arguments {' '.join(argv[1:])}; flags look like --name=value",
+                  file=sys.stderr)
+            sys.exit(2)
+        try:
+            return main(argv)
+        except user_errors() as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped

@@ -1,0 +1,174 @@
+"""The one experiment config: every knob, its defaults, the named presets, validation.
+
+`Config` is a frozen dataclass; a preset is just another value of it
+(`PRESETS["seed"]` is the MXNet tutorial's recipe). `validate` is the single
+place where values are checked; it raises `ConfigError` with a one-line message
+naming the flag, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cnn_jax.layers import PADDINGS, conv_output_size
+
+DATASETS = ("mnist", "fashion_mnist")
+INITS = ("he", "lecun", "seed")
+OPTIMIZERS = ("seed_sgd", "sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
+LOSS_REDUCTIONS = ("mean", "sum")
+CONV_IMPLS = ("auto", "lax", "patches")
+LOOPS = ("auto", "step", "scan")
+TRAIN_EVALS = ("full", "running")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every knob of an experiment; `experiments/train.py` has one flag per field."""
+
+    # Data.
+    dataset: str = "mnist"            # mnist | fashion_mnist
+    data_dir: str = ""                # folder with the four IDX files; empty: TensorFlow Datasets
+    train_subset: int = 0             # train on the first N images only (0: all)
+    test_subset: int = 0              # evaluate on the first N test images only (0: all)
+    # Model.
+    conv_filters: tuple[int, ...] = (20, 50)
+    conv_kernels: tuple[int, ...] = (3, 5)
+    conv_stride: int = 1
+    conv_padding: str = "VALID"       # VALID | SAME
+    pool: str = "max"                 # max | avg
+    pool_window: int = 2
+    pool_stride: int = 2
+    num_fc: int = 128                 # width of the hidden dense layer
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C
+    init: str = "he"                  # he | lecun | seed (every weight and bias ~ N(0, weight_scale))
+    weight_scale: float = 0.01        # std of the seed init
+    # Optimisation.
+    optimizer: str = "adam"           # seed_sgd | sgd | momentum | adam | adamw
+    learning_rate: float = 1e-3
+    schedule: str = "constant"        # constant | cosine | onecycle | warmup_cosine (optax optimisers)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4        # adamw only
+    loss_reduction: str = "mean"      # mean | sum (the seed sums the per-example loss over the batch)
+    batch_size: int = 64
+    epochs: int = 1
+    seed: int = 0
+    # Execution and reporting.
+    conv_impl: str = "auto"           # auto | lax | patches (auto: patches on CPU, lax elsewhere)
+    loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
+    eval_batch_size: int = 1000
+    train_eval: str = "full"          # full: evaluate the whole train set per epoch | running: during the epoch
+    loss_smoothing: float = 0.01      # the seed's moving-average loss
+    log_every: int = 100              # steps between logged training losses
+    debug: bool = False               # print every layer's output shape
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    # The MXNet tutorial exactly: N(0, 0.01) init, hand-written SGD at lr 0.01 on the
+    # summed loss, average pooling, batch 64, one epoch.
+    "seed": Config(pool="avg", init="seed", weight_scale=0.01, optimizer="seed_sgd",
+                   learning_rate=0.01, loss_reduction="sum"),
+}
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config))
+
+
+def replace(config: Config, **overrides: Any) -> Config:
+    """`dataclasses.replace` that names an unknown field in a ConfigError."""
+    unknown = sorted(set(overrides) - set(field_names()))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+    return dataclasses.replace(config, **overrides)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """JSON-ready dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Inverse of `to_dict`; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{name}={value!r} is not allowed: use one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or value != value:  # value != value catches NaN
+        need = "zero or positive" if allow_zero else "positive"
+        raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need}")
+
+
+def validate(config: Config) -> Config:
+    """Check every value; return the config unchanged or raise ConfigError (one line)."""
+    _choice("dataset", config.dataset, DATASETS)
+    _choice("pool", config.pool, tuple(("max", "avg")))
+    _choice("conv_padding", config.conv_padding, PADDINGS)
+    _choice("init", config.init, INITS)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("schedule", config.schedule, SCHEDULES)
+    _choice("loss_reduction", config.loss_reduction, LOSS_REDUCTIONS)
+    _choice("conv_impl", config.conv_impl, CONV_IMPLS)
+    _choice("loop", config.loop, LOOPS)
+    _choice("train_eval", config.train_eval, TRAIN_EVALS)
+    for name in ("conv_stride", "pool_window", "pool_stride", "num_fc", "num_classes",
+                 "batch_size", "epochs", "eval_batch_size", "log_every"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"--{name}={value!r} is not allowed: it must be a positive integer")
+        _positive(name, value)
+    for name in ("train_subset", "test_subset", "seed"):
+        _positive(name, getattr(config, name), allow_zero=True)
+    for name in ("learning_rate", "weight_scale"):
+        _positive(name, getattr(config, name))
+    for name in ("momentum", "weight_decay"):
+        _positive(name, getattr(config, name), allow_zero=True)
+    if not 0 < config.loss_smoothing <= 1:
+        raise ConfigError(f"--loss_smoothing={config.loss_smoothing!r} is not allowed: it must be in (0, 1]")
+    if not config.conv_filters:
+        raise ConfigError("--conv_filters is empty: give one filter count per conv layer, e.g. 20,50")
+    if len(config.conv_filters) != len(config.conv_kernels):
+        raise ConfigError(
+            f"--conv_filters={','.join(map(str, config.conv_filters))} and "
+            f"--conv_kernels={','.join(map(str, config.conv_kernels))} differ in length: "
+            "give one kernel size per conv layer")
+    for name in ("conv_filters", "conv_kernels"):
+        values = getattr(config, name)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+            raise ConfigError(f"--{name}={','.join(map(str, values))} is not allowed: "
+                              "every entry must be a positive integer")
+    if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
+        raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
+    # Walk the network: each conv kernel and pool window must fit its input.
+    h, w, _ = config.input_shape
+    for i, kernel in enumerate(config.conv_kernels, start=1):
+        if config.conv_padding == "VALID" and kernel > min(h, w):
+            raise ConfigError(
+                f"--conv_kernels: conv{i} kernel {kernel} is larger than its {h}x{w} input; "
+                "use smaller kernels, fewer conv layers or --conv_padding=SAME")
+        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
+        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
+        if config.pool_window > min(h, w):
+            raise ConfigError(
+                f"--pool_window={config.pool_window}: pool{i} window is larger than its {h}x{w} input, "
+                "so the flattened size would be zero; use smaller kernels or fewer conv layers")
+        h = conv_output_size(h, config.pool_window, config.pool_stride)
+        w = conv_output_size(w, config.pool_window, config.pool_stride)
+    return config

@@ -1,0 +1,111 @@
+"""The CNN as two pure functions over a params dict: `init` and `apply`.
+
+Architecture (the seed's by default): for each conv layer i, conv{i} -> relu ->
+pool{i}; then flatten -> dense1 -> relu -> output (logits). Params are a nested
+dict keyed by layer name: {"conv1": {"w", "b"}, ..., "dense1": {...}, "output": {...}}.
+
+    params = model.init(jax.random.key(0), config)
+    logits = model.apply(params, images, config)   # images: (N, H, W, C) float32 in [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cnn_jax import layers
+from cnn_jax.config import Config
+from cnn_jax.layers import conv_output_size
+
+Params = dict[str, dict[str, jax.Array]]
+
+
+def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """(layer name, per-example output shape) for the network `config` describes.
+
+    The flattened size is derived here, never hard-coded.
+    """
+    h, w, _ = config.input_shape
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for i, (filters, kernel) in enumerate(zip(config.conv_filters, config.conv_kernels), start=1):
+        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
+        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
+        shapes.append((f"conv{i}", (h, w, filters)))
+        h = conv_output_size(h, config.pool_window, config.pool_stride)
+        w = conv_output_size(w, config.pool_window, config.pool_stride)
+        shapes.append((f"pool{i}", (h, w, filters)))
+    flat = h * w * config.conv_filters[-1]
+    shapes += [("flatten", (flat,)), ("dense1", (config.num_fc,)), ("output", (config.num_classes,))]
+    return shapes
+
+
+def param_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Shape of every weight and bias, by layer name."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    channels = config.input_shape[2]
+    for i, (filters, kernel) in enumerate(zip(config.conv_filters, config.conv_kernels), start=1):
+        shapes[f"conv{i}"] = {"w": (kernel, kernel, channels, filters), "b": (filters,)}
+        channels = filters
+    flat = dict(layer_shapes(config))["flatten"][0]
+    shapes["dense1"] = {"w": (flat, config.num_fc), "b": (config.num_fc,)}
+    shapes["output"] = {"w": (config.num_fc, config.num_classes), "b": (config.num_classes,)}
+    return shapes
+
+
+def init(key: jax.Array, config: Config) -> Params:
+    """Draw initial params.
+
+    `init="seed"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
+    `init="he"` / `"lecun"`: weights ~ N(0, gain / fan_in) with gain 2 / 1, biases 0.
+    """
+    params: Params = {}
+    shapes = param_shapes(config)
+    keys = jax.random.split(key, 2 * len(shapes))
+    for (name, layer), (kw, kb) in zip(shapes.items(), keys.reshape(len(shapes), 2, *keys.shape[1:])):
+        w_shape, b_shape = layer["w"], layer["b"]
+        if config.init == "seed":
+            w = config.weight_scale * jax.random.normal(kw, w_shape, jnp.float32)
+            b = config.weight_scale * jax.random.normal(kb, b_shape, jnp.float32)
+        else:
+            fan_in = math.prod(w_shape[:-1])
+            gain = 2.0 if config.init == "he" else 1.0
+            w = math.sqrt(gain / fan_in) * jax.random.normal(kw, w_shape, jnp.float32)
+            b = jnp.zeros(b_shape, jnp.float32)
+        params[name] = {"w": w, "b": b}
+    return params
+
+
+def conv_fn(config: Config):
+    """The convolution lowering the config selects (`lax` is the reference)."""
+    impl = config.conv_impl
+    if impl == "auto":
+        impl = "patches" if jax.default_backend() == "cpu" else "lax"
+    return layers.conv2d_patches if impl == "patches" else layers.conv2d
+
+
+def apply(params: Params, images: jax.Array, config: Config, debug: bool = False) -> jax.Array:
+    """Logits (N, num_classes) for images (N, H, W, C). `debug` prints each layer's output shape."""
+    conv = conv_fn(config)
+    pool = layers.POOLS[config.pool]
+
+    def trace(name: str, x: Any) -> None:
+        if debug:
+            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
+
+    x = images
+    for i in range(1, len(config.conv_filters) + 1):
+        layer = params[f"conv{i}"]
+        x = layers.relu(conv(x, layer["w"], layer["b"], config.conv_stride, config.conv_padding))
+        trace(f"conv{i}", x)
+        x = pool(x, config.pool_window, config.pool_stride)
+        trace(f"pool{i}", x)
+    x = layers.flatten(x)
+    trace("flatten", x)
+    x = layers.relu(layers.dense(x, params["dense1"]["w"], params["dense1"]["b"]))
+    trace("dense1", x)
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    trace("output", x)
+    return x

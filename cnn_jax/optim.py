@@ -1,0 +1,64 @@
+"""Optimisers: the seed's hand-written SGD, and optax's sgd / momentum / adam / adamw.
+
+Every optimiser is an `optax.GradientTransformation`; `apply_updates` adds the
+updates to the params. The seed's SGD is written out by hand: its update is
+exactly `p - lr * grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from cnn_jax.config import Config
+
+
+def seed_sgd(learning_rate: float) -> optax.GradientTransformation:
+    """The tutorial's SGD: params <- params - lr * grad, no state."""
+
+    def init(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        return jax.tree.map(lambda g: -learning_rate * g, grads), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule | float:
+    """The configured learning rate: a constant, or an optax schedule over `total_steps`."""
+    lr, steps = config.learning_rate, max(total_steps, 1)
+    if config.schedule == "constant":
+        return lr
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, steps)
+    if config.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(steps, lr)
+    if config.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
+    raise ValueError(f"unknown schedule {config.schedule!r}")
+
+
+def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser `config.optimizer` names, with its learning-rate schedule."""
+    if config.optimizer == "seed_sgd":
+        return seed_sgd(config.learning_rate)
+    lr = learning_rate_schedule(config, total_steps)
+    if config.optimizer == "sgd":
+        return optax.sgd(lr)
+    if config.optimizer == "momentum":
+        return optax.sgd(lr, momentum=config.momentum)
+    if config.optimizer == "adam":
+        return optax.adam(lr)
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """params + updates, leaf by leaf."""
+    return jax.tree.map(lambda p, u: p + u, params, updates)
