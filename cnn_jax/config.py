@@ -142,6 +142,10 @@ def validate(config: Config) -> Config:
         _positive(name, getattr(config, name), allow_zero=True)
     if not 0 < config.loss_smoothing <= 1:
         raise ConfigError(f"--loss_smoothing={config.loss_smoothing!r} is not allowed: it must be in (0, 1]")
+    if config.optimizer == "seed_sgd" and config.schedule != "constant":
+        raise ConfigError(f"--schedule={config.schedule!r} is not allowed with --optimizer=seed_sgd "
+                          "(the tutorial's SGD has a constant rate): use --schedule=constant "
+                          "or an optax optimiser")
     if not config.conv_filters:
         raise ConfigError("--conv_filters is empty: give one filter count per conv layer, e.g. 20,50")
     if len(config.conv_filters) != len(config.conv_kernels):

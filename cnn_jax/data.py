@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import socket
 import zlib
 
 import numpy as np
@@ -36,6 +37,7 @@ KNOWN_IDX_DIRS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
 }
 _IDX_DTYPES = {0x08: np.uint8}
+TFDS_HOST = "storage.googleapis.com"  # where TFDS downloads MNIST and Fashion-MNIST from
 
 
 class DataError(RuntimeError):
@@ -128,6 +130,15 @@ def load_idx_dir(data_dir: str, name: str = "mnist") -> Dataset:
     return from_arrays(name, class_names=CLASS_NAMES[name], source=data_dir, **arrays)
 
 
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:port opens (TFDS would otherwise retry for minutes)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
     """Load through TensorFlow Datasets' TensorFlow-free `data_source` (downloads when online)."""
     try:
@@ -137,11 +148,15 @@ def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
                         "or pass --data_dir with the four IDX files") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared() and not _reachable(TFDS_HOST):
+            raise DataError(f"TensorFlow Datasets has no copy of {name!r} and {TFDS_HOST} cannot be "
+                            f"reached (offline?); pass --data_dir with the four IDX files (on this "
+                            f"project's machines: --data_dir={KNOWN_IDX_DIRS[name]})")
         builder.download_and_prepare(file_format="array_record")
         splits = {}
         for split in ("train", "test"):
             source = builder.as_data_source(split=split)
-            records = source[:] if len(source) else []
+            records = [source[i] for i in range(len(source))]
             splits[split] = (np.stack([r["image"] for r in records]).astype(np.uint8),
                              np.array([r["label"] for r in records], np.int64))
     except DataError:

@@ -1,0 +1,84 @@
+"""Model: params layout, init schemes, the debug shape trace, derived sizes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import model
+from cnn_jax.config import Config
+
+SEED_TRACE = ["conv1    26x26x20", "pool1    13x13x20", "conv2    9x9x50", "pool2    4x4x50",
+              "flatten  800", "dense1   128", "output   10"]
+
+
+def test_debug_trace_of_the_seed_network(capsys):
+    config = Config()
+    params = model.init(jax.random.key(0), config)
+    logits = model.apply(params, jnp.zeros((3, 28, 28, 1)), config, debug=True)
+    assert logits.shape == (3, 10)
+    assert capsys.readouterr().out.splitlines() == SEED_TRACE
+
+
+def test_params_are_a_nested_dict_by_layer_name():
+    params = model.init(jax.random.key(0), Config())
+    shapes = {name: {k: v.shape for k, v in layer.items()} for name, layer in params.items()}
+    assert shapes == {"conv1": {"w": (3, 3, 1, 20), "b": (20,)}, "conv2": {"w": (5, 5, 20, 50), "b": (50,)},
+                      "dense1": {"w": (800, 128), "b": (128,)}, "output": {"w": (128, 10), "b": (10,)}}
+
+
+@pytest.mark.parametrize("overrides,flat", [
+    ({"conv_filters": (8, 16, 32), "conv_kernels": (3, 3, 3)}, 32),   # 26-13-11-5-3-1
+    ({"conv_kernels": (5, 5)}, 4 * 4 * 50),
+    ({"conv_padding": "SAME"}, 7 * 7 * 50),
+    ({"input_shape": (32, 32, 3), "num_classes": 5, "num_fc": 64}, 5 * 5 * 50),
+])
+def test_flattened_size_is_derived(overrides, flat):
+    config = config_lib.validate(config_lib.replace(Config(), **overrides))
+    assert dict(model.layer_shapes(config))["flatten"] == (flat,)
+    params = model.init(jax.random.key(1), config)
+    assert params["dense1"]["w"].shape == (flat, config.num_fc)
+    logits = model.apply(params, jnp.ones((2,) + config.input_shape), config)
+    assert logits.shape == (2, config.num_classes)
+
+
+def test_seed_init_draws_every_weight_and_bias_from_n0_scale():
+    config = config_lib.replace(Config(), init="seed", weight_scale=0.05)
+    params = model.init(jax.random.key(0), config)
+    w = np.asarray(params["dense1"]["w"])
+    assert abs(w.std() - 0.05) < 0.002 and abs(w.mean()) < 0.002
+    assert np.asarray(params["conv2"]["b"]).std() > 0.02  # biases are random too
+
+
+@pytest.mark.parametrize("init,gain", [("he", 2.0), ("lecun", 1.0)])
+def test_fan_in_init(init, gain):
+    params = model.init(jax.random.key(0), config_lib.replace(Config(), init=init))
+    w = np.asarray(params["conv2"]["w"])
+    assert abs(w.std() - np.sqrt(gain / (5 * 5 * 20))) < 0.01 * np.sqrt(gain / 500)
+    assert not np.any(params["conv2"]["b"])
+
+
+def test_init_is_deterministic_per_key():
+    a = model.init(jax.random.key(3), Config())
+    b = model.init(jax.random.key(3), Config())
+    c = model.init(jax.random.key(4), Config())
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert not np.array_equal(a["conv1"]["w"], c["conv1"]["w"])
+
+
+def test_conv_lowerings_give_the_same_logits_and_gradients():
+    images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    labels = jnp.arange(4)
+    results = []
+    for impl in ("lax", "patches"):
+        config = config_lib.replace(Config(), conv_impl=impl)
+        params = model.init(jax.random.key(0), config)
+
+        def loss(p):
+            logits = model.apply(p, images, config)
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+        results.append((model.apply(params, images, config), jax.grad(loss)(params)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for g1, g2 in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)

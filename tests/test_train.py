@@ -1,0 +1,87 @@
+"""Training: determinism, real-data learning, strategy equivalence, evaluation, the moving loss."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import data, model, optim, train
+from cnn_jax.config import Config
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """2,048 real training images and 1,000 real test images."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:2048], train_labels=mnist.train_labels[:2048],
+                               test_images=mnist.test_images[:1000], test_labels=mnist.test_labels[:1000])
+
+
+def leaves_equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_same_seed_gives_bit_identical_params(small):
+    config = config_lib.replace(Config(), train_eval="running", loop="step")
+    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
+    p1, _, h1 = train.fit(config, cut)
+    p2, _, h2 = train.fit(config, cut)
+    assert leaves_equal(p1, p2)
+    assert h1[0]["moving_loss"] == h2[0]["moving_loss"]
+    p3, _, _ = train.fit(config_lib.replace(config, seed=1), cut)
+    assert not leaves_equal(p1, p3)
+
+
+def test_short_real_run_learns(small):
+    config = config_lib.replace(Config(), epochs=2)
+    params0 = model.init(jax.random.key(config.seed), config)
+    before = train.evaluate(params0, jnp.asarray(small.test_images), jnp.asarray(small.test_labels), config)
+    params, _, history = train.fit(config, small)
+    assert before["accuracy"] < 0.3
+    assert history[-1]["test_accuracy"] > 0.85
+    assert history[-1]["train_loss"] < history[0]["train_loss"] < before["loss"]
+    assert set(history[0]) >= {"epoch", "moving_loss", "train_accuracy", "test_accuracy", "epoch_time",
+                               "images_per_second"}
+
+
+def test_step_and_scan_loops_agree(small):
+    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
+    results = [train.fit(config_lib.replace(Config(), loop=loop, train_eval="running"), cut) for loop in ("step", "scan")]
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert abs(results[0][2][0]["moving_loss"] - results[1][2][0]["moving_loss"]) < 1e-4
+
+
+def test_train_step_is_pure_and_matches_a_manual_update(small):
+    config = config_lib.replace(config_lib.PRESETS["seed"])
+    params = model.init(jax.random.key(0), config)
+    opt = optim.make_optimizer(config, 1)
+    images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
+    new, _, metrics = jax.jit(train.make_train_step(config, opt))(params, opt.init(params), images, labels)
+    grads = jax.grad(lambda p: train.loss_fn(p, images, labels, config)[0])(params)
+    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new)):
+        np.testing.assert_allclose(n, p - 0.01 * g, rtol=1e-5, atol=1e-7)
+    assert 2.0 < float(metrics["loss"]) < 2.6  # ~log(10) at a near-zero init
+
+
+def test_evaluate_pads_the_last_batch(small):
+    config = config_lib.replace(Config(), eval_batch_size=300)
+    params = model.init(jax.random.key(0), config)
+    x, y = jnp.asarray(small.test_images), jnp.asarray(small.test_labels)
+    batched = train.evaluate(params, x, y, config, return_predictions=True)
+    logits = model.apply(params, x, config)
+    assert batched["accuracy"] == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) == y)))
+    np.testing.assert_array_equal(batched["predictions"], np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_moving_average_is_the_seeds():
+    assert train.moving_average(np.array([2.0, 1.0]), 0.01) == pytest.approx(0.99 * 2.0 + 0.01 * 1.0)
+    assert train.moving_average(np.array([1.0]), 0.5, start=3.0) == pytest.approx(2.0)
+
+
+def test_format_epoch_is_the_seeds_line():
+    line = train.format_epoch({"epoch": 0, "moving_loss": 0.1712, "train_accuracy": 0.9651,
+                               "test_accuracy": 0.9628, "epoch_time": 19.83, "images_per_second": 3030.4})
+    assert line == "Epoch 0. Loss: 0.1712, Train_acc 0.9651, Test_acc 0.9628, 19.8 s, 3030 img/s"
