@@ -9,6 +9,7 @@ batch) and `scan` (a whole epoch inside one `lax.scan`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, Callable
@@ -19,8 +20,8 @@ import numpy as np
 import optax
 
 from cnn_jax import data as data_lib
-from cnn_jax import layers, model, optim
-from cnn_jax.config import Config
+from cnn_jax import layers, model, optim, progress
+from cnn_jax.config import Config, ConfigError
 
 Metrics = dict[str, jax.Array]
 StepFn = Callable[[model.Params, Any, jax.Array, jax.Array], tuple[model.Params, Any, Metrics]]
@@ -142,69 +143,188 @@ def steps_per_epoch(config: Config, num_train: int) -> int:
     return num_train // config.batch_size
 
 
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped; what a checkpoint holds."""
+
+    params: model.Params
+    opt_state: Any
+    step: int = 0                          # training steps done, over all epochs
+    moving_loss: float | None = None       # the seed's moving-average loss after `step` steps
+    epoch_losses: list[float] = dataclasses.field(default_factory=list)  # this epoch's step losses so far
+    epoch_correct: int = 0                 # this epoch's correct training predictions so far
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per finished epoch
+
+
+def _no_op(*args: Any) -> None:
+    del args
+
+
+@dataclasses.dataclass
+class Hooks:
+    """What `fit` calls besides training; the defaults do nothing (no workdir).
+
+    on_log(record):        every `log_every` steps, a {"kind": "train", ...} record
+    on_epoch(state, rec):  after each epoch's evaluation (a workdir saves metrics and a checkpoint)
+    should_stop(step):     polled after every step; True makes `fit` call on_stop, then raise Stopped
+    on_stop(state):        the state to save before stopping (mid-epoch, or right after an epoch)
+    """
+
+    on_log: Callable[[dict[str, Any]], None] = _no_op
+    on_epoch: Callable[[TrainState, dict[str, Any]], None] = _no_op
+    should_stop: Callable[[int], bool] = lambda step: False
+    on_stop: Callable[[TrainState], None] = _no_op
+
+
+class Stopped(Exception):
+    """`fit` stopped early because `Hooks.should_stop` asked it to, after `Hooks.on_stop`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training stopped at step {step}")
+        self.step = step
+
+
 def train_and_evaluate(config: Config, workdir: str | None = None,
-                       dataset: data_lib.Dataset | None = None) -> list[dict[str, Any]]:
+                       dataset: data_lib.Dataset | None = None, *, resume: bool = False,
+                       overwrite: bool = False, tensorboard: bool = False) -> list[dict[str, Any]]:
     """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
 
-    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None.
+    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
+    otherwise the run keeps its config, metrics, checkpoints and plots there (see
+    `cnn_jax.run`), `resume` continues its latest checkpoint and `overwrite` replaces it.
     """
-    del workdir  # Run directories: see the workflow issue.
+    if workdir is not None:
+        from cnn_jax import run  # run imports this module
+        return run.train_in_workdir(config, workdir, dataset, resume=resume, overwrite=overwrite,
+                                    tensorboard=tensorboard)
     if dataset is None:
         dataset = data_lib.load(config)
     return fit(config, dataset)[2]
 
 
-def fit(config: Config, dataset: data_lib.Dataset) -> tuple[model.Params, Any, list[dict[str, Any]]]:
-    """Train on `dataset`; return (params, opt_state, per-epoch history)."""
+def params_finite(params: model.Params) -> bool:
+    """Whether every parameter is finite (one device reduction, one host sync)."""
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])))
+
+
+def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = None,
+        hooks: Hooks | None = None) -> tuple[model.Params, Any, list[dict[str, Any]]]:
+    """Train on `dataset` from `start` (default: fresh init); return (params, opt_state, history).
+
+    A `start` taken mid-epoch continues that epoch's permutation after the `start.step`
+    batches already done, with its moving loss and partial sums, so a resumed run computes
+    what an uninterrupted one does. Losses come to the host every `log_every` steps; a
+    non-finite loss or parameter raises FloatingPointError naming the step.
+    """
+    hooks = hooks or Hooks()
     num_steps = steps_per_epoch(config, len(dataset.train_labels))
     if num_steps == 0:
-        raise ValueError(f"--batch_size={config.batch_size} is larger than the "
-                         f"{len(dataset.train_labels)} training images")
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
+                          f"{len(dataset.train_labels)} training images")
     optimizer = optim.make_optimizer(config, num_steps * config.epochs)
-    params = model.init(jax.random.key(config.seed), config)
+    if start is None:
+        params = model.init(jax.random.key(config.seed), config)
+        state = TrainState(params, optimizer.init(params))
+    else:
+        state = dataclasses.replace(
+            start, params=jax.tree.map(jnp.asarray, start.params),
+            opt_state=jax.tree.map(jnp.asarray, start.opt_state),
+            epoch_losses=list(start.epoch_losses), history=list(start.history))
     if config.debug:
-        model.apply(params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config, debug=True)
-    opt_state = optimizer.init(params)
+        model.apply(state.params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config,
+                    debug=True)
     train_step = make_train_step(config, optimizer)
     loop = resolve_loop(config)
     runner = (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
 
     train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     test_images, test_labels = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
-    history, moving_loss = [], None
-    for epoch in range(config.epochs):
+    params, opt_state = state.params, state.opt_state
+    for epoch in range(state.step // num_steps, config.epochs):
+        first = state.step - epoch * num_steps
+        if first == 0:
+            state.epoch_losses, state.epoch_correct = [], 0
         order = jnp.asarray(data_lib.epoch_permutation(config.seed, epoch, len(dataset.train_labels)))
-        start = time.perf_counter()
+        bar = progress.epoch_progress(epoch, num_steps, first)
+        epoch_start = time.perf_counter()
+        last_log = (epoch_start, state.step)
+
+        def absorb(step_metrics: list[Metrics] | Metrics) -> None:
+            """Bring losses since the last call to the host: check, accumulate, log."""
+            nonlocal last_log
+            if isinstance(step_metrics, list):
+                step_metrics = jax.tree.map(lambda *m: jnp.stack(m), *step_metrics)
+            host = jax.device_get(step_metrics)
+            losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise FloatingPointError(f"loss became {losses[bad[0]]} at step {state.step + bad[0] + 1} "
+                                         f"(epoch {epoch}); lower --learning_rate")
+            now = time.perf_counter()
+            for loss, right in zip(losses, correct):
+                state.step += 1
+                state.moving_loss = moving_average([loss], config.loss_smoothing, state.moving_loss)
+                state.epoch_losses.append(float(loss))
+                state.epoch_correct += int(right)
+                if state.step % config.log_every == 0:
+                    window = state.epoch_losses[-config.log_every:]
+                    ips = (state.step - last_log[1]) * config.batch_size / max(now - last_log[0], 1e-9)
+                    record = {"kind": "train", "step": state.step, "epoch": epoch,
+                              "loss": float(np.mean(window)), "moving_loss": state.moving_loss,
+                              "images_per_second": ips}
+                    hooks.on_log(record)
+                    bar.log(state.step, record["loss"], ips)
+                    last_log = (now, state.step)
+
         if loop == "step":
-            step_metrics = []
-            for step in range(num_steps):
+            pending: list[Metrics] = []
+            for step in range(first, num_steps):
                 params, opt_state, metrics = runner(params, opt_state, train_images, train_labels,
                                                     order, np.int32(step))
-                step_metrics.append(metrics)
-            metrics = jax.tree.map(lambda *m: jnp.stack(m), *step_metrics)
+                pending.append(metrics)
+                bar.advance()
+                done = epoch * num_steps + step + 1
+                stop = step < num_steps - 1 and hooks.should_stop(done)
+                if done % config.log_every == 0 or step == num_steps - 1 or stop:
+                    absorb(pending)
+                    pending = []
+                if stop:
+                    bar.close()
+                    state.params, state.opt_state = params, opt_state
+                    if not params_finite(params):
+                        raise FloatingPointError(f"parameters became non-finite by step {state.step} "
+                                                 f"(epoch {epoch}); lower --learning_rate")
+                    hooks.on_stop(state)
+                    raise Stopped(state.step)
         else:
             params, opt_state, metrics = runner(params, opt_state, train_images, train_labels,
-                                                order, np.int32(0), num_steps)
-        losses = np.asarray(metrics["loss"])
-        train_correct = int(np.sum(metrics["correct"]))
-        epoch_time = time.perf_counter() - start
-        moving_loss = moving_average(losses, config.loss_smoothing, moving_loss)
-        if not np.all(np.isfinite(losses)):
-            bad = int(np.argmin(np.isfinite(losses)))
-            raise FloatingPointError(f"loss became {losses[bad]} at step {epoch * num_steps + bad} "
+                                                order, np.int32(first), num_steps - first)
+            bar.advance(num_steps - first)
+            absorb(metrics)
+        bar.close()
+        epoch_time = time.perf_counter() - epoch_start
+        state.params, state.opt_state = params, opt_state
+        if not params_finite(params):
+            raise FloatingPointError(f"parameters became non-finite by step {state.step} "
                                      f"(epoch {epoch}); lower --learning_rate")
         if config.train_eval == "full":
             train_eval = evaluate(params, train_images, train_labels, config)
         else:
-            train_eval = {"loss": float(np.mean(losses)),
-                          "accuracy": train_correct / (num_steps * config.batch_size)}
+            train_eval = {"loss": float(np.mean(np.asarray(state.epoch_losses, np.float32))),
+                          "accuracy": state.epoch_correct / (num_steps * config.batch_size)}
         test_eval = evaluate(params, test_images, test_labels, config)
         record = {
-            "epoch": epoch, "step": (epoch + 1) * num_steps, "moving_loss": moving_loss,
+            "epoch": epoch, "step": state.step, "moving_loss": state.moving_loss,
             "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"],
             "test_loss": test_eval["loss"], "test_accuracy": test_eval["accuracy"],
-            "epoch_time": epoch_time, "images_per_second": num_steps * config.batch_size / epoch_time,
+            "epoch_time": epoch_time,
+            "images_per_second": (num_steps - first) * config.batch_size / epoch_time,
         }
-        history.append(record)
+        state.history.append(record)
+        state.epoch_losses, state.epoch_correct = [], 0
         print(format_epoch(record), flush=True)
-    return params, opt_state, history
+        hooks.on_epoch(state, record)
+        if epoch < config.epochs - 1 and hooks.should_stop(state.step):
+            hooks.on_stop(state)
+            raise Stopped(state.step)
+    return params, opt_state, state.history

@@ -2,22 +2,48 @@
 
     python experiments/train.py --pool=max --data_dir=../shared/data/mnist
     python experiments/train.py --preset=seed          # the MXNet tutorial exactly
+    python experiments/train.py --workdir=runs/max --epochs=2        # keep the run (see WORKSPACE.md)
+    python experiments/train.py --workdir=runs/max --resume          # continue it after a stop
+
+SIGINT / SIGTERM save a checkpoint of the current step and exit with status 128 + signal.
 """
 
-from absl import app, flags
+import sys
 
-from cnn_jax import cli, train
+from absl import app, flags, logging
+
+from cnn_jax import cli, config as config_lib, signals, train
+from cnn_jax import workdir as workdir_lib
 
 cli.define_config_flags()
 flags.DEFINE_string("workdir", None, "Run directory for config, metrics, checkpoints and plots.")
+flags.DEFINE_boolean("resume", False, "Continue the latest checkpoint of --workdir (its config.json "
+                     "is the config; only flags that do not change the computation may be given).")
+flags.DEFINE_boolean("overwrite", False, "Delete the run already in --workdir and start a new one.")
+flags.DEFINE_boolean("tensorboard", False, "Also write TensorBoard scalars into --workdir/tensorboard.")
 FLAGS = flags.FLAGS
 
 
 @cli.main_guard
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
     config = cli.config_from_flags()
-    train.train_and_evaluate(config, FLAGS.workdir)
+    if (FLAGS.resume or FLAGS.overwrite or FLAGS.tensorboard) and not FLAGS.workdir:
+        raise config_lib.ConfigError("--resume, --overwrite and --tensorboard need --workdir")
+    if FLAGS.resume:
+        if FLAGS["preset"].present:
+            raise config_lib.ConfigError("--preset cannot be combined with --resume: a resumed run "
+                                         "keeps the config.json of its --workdir")
+        present = [name for name in config_lib.field_names() if FLAGS[name].present]
+        config = workdir_lib.resume_config(FLAGS.workdir, config, present)
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                                 tensorboard=FLAGS.tensorboard)
+    except signals.Interrupted as e:
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Checkpoints of a run with orbax-checkpoint: save, find the latest, restore on any machine.
+
+A checkpoint is `<workdir>/checkpoints/<step>/`, `step` being the number of training
+steps done. It has two items:
+
+  state   {"params": params, "opt_state": [leaves of the optimiser state]}  (arrays)
+  meta    JSON: step, epoch, moving loss, the current epoch's per-step losses and
+          correct counts (so a mid-epoch checkpoint resumes exactly), the per-epoch
+          history, and the config.
+
+Saving is synchronous. Orbax writes a step into a temporary folder and renames it into
+place when complete, so a process killed mid-write leaves only a temporary folder,
+which `latest_step` ignores: the previous checkpoint stays the latest readable one.
+Restoring builds the target structure from the config (`jax.eval_shape` of the model
+and optimiser init) and reads plain NumPy arrays, so a checkpoint written on a GPU
+machine restores on a CPU-only one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from cnn_jax import config as config_lib
+from cnn_jax import model, optim
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.config import Config
+from cnn_jax.data import DataError
+
+KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
+
+
+class CheckpointError(DataError):
+    """A checkpoint is missing, damaged or does not fit the config; one line for the user."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
+
+
+def open_manager(workdir: str, create: bool = True):
+    """A synchronous orbax CheckpointManager for `<workdir>/checkpoints` keeping `KEEP_CHECKPOINTS`."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers
+
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False, create=create,
+        preservation_policy=checkpoint_managers.LatestN(KEEP_CHECKPOINTS))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of `tree` is finite."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+    return all(bool(np.all(np.isfinite(x))) for x in leaves if np.issubdtype(x.dtype, np.inexact))
+
+
+def save(manager, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> bool:
+    """Write checkpoint `step` and wait until it is on disk; False if that step already exists.
+
+    Non-finite params or optimiser state raise FloatingPointError and write nothing, so the
+    last good checkpoint is never replaced by a diverged one.
+    """
+    import orbax.checkpoint as ocp
+
+    if not all_finite((params, opt_state)):
+        raise FloatingPointError(f"parameters or optimiser state are not finite at step {step}; "
+                                 "checkpoint not written")
+    if step in manager.all_steps():
+        return False
+    state = {"params": params, "opt_state": list(jax.tree.leaves(opt_state))}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    return True
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint's step, or None when there is none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    return open_manager(workdir, create=False).latest_step()
+
+
+def abstract_state(config: Config) -> tuple[Any, Any]:
+    """Shape/dtype trees of (params, opt_state) for `config`, computed without allocating."""
+    params = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
+    optimizer = optim.make_optimizer(config, total_steps=1)
+    return params, jax.eval_shape(optimizer.init, params)
+
+
+def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(params, opt_state, meta) of checkpoint `step` (default: the latest), as NumPy arrays."""
+    import orbax.checkpoint as ocp
+
+    where = checkpoint_dir(workdir)
+    manager = open_manager(workdir, create=False) if os.path.isdir(where) else None
+    steps = manager.all_steps() if manager else []
+    if not steps:
+        raise CheckpointError(f"{where}: no checkpoint found; train with --workdir={workdir} first")
+    if step is None:
+        step = manager.latest_step()
+    elif step not in steps:
+        raise CheckpointError(f"{where}: no checkpoint for step {step}; "
+                              f"available: {', '.join(map(str, sorted(steps)))}")
+    params_shape, opt_shape = abstract_state(config)
+    opt_leaves, opt_treedef = jax.tree.flatten(opt_shape)
+    target = {"params": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape),
+              "opt_state": [np.zeros(s.shape, s.dtype) for s in opt_leaves]}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
+                              "the checkpoint is damaged or was written with another config") from None
+    state = restored["state"]
+    opt_state = jax.tree.unflatten(opt_treedef, [np.asarray(x) for x in state["opt_state"]])
+    return jax.tree.map(np.asarray, state["params"]), opt_state, dict(restored["meta"])
+
+
+def restore_run(workdir: str, step: int | None = None,
+                data_dir: str | None = None) -> tuple[Config, Any, dict[str, Any]]:
+    """(config, params, meta) of a saved run, rebuilt from its config.json and checkpoint alone.
+
+    `data_dir` replaces the run's data folder (a run trained on another machine).
+    """
+    config = workdir_lib.read_config(workdir)
+    if data_dir is not None:
+        config = config_lib.replace(config, data_dir=data_dir)
+    params, _, meta = restore(workdir, config, step)
+    return config, params, meta

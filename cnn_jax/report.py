@@ -1,0 +1,69 @@
+"""Test-set reports: accuracy, per-class accuracy and the confusion matrix, as numbers and text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from cnn_jax import train
+from cnn_jax.config import Config
+from cnn_jax.data import Dataset
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted] (int64, num_classes x num_classes)."""
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
+    return counts
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Fraction of each true class predicted correctly (NaN for a class with no examples)."""
+    totals = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
+
+
+def evaluate_test(params: Any, dataset: Dataset, config: Config) -> dict[str, Any]:
+    """Test loss, accuracy (the same numbers `train.fit` prints), predictions, confusion, per-class."""
+    result = train.evaluate(params, jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
+                            config, return_predictions=True)
+    confusion = confusion_matrix(dataset.test_labels, result["predictions"], dataset.num_classes)
+    return {**result, "confusion": confusion, "per_class_accuracy": per_class_accuracy(confusion)}
+
+
+def results_json(result: dict[str, Any], class_names: tuple[str, ...], step: int) -> dict[str, Any]:
+    """The JSON-ready summary written to results.json."""
+    return {
+        "step": step, "test_loss": result["loss"], "test_accuracy": result["accuracy"],
+        "num_test": int(result["confusion"].sum()),
+        "per_class_accuracy": {name: (None if np.isnan(acc) else float(acc))
+                               for name, acc in zip(class_names, result["per_class_accuracy"])},
+        "class_names": list(class_names),
+        "confusion_matrix": result["confusion"].tolist(),
+    }
+
+
+def format_per_class(result: dict[str, Any], class_names: tuple[str, ...]) -> str:
+    """One line per class: name, accuracy, correct/total."""
+    confusion = result["confusion"]
+    width = max(len(n) for n in class_names)
+    lines = ["per-class accuracy:"]
+    for i, name in enumerate(class_names):
+        total, right = int(confusion[i].sum()), int(confusion[i, i])
+        acc = result["per_class_accuracy"][i]
+        shown = "   n/a" if np.isnan(acc) else f"{acc:.4f}"
+        lines.append(f"  {name:>{width}}  {shown}  ({right}/{total})")
+    return "\n".join(lines)
+
+
+def format_confusion(confusion: np.ndarray, class_names: tuple[str, ...]) -> str:
+    """The confusion matrix as a text table: rows are true classes, columns predicted ones."""
+    labels = [n if len(n) <= 6 else n[:5] + "." for n in class_names]
+    width = max(max(len(n) for n in labels), len(str(int(confusion.max(initial=0)))))
+    head = " " * (width + 2) + " ".join(f"{n:>{width}}" for n in labels)
+    rows = [f"{labels[i]:>{width}}  " + " ".join(f"{int(v):>{width}}" for v in row)
+            for i, row in enumerate(confusion)]
+    return "\n".join(["confusion matrix (rows: true class, columns: predicted class):", head, *rows])

@@ -1,0 +1,195 @@
+"""Run directories: the files a training run keeps, each written so a crash never leaves half of it.
+
+A workdir holds one run:
+
+    config.json        the resolved Config (rebuilds model, optimiser and data anywhere)
+    metrics.jsonl      one JSON object per line: {"kind": "train", ...} every `log_every` steps,
+                       {"kind": "epoch", ...} after each epoch
+    results.json       final test loss/accuracy, per-class accuracy, confusion matrix
+    checkpoints/<step>/  orbax checkpoints (see cnn_jax.checkpoint)
+    plots/*.png        learning curves, conv1 filters, confusion matrix, misclassified images
+    tensorboard/       scalar event files (with --tensorboard)
+
+Every file is written to a temporary name in the same folder and moved into place
+with `os.replace`, which is atomic on POSIX: a reader sees the old file or the new
+one, never a torn one. `check` only reads; it runs before the data is loaded, and
+`start` (the first write) runs after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Iterable
+
+from cnn_jax import config as config_lib
+from cnn_jax.config import Config, ConfigError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+PLOTS_DIR = "plots"
+TENSORBOARD_DIR = "tensorboard"
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_DIR, PLOTS_DIR, TENSORBOARD_DIR)
+
+# Fields a resumed run may change: they alter where data comes from or how the run
+# reports and executes, not what it computes (`epochs` extends or shortens the run).
+RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "log_every", "eval_batch_size", "debug",
+                              "loop", "conv_impl", "train_eval"})
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` via a temporary file + fsync + `os.replace`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, value: Any) -> None:
+    """Atomically write `value` as indented JSON (NaN/inf are refused: they are not JSON)."""
+    atomic_write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file; a damaged file is a one-line ConfigError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+                          "the file is damaged: restore it or start a new --workdir") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_config(workdir: str) -> Config:
+    """The Config a run was started with (its config.json), validated."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    try:
+        return config_lib.validate(config_lib.from_dict(values))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: does not describe a Config ({e})") from None
+
+
+def holds_run(workdir: str) -> bool:
+    """Whether `workdir` already holds a run (its config or checkpoints)."""
+    return any(os.path.exists(os.path.join(workdir, name)) for name in (CONFIG_FILE, CHECKPOINT_DIR))
+
+
+def config_differences(stored: Config, given: Config, ignore: Iterable[str] = ()) -> list[str]:
+    """`--name=given (run has stored)` for every field that differs, except those in `ignore`."""
+    skip = set(ignore)
+    out = []
+    for name, value in config_lib.to_dict(given).items():
+        old = config_lib.to_dict(stored)[name]
+        if name not in skip and value != old:
+            out.append(f"--{name}={value} (the run has {old})")
+    return out
+
+
+def resume_config(workdir: str, given: Config, present: Iterable[str]) -> Config:
+    """The config of a resumed run: its config.json, with the flags given on the command line applied.
+
+    Only `RESUMABLE_FIELDS` may change; a flag that would change the computation is refused.
+    Without a config.json the given config is returned (a fresh run).
+    """
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        return given
+    stored = read_config(workdir)
+    merged = config_lib.replace(stored, **{name: getattr(given, name) for name in present})
+    changed = config_differences(stored, merged, ignore=RESUMABLE_FIELDS)
+    if changed:
+        raise ConfigError(f"--resume keeps the run's config in {workdir}: {changed[0]} cannot change; "
+                          "drop the flag, or start a new --workdir")
+    return config_lib.validate(merged)
+
+
+def check(workdir: str, config: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before anything is written, a workdir that cannot take this run (one-line ConfigError).
+
+    A workdir holding another run is refused unless `resume` (continue it; its config must
+    match `config` up to `RESUMABLE_FIELDS`) or `overwrite` (replace it).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run "
+                          f"in {workdir}, --overwrite deletes it")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+    if not holds_run(workdir):
+        return
+    if not resume and not overwrite:
+        raise ConfigError(f"--workdir={workdir} already holds a run ({CONFIG_FILE}); pass --resume to "
+                          "continue it, --overwrite to replace it, or choose another --workdir")
+    if resume and os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        changed = config_differences(read_config(workdir), config, ignore=RESUMABLE_FIELDS)
+        if changed:
+            raise ConfigError(f"--resume keeps the run's config in {workdir}: {changed[0]} cannot change; "
+                              "drop the flag, or start a new --workdir")
+
+
+def start(workdir: str, config: Config, overwrite: bool = False) -> None:
+    """Create the workdir (deleting the previous run's files with `overwrite`) and write config.json."""
+    os.makedirs(workdir, exist_ok=True)
+    if overwrite:
+        for name in RUN_ENTRIES:
+            path = os.path.join(workdir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    write_json(os.path.join(workdir, CONFIG_FILE), config_lib.to_dict(config))
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl (an empty list when there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog:
+    """metrics.jsonl kept in memory and rewritten atomically.
+
+    `append` buffers; the file is rewritten at most every `flush_seconds` and on `flush`
+    (the training loop flushes at each epoch end, checkpoint and exit). On resume, records
+    after the restored step are dropped: the resumed run writes them again.
+    """
+
+    def __init__(self, workdir: str, keep_until_step: int | None = None, flush_seconds: float = 10.0):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        records = read_metrics(workdir) if keep_until_step is not None else []
+        self.records = [r for r in records if r.get("step", 0) <= (keep_until_step or 0)]
+        self.flush_seconds = flush_seconds
+        self._dirty = True
+        self._last_flush = time.monotonic()
+        self.flush()
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._dirty:
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
+            self._dirty = False
+            self._last_flush = time.monotonic()

@@ -1,0 +1,49 @@
+"""Evaluate a saved run: test accuracy, per-class accuracy and the confusion matrix.
+
+    python experiments/evaluate.py --workdir=runs/max
+    python experiments/evaluate.py --workdir=runs/max --step=1874        # an older checkpoint
+    python experiments/evaluate.py --workdir=copied_run --data_dir=path/to/mnist   # from another machine
+
+Everything is rebuilt from the run's config.json and checkpoint; the test accuracy is
+the one training printed for the checkpoint's epoch (same numbers on the same machine).
+"""
+
+from absl import app, flags, logging
+
+from cnn_jax import checkpoint, cli, data, report
+
+flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("data_dir", None, "Replaces the run's --data_dir (e.g. a run trained elsewhere).")
+flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def describe_checkpoint(meta: dict) -> str:
+    """`step 64 (end of epoch 1)` or `step 40 (epoch 1, 8/32 steps)`."""
+    step, per_epoch = meta["step"], meta["steps_per_epoch"]
+    if step % per_epoch == 0:
+        return f"step {step} (end of epoch {step // per_epoch - 1})"
+    return f"step {step} (epoch {step // per_epoch}, {step % per_epoch}/{per_epoch} steps: interrupted)"
+
+
+@cli.main_guard
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config, params, meta = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    dataset = data.load(config)
+    result = report.evaluate_test(params, dataset, config)
+    n = len(dataset.test_labels)
+    correct = int(result["confusion"].trace())
+    print(f"run {FLAGS.workdir}: checkpoint {describe_checkpoint(meta)}, "
+          f"{config.dataset} test set of {n} images")
+    print(f"Test_acc {result['accuracy']:.4f} ({correct}/{n}; exactly {result['accuracy']!r}), "
+          f"test loss {result['loss']:.4f}")
+    print(report.format_per_class(result, dataset.class_names))
+    print(report.format_confusion(result["confusion"], dataset.class_names))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,41 @@
+"""Draw the plots of a saved run into <workdir>/plots/ (training draws them too, at its end).
+
+    python experiments/plot.py --workdir=runs/max
+    python experiments/plot.py --workdir=copied_run --data_dir=path/to/mnist
+
+Learning curves come from metrics.jsonl; the conv1 filters, the test confusion matrix
+and the misclassified test images from the latest (or --step) checkpoint.
+"""
+
+import os
+
+from absl import app, flags, logging
+
+from cnn_jax import checkpoint, cli, data, plots, report
+from cnn_jax import workdir as workdir_lib
+
+flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step to plot (default: the latest).")
+flags.DEFINE_string("data_dir", None, "Replaces the run's --data_dir (e.g. a run trained elsewhere).")
+flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+@cli.main_guard
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config, params, _ = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    dataset = data.load(config)
+    result = report.evaluate_test(params, dataset, config)
+    paths = plots.write_run_plots(
+        os.path.join(FLAGS.workdir, workdir_lib.PLOTS_DIR), config, workdir_lib.read_metrics(FLAGS.workdir),
+        params, dataset.test_images, dataset.test_labels, result["predictions"], result["confusion"],
+        dataset.class_names)
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
