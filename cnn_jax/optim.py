@@ -39,7 +39,11 @@ def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule |
     if config.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(steps, lr)
     if config.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
+        # optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps) written out: the same
+        # schedule, but `lr` may be a traced array (cnn_jax.sweep vmaps over learning rates).
+        warmup = max(steps // 10, 1)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                     optax.cosine_decay_schedule(lr, steps - warmup)], [warmup])
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 

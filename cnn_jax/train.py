@@ -49,7 +49,8 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
 
 
 def _gather_batch(images, labels, order, step, batch_size):
-    idx = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size)
+    """Batch `step` of `order`; a stacked order (runs, n) gives one batch per run (cnn_jax.sweep)."""
+    idx = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size, axis=-1)
     return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
 
 
@@ -96,15 +97,10 @@ def _eval_batch(params, images, labels, mask, config):
     return jnp.sum(losses * mask), jnp.sum(correct * mask), logits
 
 
-def evaluate(params: model.Params, images: jax.Array, labels: jax.Array, config: Config,
-             return_predictions: bool = False) -> dict[str, Any]:
-    """Mean loss and accuracy over (images, labels), in batches of `config.eval_batch_size`.
-
-    The last batch is padded and masked, so every batch has one shape (one compile).
-    """
-    n, bs = len(labels), config.eval_batch_size
-    bs = min(bs, n)
-    loss_sum, correct_sum, predictions = 0.0, 0, []
+def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int):
+    """Yield (images, labels, mask, real) batches of one shape; the last is zero-padded and masked."""
+    n = len(labels)
+    bs = min(batch_size, n)
     for start in range(0, n, bs):
         x, y = images[start:start + bs], labels[start:start + bs]
         real = len(y)
@@ -112,6 +108,18 @@ def evaluate(params: model.Params, images: jax.Array, labels: jax.Array, config:
         if real < bs:
             x = jnp.concatenate([x, jnp.zeros((bs - real,) + x.shape[1:], x.dtype)])
             y = jnp.concatenate([y, jnp.zeros((bs - real,), y.dtype)])
+        yield x, y, mask, real
+
+
+def evaluate(params: model.Params, images: jax.Array, labels: jax.Array, config: Config,
+             return_predictions: bool = False) -> dict[str, Any]:
+    """Mean loss and accuracy over (images, labels), in batches of `config.eval_batch_size`.
+
+    The last batch is padded and masked, so every batch has one shape (one compile).
+    """
+    n = len(labels)
+    loss_sum, correct_sum, predictions = 0.0, 0, []
+    for x, y, mask, real in eval_batches(images, labels, config.eval_batch_size):
         batch_loss, batch_correct, logits = _eval_batch(params, x, y, mask, config)
         loss_sum += batch_loss
         correct_sum += batch_correct
