@@ -43,7 +43,10 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
     def train_step(params, opt_state, images, labels):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, images, labels, config)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state, metrics
+        params = optim.apply_updates(params, updates)
+        # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params.
+        metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        return params, opt_state, metrics
 
     return train_step
 
@@ -215,6 +218,15 @@ def params_finite(params: model.Params) -> bool:
     return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])))
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_runner(config: Config, total_steps: int, loop: str):
+    """(optimizer, jitted runner) for a config; cached, so fitting one config again (a resumed
+    or repeated run in the same process) reuses the compiled step instead of recompiling it."""
+    optimizer = optim.make_optimizer(config, total_steps)
+    train_step = make_train_step(config, optimizer)
+    return optimizer, (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
+
+
 def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = None,
         hooks: Hooks | None = None) -> tuple[model.Params, Any, list[dict[str, Any]]]:
     """Train on `dataset` from `start` (default: fresh init); return (params, opt_state, history).
@@ -229,7 +241,8 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
     if num_steps == 0:
         raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
                           f"{len(dataset.train_labels)} training images")
-    optimizer = optim.make_optimizer(config, num_steps * config.epochs)
+    loop = resolve_loop(config)
+    optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
     if start is None:
         params = model.init(jax.random.key(config.seed), config)
         state = TrainState(params, optimizer.init(params))
@@ -241,9 +254,6 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
     if config.debug:
         model.apply(state.params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config,
                     debug=True)
-    train_step = make_train_step(config, optimizer)
-    loop = resolve_loop(config)
-    runner = (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
 
     train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     test_images, test_labels = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
@@ -264,10 +274,12 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                 step_metrics = jax.tree.map(lambda *m: jnp.stack(m), *step_metrics)
             host = jax.device_get(step_metrics)
             losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])
-            bad = np.flatnonzero(~np.isfinite(losses))
+            bad = np.flatnonzero(~np.isfinite(losses) | ~np.asarray(host["finite"]))
             if bad.size:
-                raise FloatingPointError(f"loss became {losses[bad[0]]} at step {state.step + bad[0] + 1} "
-                                         f"(epoch {epoch}); lower --learning_rate")
+                what = (f"loss became {losses[bad[0]]}" if not np.isfinite(losses[bad[0]])
+                        else "parameters became non-finite")
+                raise FloatingPointError(f"{what} at step {state.step + bad[0] + 1} (epoch {epoch}); "
+                                         "lower --learning_rate")
             now = time.perf_counter()
             for loss, right in zip(losses, correct):
                 state.step += 1
