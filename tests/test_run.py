@@ -1,0 +1,294 @@
+"""Runs kept in a workdir: files written, refusal, divergence, stop/resume equality (in-process and CLI).
+
+The command-line tests run experiments/train.py as a subprocess on 2,048 real MNIST
+training images (3 epochs of 64 steps at batch 32): one uninterrupted reference run, and
+one run that is SIGKILLed during its second epoch, resumed, SIGTERMed in the middle of
+its third epoch, and resumed again; both must end with bit-identical parameters.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_jax import checkpoint, run, train
+from cnn_jax import config as config_lib
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.config import Config, ConfigError
+from conftest import REPO_ROOT
+
+TRAIN_SCRIPT = os.path.join(REPO_ROOT, "experiments", "train.py")
+STEPS_PER_EPOCH = 64
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+# ---------------------------------------------------------------- in-process
+
+
+@pytest.fixture(scope="module")
+def tiny(mnist):
+    """640 real training images (10 steps of 64) and 200 real test images."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:640], train_labels=mnist.train_labels[:640],
+                               test_images=mnist.test_images[:200], test_labels=mnist.test_labels[:200])
+
+
+TINY = config_lib.replace(Config(), epochs=2, log_every=3, loop="step", train_eval="running")
+
+
+def test_nothing_is_written_without_a_workdir(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), dataset=tiny)
+    assert len(history) == 1 and os.listdir(tmp_path) == []
+
+
+def test_workdir_holds_config_metrics_checkpoints_results_plots(tiny, tmp_path):
+    workdir = str(tmp_path / "run")
+    history = train.train_and_evaluate(TINY, workdir, dataset=tiny, tensorboard=True)
+    assert workdir_lib.read_config(workdir) == TINY
+    records = workdir_lib.read_metrics(workdir)
+    train_records = [r for r in records if r["kind"] == "train"]
+    epoch_records = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in train_records] == [3, 6, 9, 12, 15, 18]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 and r["images_per_second"] > 0 for r in train_records)
+    assert [r["step"] for r in epoch_records] == [10, 20]
+    for record, kept in zip(history, epoch_records):
+        assert {k: kept[k] for k in record} == record
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    assert results["test_accuracy"] == history[-1]["test_accuracy"]
+    assert np.sum(results["confusion_matrix"]) == 200 and len(results["per_class_accuracy"]) == 10
+    assert sorted(os.listdir(os.path.join(workdir, "plots"))) == sorted(
+        ["learning_curves.png", "conv1_filters.png", "confusion_matrix.png", "misclassified.png"])
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    assert os.path.getsize(os.path.join(workdir, "tensorboard", events[0])) > 200
+    assert not [n for n in os.listdir(workdir) if ".tmp" in n]
+
+
+def read_scalars(folder):
+    """{tag: [(step, value)]} from the TFRecord event files in `folder` (what TensorBoard reads)."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    scalars = {}
+    for name in sorted(os.listdir(folder)):
+        raw = open(os.path.join(folder, name), "rb").read()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_event_file_holds_the_scalars(tiny, tmp_path):
+    workdir = str(tmp_path / "run")
+    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, tensorboard=True)
+    scalars = read_scalars(os.path.join(workdir, "tensorboard"))
+    assert [step for step, _ in scalars["epoch/test_accuracy"]] == [10]
+    assert scalars["epoch/test_accuracy"][0][1] == pytest.approx(history[0]["test_accuracy"])
+    assert [step for step, _ in scalars["train/loss"]] == [3, 6, 9]
+
+
+def test_a_mid_epoch_stop_resumes_to_identical_params(tiny):
+    saved = []
+
+    def on_stop(state):
+        saved.append(dataclasses.replace(state, params=jax.device_get(state.params),
+                                         opt_state=jax.device_get(state.opt_state)))
+
+    whole_params, whole_opt, whole_history = train.fit(TINY, tiny)
+    with pytest.raises(train.Stopped) as stopped:
+        train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 14, on_stop=on_stop))
+    assert stopped.value.step == 14 and saved[0].step == 14 and len(saved[0].epoch_losses) == 4
+    params, opt_state, history = train.fit(TINY, tiny, start=saved[0])
+    assert leaves_equal(params, whole_params) and leaves_equal(opt_state, whole_opt)
+    assert [h["moving_loss"] for h in history] == [h["moving_loss"] for h in whole_history]
+    assert [h["train_accuracy"] for h in history] == [h["train_accuracy"] for h in whole_history]
+    assert [h["test_accuracy"] for h in history] == [h["test_accuracy"] for h in whole_history]
+
+
+def test_checkpoint_meta_round_trips_a_mid_epoch_state(tiny, tmp_path):
+    """What the SIGTERM hook saves restores to a state that finishes like an uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    whole_params, _, _ = train.fit(TINY, tiny)
+    manager = checkpoint.open_manager(workdir)
+
+    def on_stop(state):
+        checkpoint.save(manager, state.step, state.params, state.opt_state, run.checkpoint_meta(state, TINY, 10))
+
+    with pytest.raises(train.Stopped):
+        train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 7, on_stop=on_stop))
+    start = run.restore_state(workdir, TINY, 10)
+    assert start.step == 7 and len(start.epoch_losses) == 7
+    params, _, _ = train.fit(TINY, tiny, start=start)
+    assert leaves_equal(params, whole_params)
+    with pytest.raises(ConfigError, match="steps per epoch"):
+        run.restore_state(workdir, TINY, 20)
+
+
+def test_a_foreign_workdir_is_refused_and_left_untouched(tiny, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+    with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
+        train.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny)
+    with pytest.raises(ConfigError, match="--pool=avg"):
+        train.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny, resume=True)
+    assert {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)} == before
+    history = train.train_and_evaluate(config_lib.replace(TINY, pool="avg", epochs=1), workdir, dataset=tiny,
+                                       overwrite=True)
+    assert workdir_lib.read_config(workdir).pool == "avg" and len(history) == 1
+
+
+def test_resume_extends_a_finished_run_and_keeps_its_history(tiny, tmp_path):
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    both = train.train_and_evaluate(TINY, workdir, dataset=tiny, resume=True)
+    whole = train.fit(TINY, tiny)[2]
+    assert both[0] == first[0] and len(both) == 2
+    assert [h["test_accuracy"] for h in both] == [h["test_accuracy"] for h in whole]
+    assert [r["step"] for r in workdir_lib.read_metrics(workdir) if r["kind"] == "epoch"] == [10, 20]
+
+
+def test_bad_data_writes_nothing(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = config_lib.replace(TINY, data_dir=str(tmp_path / "missing"))
+    from cnn_jax.data import DataError
+    with pytest.raises(DataError):
+        train.train_and_evaluate(config, workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    good = checkpoint.restore(workdir, TINY)[0]
+    poisoned = dataclasses.replace(tiny, train_images=np.full_like(tiny.train_images, np.nan))
+    with pytest.raises(FloatingPointError, match=r"became (nan|non-finite) at step 11 \(epoch 1\).*"
+                                                 r"last good checkpoint \(step 10\) is kept"):
+        train.train_and_evaluate(TINY, workdir, dataset=poisoned, resume=True)
+    assert checkpoint.latest_step(workdir) == 10
+    assert leaves_equal(checkpoint.restore(workdir, TINY)[0], good)
+    assert checkpoint.all_finite(good)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def cli_args(mnist_dir, workdir, *extra):
+    return [sys.executable, TRAIN_SCRIPT, f"--data_dir={mnist_dir}", "--train_subset=2048", "--test_subset=512",
+            "--epochs=3", "--batch_size=32", "--log_every=2", "--loop=step", "--train_eval=running",
+            "--eval_batch_size=512", f"--workdir={workdir}", *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """Let the subprocesses share compiled programs (same HLO, same executable) to save minutes."""
+    folder = str(tmp_path_factory.mktemp("jax_cache"))
+    values = {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, **kwargs)
+
+
+def run_until(args, marker, sig):
+    """Start `args`, send `sig` on the first stdout line containing `marker`; return (rc, stdout, stderr)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + out, err
+
+
+@pytest.fixture(scope="module")
+def reference_run(mnist_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("cli") / "reference")
+    result = run_cli(cli_args(mnist_dir, workdir))
+    assert result.returncode == 0, result.stderr
+    return workdir, result.stdout
+
+
+def test_cli_run_killed_in_epoch_2_and_terminated_in_epoch_3_resumes_bit_identical(mnist_dir, reference_run,
+                                                                                    tmp_path):
+    reference, _ = reference_run
+    workdir = str(tmp_path / "interrupted")
+    # SIGKILL during the second epoch (epoch 1): only the first epoch's checkpoint survives.
+    rc, out, _ = run_until(cli_args(mnist_dir, workdir), "(epoch 1, 2/64)", signal.SIGKILL)
+    assert rc == -signal.SIGKILL and "Epoch 1." not in out
+    assert checkpoint.latest_step(workdir) == STEPS_PER_EPOCH
+    # Resume; SIGTERM in the middle of the third epoch saves a mid-epoch checkpoint.
+    rc, out, err = run_until(cli_args(mnist_dir, workdir, "--resume"), "(epoch 2, 2/64)", signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "resuming" in out and "at step 64" in out and "Epoch 1." in out
+    assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    stopped = checkpoint.latest_step(workdir)
+    assert 2 * STEPS_PER_EPOCH < stopped < 3 * STEPS_PER_EPOCH
+    # Resume again to the end.
+    result = run_cli(cli_args(mnist_dir, workdir, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert f"at step {stopped}" in result.stdout and "Epoch 2." in result.stdout
+
+    config = workdir_lib.read_config(reference)
+    params, opt_state, meta = checkpoint.restore(reference, config)
+    resumed_params, resumed_opt, resumed_meta = checkpoint.restore(workdir, config)
+    assert meta["step"] == resumed_meta["step"] == 3 * STEPS_PER_EPOCH
+    assert leaves_equal(params, resumed_params) and leaves_equal(opt_state, resumed_opt)
+    assert meta["moving_loss"] == resumed_meta["moving_loss"]
+    strip = ("epoch_time", "images_per_second")
+    assert ([{k: v for k, v in h.items() if k not in strip} for h in meta["history"]]
+            == [{k: v for k, v in h.items() if k not in strip} for h in resumed_meta["history"]])
+    # metrics.jsonl: the same records, once each (the killed attempt's extra ones were dropped).
+    kept = [{k: v for k, v in r.items() if k not in strip} for r in workdir_lib.read_metrics(workdir)]
+    expected = [{k: v for k, v in r.items() if k not in strip} for r in workdir_lib.read_metrics(reference)]
+    assert kept == expected and len(expected) == 3 * 32 + 3
+    results = [json.load(open(os.path.join(d, "results.json"))) for d in (reference, workdir)]
+    assert results[0] == results[1]
+
+
+def test_cli_refuses_a_foreign_workdir_in_one_line(mnist_dir, reference_run):
+    reference, _ = reference_run
+    before = open(os.path.join(reference, "config.json")).read()
+    result = run_cli(cli_args(mnist_dir, reference, "--pool=avg"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "already holds a run" in result.stderr
+    result = run_cli(cli_args(mnist_dir, reference, "--pool=avg", "--resume"))
+    assert result.returncode == 2 and "--pool=avg" in result.stderr and "Traceback" not in result.stderr
+    assert open(os.path.join(reference, "config.json")).read() == before
+
+
+def test_cli_divergence_is_one_line_naming_the_step(mnist_dir, tmp_path):
+    workdir = str(tmp_path / "diverge")
+    result = run_cli(cli_args(mnist_dir, workdir, "--optimizer=sgd", "--learning_rate=1e30", "--epochs=1",
+                              "--train_subset=256"))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "at step" in line and "--learning_rate" in line and "no checkpoint was written" in line
+    assert checkpoint.latest_step(workdir) is None
+    assert workdir_lib.read_config(workdir).learning_rate == 1e30
