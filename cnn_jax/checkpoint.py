@@ -46,8 +46,9 @@ def open_manager(workdir: str, create: bool = True):
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers
 
+    # cleanup_tmp_directories: a writer removes what a killed writer left half-written.
     options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=False, create=create,
+        enable_async_checkpointing=False, create=create, cleanup_tmp_directories=create,
         preservation_policy=checkpoint_managers.LatestN(KEEP_CHECKPOINTS))
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -82,7 +83,11 @@ def latest_step(workdir: str) -> int | None:
     """The newest complete checkpoint's step, or None when there is none."""
     if not os.path.isdir(checkpoint_dir(workdir)):
         return None
-    return open_manager(workdir, create=False).latest_step()
+    manager = open_manager(workdir, create=False)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def abstract_state(config: Config) -> tuple[Any, Any]:
@@ -99,13 +104,15 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
     where = checkpoint_dir(workdir)
     manager = open_manager(workdir, create=False) if os.path.isdir(where) else None
     steps = manager.all_steps() if manager else []
-    if not steps:
-        raise CheckpointError(f"{where}: no checkpoint found; train with --workdir={workdir} first")
-    if step is None:
-        step = manager.latest_step()
-    elif step not in steps:
+    if not steps or (step is not None and step not in steps):
+        if manager:
+            manager.close()
+        if not steps:
+            raise CheckpointError(f"{where}: no checkpoint found; train with --workdir={workdir} first")
         raise CheckpointError(f"{where}: no checkpoint for step {step}; "
                               f"available: {', '.join(map(str, sorted(steps)))}")
+    if step is None:
+        step = manager.latest_step()
     params_shape, opt_shape = abstract_state(config)
     opt_leaves, opt_treedef = jax.tree.flatten(opt_shape)
     target = {"params": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape),
@@ -117,9 +124,27 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
                               "the checkpoint is damaged or was written with another config") from None
-    state = restored["state"]
-    opt_state = jax.tree.unflatten(opt_treedef, [np.asarray(x) for x in state["opt_state"]])
-    return jax.tree.map(np.asarray, state["params"]), opt_state, dict(restored["meta"])
+    finally:
+        manager.close()
+    state = jax.tree.map(np.asarray, restored["state"])
+    _check_matches(state, target, f"{where}/{step}")
+    opt_state = jax.tree.unflatten(opt_treedef, state["opt_state"])
+    return state["params"], opt_state, dict(restored["meta"])
+
+
+def _check_matches(state: Any, target: Any, where: str) -> None:
+    """Orbax returns what was saved even when it differs from the target: compare leaf by leaf."""
+    got = dict(jax.tree_util.tree_leaves_with_path(state))
+    want = dict(jax.tree_util.tree_leaves_with_path(target))
+    for path in sorted(set(got) | set(want), key=lambda p: (str(p[0]) != "['params']", str(p))):
+        name = jax.tree_util.keystr(path)
+        if path not in got or path not in want:
+            raise CheckpointError(f"{where}: {'missing' if path not in got else 'unexpected'} array {name}; "
+                                  "the checkpoint was written with another config (model or optimiser)")
+        if got[path].shape != want[path].shape or got[path].dtype != want[path].dtype:
+            raise CheckpointError(f"{where}: {name} is {got[path].dtype}{list(got[path].shape)} but the "
+                                  f"config gives {want[path].dtype}{list(want[path].shape)}; the checkpoint "
+                                  "was written with another config")
 
 
 def restore_run(workdir: str, step: int | None = None,

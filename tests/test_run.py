@@ -130,6 +130,7 @@ def test_checkpoint_meta_round_trips_a_mid_epoch_state(tiny, tmp_path):
 
     with pytest.raises(train.Stopped):
         train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 7, on_stop=on_stop))
+    manager.close()
     start = run.restore_state(workdir, TINY, 10)
     assert start.step == 7 and len(start.epoch_losses) == 7
     params, _, _ = train.fit(TINY, tiny, start=start)
