@@ -34,7 +34,7 @@ class _Bar:
 
     def log(self, step: int, loss: float, images_per_second: float) -> None:
         del step
-        self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+        self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}")  # and redraw
 
     def close(self) -> None:
         self._bar.close()
