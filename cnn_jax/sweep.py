@@ -464,9 +464,9 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
         def absorb(step_metrics: Any) -> None:
             """Bring the losses of the steps since the last call to the host: check, accumulate, log."""
             nonlocal step_done, last_log
-            if isinstance(step_metrics, list):
-                step_metrics = jax.tree.map(lambda *m: jnp.stack(m), *step_metrics)
-            host = jax.device_get(step_metrics)
+            host = jax.device_get(step_metrics)  # stacked on the host: no per-length compiles
+            if isinstance(host, list):
+                host = {key: np.stack([m[key] for m in host]) for key in host[0]}
             losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])   # (steps, runs)
             finite = np.asarray(host["finite"]) & np.isfinite(losses)
             now = time.perf_counter()

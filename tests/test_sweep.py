@@ -1,0 +1,306 @@
+"""Sweeps: spec parsing and its errors, grouping, vmapped runs equal to runs alone, resume, shards,
+results tables and plot, and the command line end to end (all on small real MNIST subsets)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import sweep, train
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.config import Config, ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- specification
+
+
+def test_grid_spec_expands_to_every_combination_with_typed_values():
+    grid = sweep.parse_spec("learning_rate=0.003,0.01,0.03 pool=max,avg seed=0,1,2")
+    assert grid == {"learning_rate": [0.003, 0.01, 0.03], "pool": ["max", "avg"], "seed": [0, 1, 2]}
+    settings = sweep.grid_settings(grid)
+    assert len(settings) == 18
+    assert settings[0] == {"learning_rate": 0.003, "pool": "max", "seed": 0}
+    assert settings[1] == {"learning_rate": 0.003, "pool": "max", "seed": 1}
+    assert settings[-1] == {"learning_rate": 0.03, "pool": "avg", "seed": 2}
+    assert all(isinstance(s["seed"], int) and isinstance(s["learning_rate"], float) for s in settings)
+
+
+def test_list_valued_and_boolean_flags_parse():
+    grid = sweep.parse_spec("conv_filters=20:50,8:16 conv_kernels=3:5 debug=false,true")
+    assert grid == {"conv_filters": [(20, 50), (8, 16)], "conv_kernels": [(3, 5)], "debug": [False, True]}
+
+
+def test_run_names_are_the_sorted_settings():
+    assert sweep.run_name({"seed": 0, "pool": "max", "learning_rate": 0.01}) == \
+        "learning_rate=0.01,pool=max,seed=0"
+    assert sweep.run_name({"conv_filters": (20, 50), "weight_scale": 1e-05}) == \
+        "conv_filters=20:50,weight_scale=1e-05"
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("lerning_rate=0.1", "'lerning_rate'"),                 # unknown flag
+    ("learning_rate=0.1,abc", "learning_rate='abc'"),       # bad value
+    ("seed=0,1.5", "seed='1.5'"),                           # an int flag given a fraction
+    ("pool=max seed=", "'seed='"),                          # empty list
+    ("seed=0,,1", "'seed=0,,1'"),                           # empty value
+    ("learning_rate", "'learning_rate'"),                   # no '='
+    ("seed=0 seed=1", "seed is given twice"),
+    ("seed=0,1,0", "seed lists 0 twice"),
+    ("conv_filters=20:x", "conv_filters='20:x'"),
+    ("learning_rate=nan", "learning_rate='nan'"),
+    ("", "--sweep is empty"),
+])
+def test_malformed_spec_is_one_line_naming_the_part(spec, named):
+    with pytest.raises(ConfigError) as info:
+        sweep.grid_settings(sweep.parse_spec(spec))
+    message = str(info.value)
+    assert named in message and "\n" not in message
+
+
+def test_values_that_fail_validation_name_the_run_and_flag():
+    settings = sweep.grid_settings(sweep.parse_spec("learning_rate=0.01,-1 pool=max,mean"))
+    with pytest.raises(ConfigError, match=r"run learning_rate=0.01,pool=mean: --pool='mean' is not allowed"):
+        sweep.make_runs(Config(), settings)
+    with pytest.raises(ConfigError, match=r"run learning_rate=-1.0,pool=max: --learning_rate=-1.0"):
+        sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("learning_rate=-1 pool=max")))
+
+
+def test_spec_files_hold_a_grid_or_a_list_of_runs(tmp_path):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"learning_rate": [0.01, 0.1], "conv_filters": [[8, 16]], "seed": 3}))
+    assert sweep.load_spec_file(str(grid)) == [
+        {"learning_rate": 0.01, "conv_filters": (8, 16), "seed": 3},
+        {"learning_rate": 0.1, "conv_filters": (8, 16), "seed": 3}]
+    runs = tmp_path / "runs.yaml"
+    runs.write_text("- {pool: avg, learning_rate: 1}\n- {pool: max, batch_size: 32}\n")
+    assert sweep.load_spec_file(str(runs)) == [{"pool": "avg", "learning_rate": 1.0},
+                                               {"pool": "max", "batch_size": 32}]
+
+
+@pytest.mark.parametrize("name, text, named", [
+    ("bad.yaml", "learning_rate: [0.1\n", "not valid YAML"),
+    ("bad.json", "{\"seed\": [0, 1],}", "not valid JSON"),
+    ("empty.json", "[]", "expected a grid"),
+    ("scalar.yaml", "3\n", "expected a grid"),
+    ("entry.yaml", "- seed: 1\n- 7\n", "run 1 must be a non-empty mapping"),
+    ("unknown.yaml", "- {sead: 1}\n", "unknown flag 'sead'"),
+    ("value.json", "{\"batch_size\": [32, \"big\"]}", "batch_size='big'"),
+    ("nolist.json", "{\"seed\": []}", "seed has no values"),
+])
+def test_malformed_spec_files_are_refused(tmp_path, name, text, named):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        sweep.load_spec_file(str(path))
+    assert named in str(info.value) and name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_shards_partition_the_runs():
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1,2,3,4,5,6")))
+    shards = [sweep.shard(runs, i, 3) for i in range(3)]
+    assert [r.config.seed for r in shards[0]] == [0, 3, 6]
+    assert [r.config.seed for r in shards[2]] == [2, 5]
+    assert sorted(r.name for s in shards for r in s) == sorted(r.name for r in runs)
+    assert sweep.parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            sweep.parse_shard(bad)
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def test_runs_differing_only_in_shape_free_values_share_a_group():
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec(
+        "learning_rate=0.001,0.01 pool=max,avg seed=0,1 weight_scale=0.01,0.1")))
+    groups = sweep.group_runs(runs, max_parallel=100)
+    assert len(groups) == 2 and [len(g) for g in groups] == [8, 8]
+    assert {r.config.pool for r in groups[0]} == {"max"} and {r.config.pool for r in groups[1]} == {"avg"}
+    for shape_changing in ("batch_size=32,64", "conv_filters=8:16,20:50", "optimizer=adam,sgd",
+                           "num_fc=64,128", "init=he,seed"):
+        runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec(shape_changing + " seed=0,1")))
+        assert [len(g) for g in sweep.group_runs(runs, 100)] == [2, 2], shape_changing
+
+
+def test_max_parallel_splits_a_group_into_near_equal_chunks():
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1,2,3,4")))
+    assert [len(g) for g in sweep.group_runs(runs, 2)] == [2, 2, 1]
+    assert [len(g) for g in sweep.group_runs(runs, 4)] == [3, 2]
+    assert [len(g) for g in sweep.group_runs(runs, lambda config: 1)] == [1] * 5
+
+
+def test_auto_max_parallel_follows_the_memory_estimate():
+    small, big = Config(), config_lib.replace(Config(), conv_filters=(64, 128), eval_batch_size=4000)
+    assert sweep.run_memory_bytes(big) > 4 * sweep.run_memory_bytes(small)
+    budget = 10 * sweep.run_memory_bytes(small)
+    assert sweep.auto_max_parallel(small, budget) == 10
+    assert sweep.auto_max_parallel(big, budget) < 10
+    assert sweep.auto_max_parallel(small, 1) == 1
+
+
+# ----------------------------------------------------------------------------- vectorised training
+
+
+@pytest.fixture(scope="module")
+def small_dataset(mnist):
+    import dataclasses
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:256], train_labels=mnist.train_labels[:256],
+                               test_images=mnist.test_images[:200], test_labels=mnist.test_labels[:200])
+
+
+def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
+    """Per-run learning rate (through a traced warmup-cosine schedule), momentum and seed
+    (init and data order); a diverging run in the group is marked and does not disturb the others."""
+    base = config_lib.replace(Config(), optimizer="momentum", schedule="warmup_cosine", batch_size=32,
+                              epochs=2, log_every=4, eval_batch_size=128)
+    configs = [config_lib.replace(base, learning_rate=0.05, momentum=0.9, seed=0),
+               config_lib.replace(base, learning_rate=0.02, momentum=0.5, seed=3),
+               config_lib.replace(base, learning_rate=1e30, seed=1)]
+    logs = {0: [], 1: [], 2: []}
+    result = sweep.train_group(configs, small_dataset, on_log=lambda i, r: logs[i].append(r))
+    assert result.diverged[:2] == [None, None]
+    assert result.diverged[2].startswith("parameters became non-finite at step")
+    assert result.histories[2] == []
+    assert [r["step"] for r in logs[0]] == [4, 8, 12, 16]
+    for i in (0, 1):
+        params, _, alone = train.fit(configs[i], small_dataset)
+        assert len(alone) == len(result.histories[i]) == 2
+        for mine, theirs in zip(result.histories[i], alone):
+            for key in ("moving_loss", "train_loss", "test_loss"):
+                np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, err_msg=key)
+            for key, n in (("train_accuracy", 256), ("test_accuracy", 200)):
+                assert abs(mine[key] - theirs[key]) <= 1 / n, key   # at most one borderline example
+            assert mine["step"] == theirs["step"]
+        for layer in params:
+            for name in params[layer]:
+                np.testing.assert_allclose(np.asarray(result.params[layer][name][i]),
+                                           np.asarray(params[layer][name]), rtol=1e-4, atol=1e-6)
+    # The two good runs really differ (different seeds and hyperparameters).
+    assert result.histories[0][-1]["train_loss"] != result.histories[1][-1]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- run dirs and results
+
+
+def test_pending_runs_skip_finished_and_refuse_another_config(tmp_path):
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1,2")))
+    workdir_lib.start(sweep.run_dir(str(tmp_path), runs[0]), runs[0].config)        # finished
+    workdir_lib.write_json(os.path.join(sweep.run_dir(str(tmp_path), runs[0]), sweep.SWEEP_RESULT_FILE), {})
+    workdir_lib.start(sweep.run_dir(str(tmp_path), runs[1]), runs[1].config)        # interrupted
+    todo, done = sweep.pending_runs(str(tmp_path), runs)
+    assert [r.name for r in done] == ["seed=0"] and [r.name for r in todo] == ["seed=1", "seed=2"]
+    # The same sweep with another base config must not be mixed into these run directories...
+    changed = sweep.make_runs(config_lib.replace(Config(), epochs=2), [{"seed": 0}])
+    with pytest.raises(ConfigError, match=r"seed=0 holds a run with another config \(--epochs=2"):
+        sweep.pending_runs(str(tmp_path), changed)
+    # ... but fields that do not change the computation may differ.
+    same = sweep.make_runs(config_lib.replace(Config(), log_every=7, eval_batch_size=10), [{"seed": 0}])
+    assert sweep.pending_runs(str(tmp_path), same)[1] == same
+
+
+def _row(lr, pool, seed, acc, status="ok"):
+    return {"name": sweep.run_name({"learning_rate": lr, "pool": pool, "seed": seed}),
+            "settings": {"learning_rate": lr, "pool": pool, "seed": seed}, "status": status,
+            "message": "" if status == "ok" else "loss became nan at step 3 (epoch 0)",
+            "epochs": 1 if status == "ok" else 0,
+            "train_loss": 0.1 if status == "ok" else None, "train_accuracy": acc + 0.01 if acc else None,
+            "test_loss": 0.2 if status == "ok" else None, "test_accuracy": acc, "moving_loss": 0.3,
+            "time_s": 12.5, "group_size": 2}
+
+
+ROWS = [_row(0.01, "max", 0, 0.97), _row(0.01, "max", 1, 0.99), _row(0.1, "max", 0, 0.90),
+        _row(0.1, "max", 1, 0.92), _row(0.01, "avg", 0, 0.95), _row(0.01, "avg", 1, 0.96),
+        _row(1.0, "avg", 0, None, "diverged"), _row(1.0, "avg", 1, 0.50)]
+
+
+def test_summary_is_over_seeds_and_sorted_by_test_accuracy():
+    summary = sweep.summarize(ROWS)
+    assert [(e["settings"]["learning_rate"], e["settings"]["pool"]) for e in summary] == \
+        [(0.01, "max"), (0.01, "avg"), (0.1, "max"), (1.0, "avg")]
+    best = summary[0]
+    assert best["test_accuracy_mean"] == pytest.approx(0.98)
+    assert best["test_accuracy_std"] == pytest.approx(np.std([0.97, 0.99], ddof=1))
+    assert best["seeds"] == [0, 1] and best["runs"] == best["ok"] == 2
+    last = summary[-1]   # one of its two seeds diverged: the mean is over the finished one
+    assert (last["runs"], last["ok"], last["test_accuracy_mean"], last["test_accuracy_std"]) == (2, 1, 0.5, None)
+
+
+def test_results_files_hold_every_run_the_summary_and_a_plot(tmp_path):
+    sweep.write_results(str(tmp_path), ROWS)
+    with open(tmp_path / sweep.RESULTS_CSV) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8
+    assert table[1]["learning_rate"] == "0.01" and table[1]["seed"] == "1"
+    assert float(table[1]["test_accuracy"]) == 0.99 and table[6]["status"] == "diverged"
+    markdown = (tmp_path / sweep.RESULTS_MD).read_text()
+    assert "| 0.01 | max | 2 | 0.9800 | 0.0141 |" in markdown
+    assert markdown.index("| 0.01 | max | 2 |") < markdown.index("| 0.1 | max | 2 |")
+    png = (tmp_path / sweep.RESULTS_PLOT).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sweep.plot_axis(ROWS) == "learning_rate"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]     # atomic writes leave no temporaries
+
+
+def test_plot_axis_prefers_a_numeric_swept_value():
+    rows = [{"settings": {"pool": p, "seed": s, "batch_size": b}} for p in ("max", "avg")
+            for s in (0, 1) for b in (32, 64)]
+    assert sweep.plot_axis(rows) == "batch_size"
+    assert sweep.plot_axis([{"settings": {"pool": p, "seed": s}} for p in ("max", "avg") for s in (0, 1)]) == "pool"
+    assert sweep.plot_axis([{"settings": {"seed": s}} for s in (0, 1)]) == "seed"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _sweep_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+
+
+def test_command_line_shards_resume_and_summarize(tmp_path, mnist_dir):
+    workdir = str(tmp_path / "sweep")
+    common = [f"--data_dir={mnist_dir}", "--train_subset=128", "--test_subset=100", "--batch_size=32",
+              "--eval_batch_size=128", f"--workdir={workdir}", "--sweep=learning_rate=0.001,0.003 seed=0,1"]
+    first = _sweep_cli(*common, "--shard=0/2")
+    assert first.returncode == 0, first.stderr
+    assert "sweep of 4 runs (shard 0/2: 2 of them): 0 already finished, 2 to train in 1" in first.stdout
+    names = sorted(n for n in os.listdir(workdir) if "=" in n)
+    assert names == ["learning_rate=0.001,seed=0", "learning_rate=0.003,seed=0"]
+    run = os.path.join(workdir, names[0])
+    assert {"config.json", "metrics.jsonl", "results.json", "sweep_result.json", "checkpoints"} <= set(os.listdir(run))
+    config = workdir_lib.read_config(run)
+    assert (config.learning_rate, config.seed, config.train_subset) == (0.001, 0, 128)
+    epochs = [r for r in workdir_lib.read_metrics(run) if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["step"] == 4
+    with open(os.path.join(run, "results.json")) as f:
+        assert json.load(f)["test_accuracy"] == epochs[0]["test_accuracy"]
+    finished_at = os.path.getmtime(os.path.join(run, "sweep_result.json"))
+
+    # The full sweep again: the first shard's runs are skipped, the other two trained.
+    second = _sweep_cli(*common)
+    assert second.returncode == 0, second.stderr
+    assert "sweep of 4 runs: 2 already finished, 2 to train" in second.stdout
+    assert os.path.getmtime(os.path.join(run, "sweep_result.json")) == finished_at
+    with open(os.path.join(workdir, "results.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and {r["status"] for r in table} == {"ok"}
+
+    os.remove(os.path.join(workdir, "results.csv"))
+    summary = _sweep_cli(f"--workdir={workdir}", "--summarize")
+    assert summary.returncode == 0, summary.stderr
+    assert "4 finished runs (4 ok, 0 diverged)" in summary.stdout
+    assert os.path.exists(os.path.join(workdir, "results.csv"))
+
+    # A malformed spec is refused before anything runs or is written.
+    before = sorted(os.listdir(workdir))
+    bad = _sweep_cli(*common[:-1], "--sweep=learning_rate=0.001,fast seed=0,1")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["error: --sweep: learning_rate='fast' is not a valid float"]
+    assert sorted(os.listdir(workdir)) == before
