@@ -76,6 +76,9 @@ def read_json(path: str) -> Any:
 def read_config(workdir: str) -> Config:
     """The Config a run was started with (its config.json), validated."""
     path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"--workdir={workdir} holds no run ({CONFIG_FILE} not found); "
+                          "give the folder a training run wrote with --workdir")
     values = read_json(path)
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object of config fields")

@@ -1,0 +1,95 @@
+"""experiments/evaluate.py and experiments/plot.py on a run saved by experiments/train.py.
+
+The evaluation must print the test accuracy training printed for its last epoch, and
+work on a copy of the run directory elsewhere with the data somewhere else (another machine).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def script(name):
+    return os.path.join(REPO_ROOT, "experiments", name)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The environment of the subprocesses: one shared compilation cache (same programs, less time)."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def run(args, env, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir, env, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("eval") / "run1")
+    result = run([script("train.py"), "--pool=max", "--epochs=2", f"--workdir={workdir}", f"--data_dir={mnist_dir}",
+                  "--train_subset=1024", "--test_subset=500", "--eval_batch_size=500"], env)
+    assert result.returncode == 0, result.stderr
+    last_epoch = [line for line in result.stdout.splitlines() if line.startswith("Epoch 1.")][0]
+    return workdir, re.search(r"Test_acc (\d\.\d{4})", last_epoch).group(1)
+
+
+def printed_accuracy(stdout):
+    return re.search(r"^Test_acc (\d\.\d{4}) \((\d+)/(\d+); exactly ([\d.]+)\)", stdout, re.M).groups()
+
+
+def test_evaluate_prints_the_accuracy_training_printed(trained, env):
+    workdir, training_acc = trained
+    result = run([script("evaluate.py"), f"--workdir={workdir}"], env)
+    assert result.returncode == 0, result.stderr
+    acc, correct, total, exact = printed_accuracy(result.stdout)
+    assert acc == training_acc and total == "500"
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    assert float(exact) == saved["test_accuracy"] and int(correct) == round(saved["test_accuracy"] * 500)
+    assert "checkpoint step 32 (end of epoch 1)" in result.stdout
+    lines = result.stdout.splitlines()
+    per_class = lines[lines.index("per-class accuracy:") + 1:][:10]
+    assert [line.split()[0] for line in per_class] == [str(d) for d in range(10)]
+    table = lines[lines.index("confusion matrix (rows: true class, columns: predicted class):") + 2:][:10]
+    assert sum(int(v) for row in table for v in row.split()[1:]) == 500
+    assert saved["confusion_matrix"] == [[int(v) for v in row.split()[1:]] for row in table]
+
+
+def test_evaluate_and_plot_a_run_copied_from_another_machine(trained, env, mnist_dir, tmp_path):
+    workdir, training_acc = trained
+    copy = str(tmp_path / "from_elsewhere")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("plots"))
+    config = json.load(open(os.path.join(copy, "config.json")))
+    config["data_dir"] = "/data/on/the/other/machine/mnist"
+    json.dump(config, open(os.path.join(copy, "config.json"), "w"))
+    other_cwd = str(tmp_path)
+
+    missing = run([script("evaluate.py"), f"--workdir={copy}"], env, cwd=other_cwd)
+    assert missing.returncode == 2 and "\n" not in missing.stderr.strip()
+    assert "/data/on/the/other/machine/mnist" in missing.stderr and "Traceback" not in missing.stderr
+
+    result = run([script("evaluate.py"), f"--workdir={copy}", f"--data_dir={os.path.abspath(mnist_dir)}"], env,
+                 cwd=other_cwd)
+    assert result.returncode == 0, result.stderr
+    assert printed_accuracy(result.stdout)[0] == training_acc
+
+    plotted = run([script("plot.py"), f"--workdir={copy}", f"--data_dir={os.path.abspath(mnist_dir)}"], env,
+                  cwd=other_cwd)
+    assert plotted.returncode == 0, plotted.stderr
+    written = sorted(os.path.basename(p) for p in plotted.stdout.split())
+    assert written == sorted(["learning_curves.png", "conv1_filters.png", "confusion_matrix.png", "misclassified.png"])
+    for name in written:
+        assert os.path.getsize(os.path.join(copy, "plots", name)) > 10_000
+
+
+def test_evaluate_without_a_checkpoint_is_one_line(env, tmp_path):
+    result = run([script("evaluate.py"), f"--workdir={tmp_path}"], env)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "holds no run (config.json not found)" in result.stderr and "Traceback" not in result.stderr
