@@ -19,6 +19,8 @@ OPTIMIZERS = ("seed_sgd", "sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
 LOSS_REDUCTIONS = ("mean", "sum")
 CONV_IMPLS = ("auto", "lax", "patches")
+POOL_IMPLS = ("auto", "reduce_window", "reshape")
+LAYOUTS = ("auto", "NHWC", "CNHW")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
 
@@ -62,6 +64,12 @@ class Config:
     # Execution and reporting.
     conv_impl: str = "auto"           # auto | lax | patches (auto: patches on CPU, lax elsewhere)
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
+    pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
+    layout: str = "auto"              # auto | NHWC (reference) | CNHW (channel-major activations)
+    # Multi-host data parallelism (jax.distributed); empty address: this process alone.
+    coordinator_address: str = ""     # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
     eval_batch_size: int = 1000
     train_eval: str = "full"          # full: evaluate the whole train set per epoch | running: during the epoch
     loss_smoothing: float = 0.01      # the seed's moving-average loss
@@ -127,6 +135,20 @@ def validate(config: Config) -> Config:
     _choice("loss_reduction", config.loss_reduction, LOSS_REDUCTIONS)
     _choice("conv_impl", config.conv_impl, CONV_IMPLS)
     _choice("loop", config.loop, LOOPS)
+    _choice("pool_impl", config.pool_impl, POOL_IMPLS)
+    _choice("layout", config.layout, LAYOUTS)
+    if config.pool_impl == "reshape" and config.pool_window != config.pool_stride:
+        raise ConfigError(f"--pool_impl=reshape needs --pool_window == --pool_stride (got "
+                          f"{config.pool_window} and {config.pool_stride}); use --pool_impl=reduce_window")
+    if config.coordinator_address and ":" not in config.coordinator_address:
+        raise ConfigError(f"--coordinator_address={config.coordinator_address!r} is not allowed: "
+                          "give host:port of process 0")
+    if isinstance(config.num_processes, bool) or not isinstance(config.num_processes, int) \
+            or config.num_processes < 1:
+        raise ConfigError(f"--num_processes={config.num_processes!r} is not allowed: it must be a positive integer")
+    if not 0 <= config.process_id < config.num_processes:
+        raise ConfigError(f"--process_id={config.process_id!r} is not allowed: it must be in "
+                          f"0..{config.num_processes - 1} (--num_processes={config.num_processes})")
     _choice("train_eval", config.train_eval, TRAIN_EVALS)
     for name in ("conv_stride", "pool_window", "pool_stride", "num_fc", "num_classes",
                  "batch_size", "epochs", "eval_batch_size", "log_every"):

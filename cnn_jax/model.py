@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import layers
+from cnn_jax import layers, lowering
 from cnn_jax.config import Config
 from cnn_jax.layers import conv_output_size
 
@@ -96,12 +96,22 @@ def apply(params: Params, images: jax.Array, config: Config, debug: bool = False
             print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
 
     x = images
-    for i in range(1, len(config.conv_filters) + 1):
-        layer = params[f"conv{i}"]
-        x = layers.relu(conv(x, layer["w"], layer["b"], config.conv_stride, config.conv_padding))
-        trace(f"conv{i}", x)
-        x = pool(x, config.pool_window, config.pool_stride)
-        trace(f"pool{i}", x)
+    strategy = lowering.resolve(config)
+    if debug or (strategy.pool_impl == "reduce_window" and strategy.layout == "NHWC"):
+        for i in range(1, len(config.conv_filters) + 1):   # the reference, layer by layer
+            layer = params[f"conv{i}"]
+            x = layers.relu(conv(x, layer["w"], layer["b"], config.conv_stride, config.conv_padding))
+            trace(f"conv{i}", x)
+            x = pool(x, config.pool_window, config.pool_stride)
+            trace(f"pool{i}", x)
+    else:  # a faster lowering of the same blocks (cnn_jax/lowering.py; tested equal)
+        if strategy.layout == "CNHW":
+            x = jnp.transpose(x, (3, 0, 1, 2))
+        for i in range(1, len(config.conv_filters) + 1):
+            layer = params[f"conv{i}"]
+            x = lowering.conv_block(x, layer["w"], layer["b"], config, strategy)
+        if strategy.layout == "CNHW":
+            x = jnp.transpose(x, (1, 2, 3, 0))
     x = layers.flatten(x)
     trace("flatten", x)
     x = layers.relu(layers.dense(x, params["dense1"]["w"], params["dense1"]["b"]))

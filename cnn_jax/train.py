@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from cnn_jax import data as data_lib
-from cnn_jax import layers, model, optim, progress
+from cnn_jax import layers, lowering, model, optim, parallel, progress
 from cnn_jax.config import Config, ConfigError
 
 Metrics = dict[str, jax.Array]
@@ -218,7 +218,7 @@ def compiled_runner(config: Config, total_steps: int, loop: str):
     """(optimizer, jitted runner) for a config; cached, so fitting one config again (a resumed
     or repeated run in the same process) reuses the compiled step instead of recompiling it."""
     optimizer = optim.make_optimizer(config, total_steps)
-    train_step = make_train_step(config, optimizer)
+    train_step = parallel.data_parallel(config).wrap_step(make_train_step(config, optimizer))
     return optimizer, (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
 
 
@@ -238,6 +238,8 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                           f"{len(dataset.train_labels)} training images")
     loop = resolve_loop(config)
     optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
+    dp = parallel.data_parallel(config)   # a no-op on one device
+    print(f"strategy: {lowering.resolve(config).describe()}, {dp.describe()}", flush=True)
     if start is None:
         params = model.init(jax.random.key(config.seed), config)
         state = TrainState(params, optimizer.init(params))
@@ -250,14 +252,14 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
         model.apply(state.params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config,
                     debug=True)
 
-    train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
-    test_images, test_labels = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
-    params, opt_state = state.params, state.opt_state
+    train_images, train_labels, test_images, test_labels = dp.replicate(
+        (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))
+    params, opt_state = dp.replicate((state.params, state.opt_state))
     for epoch in range(state.step // num_steps, config.epochs):
         first = state.step - epoch * num_steps
         if first == 0:
             state.epoch_losses, state.epoch_correct = [], 0
-        order = jnp.asarray(data_lib.epoch_permutation(config.seed, epoch, len(dataset.train_labels)))
+        order = dp.replicate(data_lib.epoch_permutation(config.seed, epoch, len(dataset.train_labels)))
         bar = progress.epoch_progress(epoch, num_steps, first)
         epoch_start = time.perf_counter()
         last_log = (epoch_start, state.step)

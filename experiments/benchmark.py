@@ -1,0 +1,389 @@
+"""Training and evaluation throughput of cnn_jax against the same network in PyTorch.
+
+    python experiments/benchmark.py --data_dir=../shared/data/mnist --output=bench.json
+    python experiments/benchmark.py --batch_sizes=64 --pools=max --repeats=3   # quicker
+
+For each pooling (avg, max) and batch size (64 and a large one) it times the seed network
+with the seed's SGD (`--preset=seed`: N(0, 0.01) init, lr 0.01, summed loss) under every
+execution strategy of the codebase (reference lax conv + reduce_window pool, the patches
+conv, reshape pooling, NHWC / channel-major layout, one jitted call per batch / a scanned
+run of batches) and, when `torch` is installed (requirements-bench.txt), the same network,
+init and update in PyTorch, interleaved in rounds so machine load hits all alike. Each
+figure is the median over `--repeats` timed repeats after a warm-up; compile time is
+reported separately. It also prints evaluation throughput, the achieved GFLOP/s against
+this machine's measured f32 matmul peak, and (with real data) the wall time, peak resident
+memory and accuracy of full MNIST training runs of `experiments/train.py` in subprocesses.
+Output: a table on stdout and, with --output, a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from cnn_jax import cli, lowering, model, optim, train
+from cnn_jax import config as config_lib
+from cnn_jax import data as data_lib
+from cnn_jax.config import Config
+from cnn_jax.layers import conv_output_size
+
+flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")
+flags.DEFINE_list("batch_sizes", ["64", "1024"], "Training batch sizes to time.")
+flags.DEFINE_list("pools", ["avg", "max"], "Poolings to time.")
+flags.DEFINE_list("strategies", ["default", "default_scan", "reference", "patches_rw", "lax_reshape",
+                                 "patches_nhwc"],
+                  "JAX strategies to time (see STRATEGIES in this file).")
+flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
+flags.DEFINE_float("repeat_images", 8192, "Images per timed repeat (rounded to whole batches).")
+flags.DEFINE_integer("train_images", 60000, "Training set size the batches are gathered from.")
+flags.DEFINE_boolean("torch", True, "Also time PyTorch when it is installed.")
+flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of eval_batch_size).")
+flags.DEFINE_list("runs", ["default", "fast"],
+                  "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
+                  "empty: none.")
+flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
+FLAGS = flags.FLAGS
+
+# name -> (Config overrides, description). "default" is what train.py's `auto` picks here.
+STRATEGIES: dict[str, tuple[dict[str, Any], str]] = {
+    "default": ({}, "auto (train.py's default)"),
+    "default_scan": ({"loop": "scan"}, "auto, batches inside lax.scan"),
+    "reference": ({"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "NHWC", "loop": "step"},
+                  "lax conv + reduce_window pool"),
+    "patches_rw": ({"conv_impl": "patches", "pool_impl": "reduce_window", "layout": "NHWC",
+                    "loop": "step"}, "patches conv + reduce_window pool"),
+    "lax_reshape": ({"conv_impl": "lax", "pool_impl": "reshape", "layout": "NHWC", "loop": "step"},
+                    "lax conv + reshape pool"),
+    "patches_nhwc": ({"conv_impl": "patches", "pool_impl": "reshape", "layout": "NHWC", "loop": "step"},
+                     "patches conv + reshape pool, NHWC"),
+    "patches_cnhw": ({"conv_impl": "patches", "pool_impl": "reshape", "layout": "CNHW", "loop": "step"},
+                     "patches conv + reshape pool, CNHW"),
+}
+
+
+# --- What is timed --------------------------------------------------------------------------
+
+def model_flops(config: Config) -> tuple[float, float]:
+    """(forward, backward) FLOPs per image of the network (multiply-add = 2), as the
+    reference computes it: backward = weight gradients + input gradients of all but the first layer."""
+    h, w, c = config.input_shape
+    layers_fwd = []
+    for filters, kernel in zip(config.conv_filters, config.conv_kernels):
+        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
+        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
+        layers_fwd.append(2.0 * h * w * kernel * kernel * c * filters)
+        h = conv_output_size(h, config.pool_window, config.pool_stride)
+        w = conv_output_size(w, config.pool_window, config.pool_stride)
+        c = filters
+    flat = h * w * c
+    layers_fwd += [2.0 * flat * config.num_fc, 2.0 * config.num_fc * config.num_classes]
+    forward = sum(layers_fwd)
+    return forward, forward + (forward - layers_fwd[0])
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One thing to time: `run()` trains `images_per_run` images and blocks until done."""
+
+    name: str
+    framework: str
+    description: str
+    run: Callable[[], None]
+    images_per_run: int
+    compile_s: float = 0.0
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def result(self) -> dict[str, Any]:
+        ips = [self.images_per_run / t for t in self.times]
+        return {"name": self.name, "framework": self.framework, "description": self.description,
+                "images_per_second": float(np.median(ips)), "repeats_images_per_second": ips,
+                "compile_s": self.compile_s}
+
+
+def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Array,
+                  steps: int) -> Candidate:
+    """The train.py runner for `config`, `steps` batches per run, through the real step code."""
+    strategy = lowering.resolve(config)
+    optimizer = optim.make_optimizer(config, steps)
+    params = model.init(jax.random.key(config.seed), config)
+    state = [params, optimizer.init(params)]
+    train_step = train.make_train_step(config, optimizer)
+    order = jnp.asarray(data_lib.epoch_permutation(config.seed, 0, len(labels)))
+    per_epoch = len(labels) // config.batch_size
+    position = [0]
+
+    if strategy.loop == "scan":
+        runner = train.make_scan_runner(config, train_step)
+
+        def run() -> None:
+            first = position[0] % (per_epoch - steps + 1)
+            state[0], state[1], metrics = runner(*state, images, labels, order, np.int32(first), steps)
+            position[0] += steps
+            jax.block_until_ready((state, metrics))
+    else:
+        runner = train.make_step_runner(config, train_step)
+
+        def run() -> None:
+            for _ in range(steps):
+                state[0], state[1], metrics = runner(*state, images, labels, order,
+                                                     np.int32(position[0] % per_epoch))
+                position[0] += 1
+            jax.block_until_ready((state, metrics))
+
+    start = time.perf_counter()
+    run()   # compiles, then runs once
+    candidate = Candidate(name, "jax", f"{STRATEGIES.get(name, ({}, name))[1]} [{strategy.describe()}]",
+                          run, steps * config.batch_size)
+    candidate.compile_s = time.perf_counter() - start
+    return candidate
+
+
+def torch_net(config: Config):
+    """The seed network in PyTorch (NCHW), init N(0, weight_scale) for every weight and bias."""
+    import torch
+    from torch import nn
+
+    pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[config.pool]
+    modules, channels = [], config.input_shape[2]
+    for filters, kernel in zip(config.conv_filters, config.conv_kernels):
+        modules += [nn.Conv2d(channels, filters, kernel, config.conv_stride), nn.ReLU(),
+                    pool(config.pool_window, config.pool_stride)]
+        channels = filters
+    flat = dict(model.layer_shapes(config))["flatten"][0]
+    modules += [nn.Flatten(), nn.Linear(flat, config.num_fc), nn.ReLU(),
+                nn.Linear(config.num_fc, config.num_classes)]
+    net = nn.Sequential(*modules)
+    torch.manual_seed(config.seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, config.weight_scale)
+    return net
+
+
+def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
+    """The same network, init and update (p -= lr * grad of the summed loss) in PyTorch."""
+    import torch
+    import torch.nn.functional as F
+
+    net = torch_net(config)
+    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y_all = torch.from_numpy(labels.astype(np.int64))
+    order = torch.from_numpy(data_lib.epoch_permutation(config.seed, 0, len(labels)).astype(np.int64))
+    per_epoch, bs, lr = len(labels) // config.batch_size, config.batch_size, config.learning_rate
+    position = [0]
+    reduction = config.loss_reduction
+
+    def run() -> None:
+        for _ in range(steps):
+            idx = order[(position[0] % per_epoch) * bs:(position[0] % per_epoch + 1) * bs]
+            position[0] += 1
+            loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction=reduction)
+            net.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.sub_(lr * p.grad)
+
+    start = time.perf_counter()
+    run()
+    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({torch.get_num_threads()} "
+                          "threads)", run, steps * bs)
+    candidate.compile_s = time.perf_counter() - start
+    return candidate
+
+
+def time_interleaved(candidates: list[Candidate], repeats: int) -> None:
+    """One untimed warm-up run each, then `repeats` rounds timing every candidate once per round."""
+    for c in candidates:
+        c.run()
+    for _ in range(repeats):
+        for c in candidates:
+            start = time.perf_counter()
+            c.run()
+            c.times.append(time.perf_counter() - start)
+
+
+def eval_throughput(config: Config, images: jax.Array, labels: jax.Array, repeats: int) -> dict[str, Any]:
+    """Images/s of `train.evaluate` (forward passes in batches of eval_batch_size)."""
+    params = model.init(jax.random.key(config.seed), config)
+    start = time.perf_counter()
+    train.evaluate(params, images, labels, config)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        train.evaluate(params, images, labels, config)
+        times.append(time.perf_counter() - start)
+    return {"images_per_second": len(labels) / float(np.median(times)), "compile_s": compile_s}
+
+
+def torch_eval_throughput(config: Config, images: np.ndarray, repeats: int) -> float:
+    import torch
+
+    net = torch_net(config)
+    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    bs = config.eval_batch_size
+
+    def run() -> None:
+        with torch.no_grad():
+            for start in range(0, len(x_all), bs):
+                net(x_all[start:start + bs]).argmax(-1)
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return len(x_all) / float(np.median(times))
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """Best observed f32 GFLOP/s of one jitted size x size matmul on the default device."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+def training_run(preset: str, data_dir: str) -> dict[str, Any]:
+    """Run `experiments/train.py --preset=...` in a subprocess: wall time, peak RSS, test accuracy."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    cmd = [sys.executable, script, f"--preset={preset}", f"--data_dir={data_dir}"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)   # this child's own peak RSS (KiB on Linux)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    maxrss_kib = usage.ru_maxrss
+    accuracies = [float(a) for a in re.findall(r"Test_acc ([0-9.]+)", out)]
+    strategy = re.findall(r"^(?:I\S+ )?.*strategy: (.*)$", out, re.M)
+    return {"preset": preset, "command": " ".join(cmd[1:]), "exit_status": proc.returncode,
+            "wall_s": wall, "peak_rss_mib": maxrss_kib / 1024,
+            "test_accuracy": accuracies[-1] if accuracies else None,
+            "strategy": strategy[0] if strategy else None,
+            "output_tail": out.strip().splitlines()[-3:]}
+
+
+# --- Report ---------------------------------------------------------------------------------
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
+             f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
+             f"seed network, seed SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
+             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
+             "",
+             f"{'pool':4s} {'batch':>5s} {'strategy':14s} {'img/s':>8s} {'vs torch':>8s} "
+             f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
+    for group in report["training"]:
+        torch_ips = next((r["images_per_second"] for r in group["results"] if r["framework"] == "torch"),
+                         None)
+        for r in group["results"]:
+            ratio = f"{r['images_per_second'] / torch_ips:.2f}x" if torch_ips else "-"
+            lines.append(
+                f"{group['pool']:4s} {group['batch_size']:5d} {r['name']:14s} {r['images_per_second']:8.0f} "
+                f"{ratio:>8s} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} {r['compile_s']:9.2f}  "
+                f"{r['description']}")
+        lines.append("")
+    if report["evaluation"]:
+        lines.append("evaluation (forward only, test set, eval_batch_size per call):")
+        for e in report["evaluation"]:
+            lines.append(f"  {e['pool']:4s} {e['name']:14s} {e['images_per_second']:9.0f} img/s")
+        lines.append("")
+    for run in report["runs"]:
+        lines.append(f"full run --preset={run['preset']}: {run['wall_s']:.1f} s wall (process start to "
+                     f"exit), peak RSS {run['peak_rss_mib']:.0f} MiB, test accuracy {run['test_accuracy']}, "
+                     f"exit {run['exit_status']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+@cli.main_guard
+def main(argv: list[str]) -> None:
+    del argv
+    base = config_lib.PRESETS["seed"]
+    try:
+        import torch
+        torch_version = torch.__version__ if FLAGS.torch else None
+    except ImportError:
+        torch_version = None
+    if FLAGS.data_dir:
+        dataset = data_lib.load(config_lib.replace(base, data_dir=FLAGS.data_dir))
+        train_x, train_y = dataset.train_images[:FLAGS.train_images], dataset.train_labels[:FLAGS.train_images]
+        test_x, test_y = dataset.test_images, dataset.test_labels
+        data = f"MNIST from {FLAGS.data_dir}"
+    else:
+        rng = np.random.default_rng(0)
+        train_x = rng.random((FLAGS.train_images, 28, 28, 1), np.float32)
+        train_y = rng.integers(0, 10, FLAGS.train_images).astype(np.int32)
+        test_x, test_y = train_x[:10000], train_y[:10000]
+        data = "synthetic arrays of MNIST shape"
+    images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
+    forward, total = model_flops(base)
+    peak = matmul_peak_gflops()
+    report: dict[str, Any] = {
+        "machine": {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                    "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                    "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "data": data, "flops_per_image": total, "forward_flops_per_image": forward,
+        "matmul_peak_gflops": peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
+    }
+    for pool in FLAGS.pools:
+        for batch_size in map(int, FLAGS.batch_sizes):
+            config = config_lib.validate(config_lib.replace(base, pool=pool, batch_size=batch_size))
+            steps = max(1, round(FLAGS.repeat_images / batch_size))
+            steps = min(steps, len(train_y) // batch_size)
+            candidates = [jax_candidate(name, config_lib.replace(config, **STRATEGIES[name][0]),
+                                        images, labels, steps) for name in FLAGS.strategies]
+            if torch_version:
+                candidates.append(torch_candidate(config, train_x, train_y, steps))
+            time_interleaved(candidates, FLAGS.repeats)
+            results = [c.result() for c in candidates]
+            for r in results:
+                r["gflops"] = r["images_per_second"] * total / 1e9
+                r["percent_of_peak"] = 100.0 * r["gflops"] / peak
+            report["training"].append({"pool": pool, "batch_size": batch_size, "steps_per_repeat": steps,
+                                       "results": results})
+            print(format_table({**report, "training": report["training"][-1:], "runs": []}).split("\n\n")[1],
+                  flush=True)
+        if FLAGS.eval:
+            test_images, test_labels = jnp.asarray(test_x), jnp.asarray(test_y)
+            for name in ("default", "reference"):
+                config = config_lib.replace(base, pool=pool, **STRATEGIES[name][0])
+                report["evaluation"].append({"pool": pool, "name": name, "framework": "jax",
+                                             **eval_throughput(config, test_images, test_labels,
+                                                               FLAGS.repeats)})
+            if torch_version:
+                report["evaluation"].append({"pool": pool, "name": "torch", "framework": "torch",
+                                             "images_per_second": torch_eval_throughput(
+                                                 config_lib.replace(base, pool=pool), test_x,
+                                                 FLAGS.repeats)})
+    if FLAGS.data_dir:
+        for preset in [r for r in FLAGS.runs if r]:
+            report["runs"].append(training_run(preset, FLAGS.data_dir))
+    print(format_table(report), end="")
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

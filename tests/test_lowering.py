@@ -1,0 +1,187 @@
+"""Lowerings: every faster lowering equals the reference (layers.py) in value and gradient."""
+
+import functools
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import layers, lowering, model
+from cnn_jax.config import Config
+
+RTOL, ATOL = 1e-5, 1e-5
+REFERENCE = {"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "NHWC"}
+STRATEGIES = [
+    {"conv_impl": "patches", "pool_impl": "reduce_window", "layout": "NHWC"},
+    {"conv_impl": "lax", "pool_impl": "reshape", "layout": "NHWC"},
+    {"conv_impl": "patches", "pool_impl": "reshape", "layout": "NHWC"},
+    {"conv_impl": "patches", "pool_impl": "reshape", "layout": "CNHW"},
+    {"conv_impl": "lax", "pool_impl": "reshape", "layout": "CNHW"},
+    {"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "CNHW"},
+]
+
+
+def _random(shape, seed=0, scale=1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def _value_and_vjp(f, args, cotangent):
+    """f(*args) and its gradients for `cotangent`, as numpy, in one compiled call."""
+    @jax.jit
+    def run(args, cotangent):
+        y, vjp = jax.vjp(f, *args)
+        return y, vjp(cotangent)
+    return jax.tree.map(np.asarray, run(args, cotangent))
+
+
+def _assert_same_vjp(f_ref, f_new, args, seed=1):
+    """Equal outputs, and equal gradients of every argument for a random cotangent."""
+    cotangent = _random(jax.eval_shape(f_ref, *args).shape, seed)
+    y_ref, grads_ref = _value_and_vjp(f_ref, args, cotangent)
+    y_new, grads_new = _value_and_vjp(f_new, args, cotangent)
+    np.testing.assert_allclose(y_new, y_ref, rtol=RTOL, atol=ATOL)
+    for g_new, g_ref in zip(grads_new, grads_ref):
+        np.testing.assert_allclose(g_new, g_ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("shape,window", [((2, 26, 26, 3), 2), ((2, 9, 9, 4), 2), ((1, 12, 11, 2), 3),
+                                          ((3, 7, 8, 1), 2), ((2, 4, 4, 5), 4)])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_reshape_pool_equals_reduce_window(shape, window, pool):
+    ref = {"max": layers.max_pool, "avg": layers.avg_pool}[pool]
+    new = {"max": lowering.max_pool_reshape, "avg": lowering.avg_pool_reshape}[pool]
+    _assert_same_vjp(lambda x: ref(x, window, window), lambda x: new(x, window), (_random(shape),))
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_max_pool_ties_route_the_gradient_to_the_first_maximum_like_select_and_scatter(window):
+    # Few distinct values: most windows hold tied maxima, including relu's zeros.
+    x = jnp.asarray(np.maximum(np.random.default_rng(0).integers(0, 3, (2, 12, 13, 3)) - 1.0, 0.0)
+                    .astype(np.float32))
+    g = _random((2, 12 // window, 13 // window, 3))
+    grad_ref = _value_and_vjp(lambda v: layers.max_pool(v, window, window), (x,), g)[1][0]
+    grad_new = _value_and_vjp(lambda v: lowering.max_pool_reshape(v, window), (x,), g)[1][0]
+    assert np.array_equal(grad_new, grad_ref)
+    # Each window's cotangent lands on exactly one input.
+    assert np.sum(grad_new != 0) == np.sum(np.asarray(g) != 0)
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_reshape_pool_on_channel_major_axes(pool):
+    x = _random((3, 2, 10, 9))   # (C, N, H, W)
+    ref = {"max": layers.max_pool, "avg": layers.avg_pool}[pool]
+    new = {"max": lowering.max_pool_reshape, "avg": lowering.avg_pool_reshape}[pool]
+    _assert_same_vjp(lambda v: jnp.transpose(ref(jnp.transpose(v, (1, 2, 3, 0)), 2, 2), (3, 0, 1, 2)),
+                     lambda v: new(v, 2, (2, 3)), (x,))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "VALID"), (5, 1, "VALID"), (3, 2, "VALID"),
+                                                   (3, 1, "SAME"), (4, 2, "SAME"), (1, 1, "VALID")])
+def test_channel_major_patches_conv_equals_lax_conv(kernel, stride, padding):
+    x, w, b = _random((2, 11, 10, 3)), _random((kernel, kernel, 3, 4), 1), _random((4,), 2)
+
+    def ref(x, w, b):
+        return layers.conv2d(x, w, b, stride, padding)
+
+    def new(x, w, b):
+        y = lowering.conv2d_patches_cm(jnp.transpose(x, (3, 0, 1, 2)), w, stride, padding)
+        return jnp.transpose(y, (1, 2, 3, 0)) + b
+
+    _assert_same_vjp(ref, new, (x, w, b))
+
+
+BLOCKS = [
+    {},                                                        # the seed's conv1 shape family
+    {"conv_stride": 2},
+    {"conv_padding": "SAME"},
+    {"pool_window": 3, "pool_stride": 3},
+    {"pool_window": 3, "pool_stride": 2},                      # window != stride: reduce_window
+]
+
+
+@pytest.mark.parametrize("overrides", BLOCKS)
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: "-".join(s.values()))
+def test_conv_block_equals_the_reference_block(overrides, pool, strategy):
+    config = config_lib.replace(Config(), pool=pool, **overrides)
+    if strategy["pool_impl"] == "reshape" and config.pool_window != config.pool_stride:
+        pytest.skip("reshape pooling needs window == stride (validate rejects it)")
+    resolved = lowering.resolve(config_lib.replace(config, loop="step", **strategy))
+    x, w, b = _random((2, 13, 12, 3)), _random((5, 5, 3, 6), 1, 0.3), _random((6,), 2)
+    cm = resolved.layout == "CNHW"
+
+    def ref(x, w, b):
+        y = layers.relu(layers.conv2d(x, w, b, config.conv_stride, config.conv_padding))
+        return layers.POOLS[pool](y, config.pool_window, config.pool_stride)
+
+    def new(x, w, b):
+        if cm:
+            x = jnp.transpose(x, (3, 0, 1, 2))
+        y = lowering.conv_block(x, w, b, config, resolved)
+        return jnp.transpose(y, (1, 2, 3, 0)) if cm else y
+
+    _assert_same_vjp(ref, new, (x, w, b))
+
+
+OTHER_NETWORKS = [
+    {"conv_filters": (8, 16, 32), "conv_kernels": (3, 3, 3)},
+    {"conv_padding": "SAME", "conv_kernels": (5, 5)},
+    {"input_shape": (32, 32, 3), "num_fc": 32},
+]
+
+
+def _loss_and_grads(config: Config, overrides: tuple) -> tuple:
+    """Summed cross-entropy of 4 fixed images and its gradient, as numpy, for config + overrides."""
+    config = config_lib.validate(config_lib.replace(config, **dict(overrides)))
+    params = jax.tree.map(lambda shape: _random(shape, len(shape), 0.2), model.param_shapes(config),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    images = jnp.asarray(np.random.default_rng(1).random((4,) + tuple(config.input_shape), np.float32))
+    labels = jnp.asarray(np.arange(4) % config.num_classes)
+
+    def loss(p):
+        return jnp.sum(layers.softmax_cross_entropy(model.apply(p, images, config), labels))
+
+    return jax.tree.map(np.asarray, jax.jit(jax.value_and_grad(loss))(params))
+
+
+_reference_loss_and_grads = functools.lru_cache(maxsize=None)(
+    lambda config: _loss_and_grads(config, tuple(REFERENCE.items())))
+
+
+def _assert_model_matches_reference(config: Config, strategy: dict) -> None:
+    value_ref, grad_ref = _reference_loss_and_grads(config)
+    value_new, grad_new = _loss_and_grads(config, tuple(strategy.items()))
+    np.testing.assert_allclose(value_new, value_ref, rtol=RTOL)
+    for g_new, g_ref in zip(jax.tree.leaves(grad_new), jax.tree.leaves(grad_ref)):
+        # Summation order differs: hold each tensor to float32 rounding at its own scale.
+        np.testing.assert_allclose(g_new, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(g_ref).max()))
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: "-".join(s.values()))
+def test_seed_network_gradients_equal_the_reference(pool, strategy):
+    _assert_model_matches_reference(config_lib.replace(Config(), pool=pool), strategy)
+
+
+@pytest.mark.parametrize("overrides", OTHER_NETWORKS)
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("strategy", STRATEGIES[2:4], ids=lambda s: "-".join(s.values()))
+def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
+    _assert_model_matches_reference(config_lib.replace(Config(), pool=pool, **overrides), strategy)
+
+
+def test_auto_strategy_per_backend():
+    cpu = lowering.resolve(Config(), "cpu")
+    assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop) == ("patches", "reshape", "CNHW", "step")
+    gpu = lowering.resolve(Config(), "gpu")
+    assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop) == ("lax", "reshape", "NHWC", "scan")
+    overlapping = lowering.resolve(config_lib.replace(Config(), pool_window=3, pool_stride=2), "cpu")
+    assert (overlapping.pool_impl, overlapping.layout) == ("reduce_window", "NHWC")
+    chosen = lowering.resolve(config_lib.replace(Config(), **REFERENCE, loop="scan"), "cpu")
+    assert chosen.describe() == "conv=lax pool=reduce_window layout=NHWC loop=scan"
+
+
+def test_reshape_pool_needs_window_equal_to_stride():
+    with pytest.raises(config_lib.ConfigError, match="--pool_impl=reshape"):
+        config_lib.validate(config_lib.replace(Config(), pool_impl="reshape", pool_window=3, pool_stride=2))
