@@ -11,8 +11,8 @@ NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "quickstart.ipynb")
 
 
 def test_quickstart_runs_every_cell(mnist_dir, monkeypatch):
-    for name, value in {"CNN_JAX_MNIST_DIR": os.path.abspath(mnist_dir), "QUICKSTART_TRAIN_SUBSET": "1024",
-                        "QUICKSTART_TEST_SUBSET": "500", "QUICKSTART_EPOCHS": "1"}.items():
+    for name, value in {"CNN_JAX_MNIST_DIR": os.path.abspath(mnist_dir), "QUICKSTART_TRAIN_SUBSET": "1000",
+                        "QUICKSTART_TEST_SUBSET": "1000", "QUICKSTART_EPOCHS": "1"}.items():
         monkeypatch.setenv(name, value)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # Any failing cell raises CellExecutionError here.

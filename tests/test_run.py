@@ -148,9 +148,10 @@ def test_a_foreign_workdir_is_refused_and_left_untouched(tiny, tmp_path):
     with pytest.raises(ConfigError, match="--pool=avg"):
         train.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny, resume=True)
     assert {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)} == before
-    history = train.train_and_evaluate(config_lib.replace(TINY, pool="avg", epochs=1), workdir, dataset=tiny,
-                                       overwrite=True)
-    assert workdir_lib.read_config(workdir).pool == "avg" and len(history) == 1
+    open(os.path.join(workdir, "results.json"), "w").write("{}")
+    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, overwrite=True)
+    assert len(history) == 1 and len(workdir_lib.read_metrics(workdir)) == 4   # a fresh run's records only
+    assert json.load(open(os.path.join(workdir, "results.json")))["test_accuracy"] == history[0]["test_accuracy"]
 
 
 def test_resume_extends_a_finished_run_and_keeps_its_history(tiny, tmp_path):
