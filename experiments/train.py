@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, config as config_lib, signals, train
+from cnn_jax import cli, config as config_lib, parallel, signals, train
 from cnn_jax import workdir as workdir_lib
 
 cli.define_config_flags()
@@ -30,6 +30,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
     config = cli.config_from_flags()
+    parallel.initialize(config)   # multi-host: before any other JAX call
     if (FLAGS.resume or FLAGS.overwrite or FLAGS.tensorboard) and not FLAGS.workdir:
         raise config_lib.ConfigError("--resume, --overwrite and --tensorboard need --workdir")
     if FLAGS.resume:

@@ -1,0 +1,136 @@
+"""Data parallelism: 4 forced CPU devices and 2 processes (jax.distributed) match one device.
+
+XLA_FLAGS must be set before JAX starts, so the multi-device runs are subprocesses; they
+save their final params, which are compared here with a one-device run of the same config.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import data, parallel, train
+from cnn_jax.config import Config, ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSET = {"train_subset": 512, "test_subset": 200, "batch_size": 64}
+
+# Runs in a fresh interpreter: argv = mnist_dir, output prefix, loops, then optional distributed args.
+SCRIPT = r"""
+import sys
+import numpy as np
+from cnn_jax import config as config_lib, parallel
+mnist_dir, prefix, loops = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+extra = {}
+if len(sys.argv) > 4:
+    extra = dict(coordinator_address=sys.argv[4], num_processes=2, process_id=int(sys.argv[5]))
+base = config_lib.replace(config_lib.Config(), data_dir=mnist_dir, **SUBSET, **extra)
+parallel.initialize(base)
+import jax
+from cnn_jax import data, train
+dataset = data.load(base)
+for loop in loops:
+    config = config_lib.replace(base, loop=loop)
+    params, _, history = train.fit(config, dataset)
+    if jax.process_index() == 0:
+        np.savez(f"{prefix}_{loop}.npz", **{f"{k}/{n}": np.asarray(v) for k, layer in params.items()
+                                            for n, v in layer.items()})
+from cnn_jax import model
+config = config_lib.replace(base, loop="step")
+optimizer, runner = train.compiled_runner(config, len(dataset.train_labels) // base.batch_size, "step")
+params = model.init(jax.random.key(0), config)
+args = parallel.data_parallel(config).replicate(
+    (params, optimizer.init(params), dataset.train_images, dataset.train_labels,
+     np.arange(len(dataset.train_labels), dtype=np.int32)))
+hlo = runner.lower(*args, np.int32(0)).compile().as_text()
+print("gradient all-reduce:", "all-reduce" in hlo)
+print("devices", len(jax.devices()), "processes", jax.process_count())
+try:
+    parallel.data_parallel(config_lib.replace(base, batch_size=30))
+except config_lib.ConfigError as e:
+    print("error:", e)
+""".replace("**SUBSET", "**" + repr(SUBSET))
+
+
+def _run(args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _one_device_params(mnist_dir, loop):
+    config = config_lib.replace(Config(), data_dir=mnist_dir, loop=loop, **SUBSET)
+    params, _, _ = train.fit(config, data.load(config))
+    return {f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()}
+
+
+def _assert_params_match(path, expected):
+    got = np.load(path)
+    assert sorted(got.files) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(value).max()),
+                                   err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_device(mnist_dir):
+    assert len(jax.devices()) == 1
+    return {loop: _one_device_params(mnist_dir, loop) for loop in ("step", "scan")}
+
+
+def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_path):
+    proc = _run([mnist_dir, str(tmp_path / "four"), "step,scan"],
+                {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "data parallel over 4 cpu devices (1 process)" in out
+    assert "devices 4 processes 1" in out
+    assert "gradient all-reduce: True" in out   # the batch really is split, not replicated
+    assert "error: --batch_size=30 does not split evenly over the 4 devices; use a multiple of 4" in out
+    for loop in ("step", "scan"):
+        _assert_params_match(tmp_path / f"four_{loop}.npz", one_device[loop])
+
+
+def test_two_processes_through_jax_distributed_match_one_device(mnist_dir, one_device, tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    address = f"localhost:{port}"
+    procs = [_run([mnist_dir, str(tmp_path / "two"), "step", address, str(i)]) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+        assert "data parallel over 2 cpu devices (2 processes)" in out
+    _assert_params_match(tmp_path / "two_step.npz", one_device["step"])
+
+
+def test_one_device_is_a_no_op():
+    dp = parallel.data_parallel(Config())
+    assert dp.mesh is None and dp.num_devices == 1 and dp.describe() == "1 device"
+
+    def step(*args):
+        return args
+
+    assert dp.wrap_step(step) is step
+    placed = dp.replicate({"x": np.arange(3.0)})
+    assert isinstance(placed["x"], jax.Array) and np.array_equal(placed["x"], np.arange(3.0))
+
+
+def test_initialize_needs_a_coordinator_address():
+    assert parallel.initialize(Config()) is False
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"coordinator_address": "localhost"}, "--coordinator_address='localhost' is not allowed: give host:port"),
+    ({"num_processes": 0}, "--num_processes=0 is not allowed"),
+    ({"num_processes": 2, "process_id": 2}, "--process_id=2 is not allowed: it must be in 0..1"),
+    ({"process_id": -1}, "--process_id=-1 is not allowed"),
+])
+def test_distributed_flags_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        config_lib.validate(config_lib.replace(Config(), **overrides))
