@@ -74,11 +74,14 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
         print(f"resuming {workdir} at step {start.step} (epoch {start.step // steps_per_epoch}, "
               f"step {start.step % steps_per_epoch}/{steps_per_epoch})", flush=True)
 
-    # The data and the checkpoint are good: from here on the workdir is written.
-    workdir_lib.start(workdir, config, overwrite=overwrite)
-    metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start.step if start else None)
+    # The data and the checkpoint are good: from here on the workdir is written. In a
+    # multi-host run only process 0 writes files; every process takes part in checkpoints.
+    primary = jax.process_index() == 0
+    if primary:
+        workdir_lib.start(workdir, config, overwrite=overwrite)
+    metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start.step if start else None, write=primary)
     manager = checkpoint.open_manager(workdir)
-    writer = _tensorboard_writer(workdir, start.step if start else None) if tensorboard else None
+    writer = _tensorboard_writer(workdir, start.step if start else None) if tensorboard and primary else None
 
     def save(state: train.TrainState) -> None:
         metrics.flush()
@@ -120,6 +123,8 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
         manager.close()
 
     result = report.evaluate_test(params, dataset, config)
+    if not primary:
+        return history
     step = history[-1]["step"] if history else 0
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                            report.results_json(result, dataset.class_names, step))

@@ -37,8 +37,11 @@ RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_DIR, PLOTS_DI
 
 # Fields a resumed run may change: they alter where data comes from or how the run
 # reports and executes, not what it computes (`epochs` extends or shortens the run).
-RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "log_every", "eval_batch_size", "debug",
-                              "loop", "conv_impl", "train_eval"})
+# Another lowering or device count computes the same maths up to float rounding, so a
+# resumed run stays bit-identical to an uninterrupted one only if these are kept.
+RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "log_every", "eval_batch_size", "debug", "train_eval",
+                              "loop", "conv_impl", "pool_impl", "layout",
+                              "coordinator_address", "num_processes", "process_id"})
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -176,11 +179,13 @@ class MetricsLog:
     after the restored step are dropped: the resumed run writes them again.
     """
 
-    def __init__(self, workdir: str, keep_until_step: int | None = None, flush_seconds: float = 10.0):
+    def __init__(self, workdir: str, keep_until_step: int | None = None, flush_seconds: float = 10.0,
+                 write: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
         records = read_metrics(workdir) if keep_until_step is not None else []
         self.records = [r for r in records if r.get("step", 0) <= (keep_until_step or 0)]
         self.flush_seconds = flush_seconds
+        self.write = write   # False: keep records in memory only (a non-primary process)
         self._dirty = True
         self._last_flush = time.monotonic()
         self.flush()
@@ -192,7 +197,7 @@ class MetricsLog:
             self.flush()
 
     def flush(self) -> None:
-        if self._dirty:
+        if self._dirty and self.write:
             atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
             self._dirty = False
             self._last_flush = time.monotonic()
