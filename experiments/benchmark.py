@@ -31,7 +31,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from cnn_jax import cli, lowering, model, optim, train
 from cnn_jax import config as config_lib
@@ -76,8 +76,8 @@ STRATEGIES: dict[str, tuple[dict[str, Any], str]] = {
 # --- What is timed --------------------------------------------------------------------------
 
 def model_flops(config: Config) -> tuple[float, float]:
-    """(forward, backward) FLOPs per image of the network (multiply-add = 2), as the
-    reference computes it: backward = weight gradients + input gradients of all but the first layer."""
+    """(forward, forward + backward) FLOPs per training image (multiply-add = 2) as the reference
+    computes them: backward = weight gradients + input gradients of all but the first layer."""
     h, w, c = config.input_shape
     layers_fwd = []
     for filters, kernel in zip(config.conv_filters, config.conv_kernels):
@@ -90,7 +90,8 @@ def model_flops(config: Config) -> tuple[float, float]:
     flat = h * w * c
     layers_fwd += [2.0 * flat * config.num_fc, 2.0 * config.num_fc * config.num_classes]
     forward = sum(layers_fwd)
-    return forward, forward + (forward - layers_fwd[0])
+    backward = forward + (forward - layers_fwd[0])
+    return forward, forward + backward
 
 
 @dataclasses.dataclass
@@ -285,15 +286,11 @@ def training_run(preset: str, data_dir: str) -> dict[str, Any]:
 
 # --- Report ---------------------------------------------------------------------------------
 
-def format_table(report: dict[str, Any]) -> str:
-    lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
-             f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
-             f"seed network, seed SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
-             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
-             "",
-             f"{'pool':4s} {'batch':>5s} {'strategy':14s} {'img/s':>8s} {'vs torch':>8s} "
+def format_training(groups: list[dict[str, Any]]) -> str:
+    """The training rows: one per strategy, per (pool, batch size) group."""
+    lines = [f"{'pool':4s} {'batch':>5s} {'strategy':14s} {'img/s':>8s} {'vs torch':>8s} "
              f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
-    for group in report["training"]:
+    for group in groups:
         torch_ips = next((r["images_per_second"] for r in group["results"] if r["framework"] == "torch"),
                          None)
         for r in group["results"]:
@@ -303,6 +300,18 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{ratio:>8s} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} {r['compile_s']:9.2f}  "
                 f"{r['description']}")
         lines.append("")
+    return "\n".join(lines)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
+             f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
+             f"seed network, seed SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
+             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
+             f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
+             f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
+             "PyTorch's most)",
+             "", format_training(report["training"])]
     if report["evaluation"]:
         lines.append("evaluation (forward only, test set, eval_batch_size per call):")
         for e in report["evaluation"]:
@@ -318,6 +327,9 @@ def format_table(report: dict[str, Any]) -> str:
 @cli.main_guard
 def main(argv: list[str]) -> None:
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    load_before = os.getloadavg()
     base = config_lib.PRESETS["seed"]
     try:
         import torch
@@ -361,8 +373,7 @@ def main(argv: list[str]) -> None:
                 r["percent_of_peak"] = 100.0 * r["gflops"] / peak
             report["training"].append({"pool": pool, "batch_size": batch_size, "steps_per_repeat": steps,
                                        "results": results})
-            print(format_table({**report, "training": report["training"][-1:], "runs": []}).split("\n\n")[1],
-                  flush=True)
+            print(format_training(report["training"][-1:]), flush=True)
         if FLAGS.eval:
             test_images, test_labels = jnp.asarray(test_x), jnp.asarray(test_y)
             for name in ("default", "reference"):
@@ -378,6 +389,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.data_dir:
         for preset in [r for r in FLAGS.runs if r]:
             report["runs"].append(training_run(preset, FLAGS.data_dir))
+    report["machine"]["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     print(format_table(report), end="")
     if FLAGS.output:
         with open(FLAGS.output, "w") as f:

@@ -1,0 +1,75 @@
+"""experiments/benchmark.py: a tiny run end to end (figures present, never asserted fast), the
+FLOP count, and that its PyTorch network is the JAX network (same logits for the same weights)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
+import benchmark  # noqa: E402
+
+
+def test_flops_of_the_seed_network_are_the_issues_figures():
+    forward, total = benchmark.model_flops(config_lib.PRESETS["seed"])
+    # conv1 26*26*(3*3*1)*20, conv2 9*9*(5*5*20)*50, dense 800*128 + 128*10 multiply-adds.
+    macs = [26 * 26 * 9 * 20, 9 * 9 * 500 * 50, 800 * 128, 128 * 10]
+    assert forward == 2 * sum(macs)
+    assert total == 2 * sum(macs) + 2 * (2 * sum(macs) - macs[0])   # no input gradient for conv1
+    assert round(forward / 1e6, 1) == 4.5 and round((total - forward) / 1e6, 1) == 8.8
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_torch_network_computes_the_jax_network(pool):
+    torch = pytest.importorskip("torch")
+    config = config_lib.replace(config_lib.PRESETS["seed"], pool=pool, init="he")
+    params = model.init(jax.random.key(3), config)
+    net = benchmark.torch_net(config)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for m, name in zip(convs, ["conv1", "conv2"]):
+            m.weight.copy_(torch.from_numpy(np.asarray(params[name]["w"]).transpose(3, 2, 0, 1).copy()))
+            m.bias.copy_(torch.from_numpy(np.array(params[name]["b"])))
+        # JAX flattens (H, W, C); torch flattens (C, H, W): permute dense1's input rows to match.
+        h, w, c = dict(model.layer_shapes(config))["pool2"]
+        dense1 = np.asarray(params["dense1"]["w"]).reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+        linears[0].weight.copy_(torch.from_numpy(dense1.T.copy()))
+        linears[0].bias.copy_(torch.from_numpy(np.array(params["dense1"]["b"])))
+        linears[1].weight.copy_(torch.from_numpy(np.asarray(params["output"]["w"]).T.copy()))
+        linears[1].bias.copy_(torch.from_numpy(np.array(params["output"]["b"])))
+    images = np.random.default_rng(0).random((5, 28, 28, 1), np.float32)
+    expected = np.asarray(model.apply(params, images, config))
+    got = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
+    output = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=8",
+         "--pools=max", "--strategies=default,reference", "--repeats=2", "--repeat_images=16",
+         "--train_images=64", "--runs=", f"--output={output}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(output.read_text())
+    group, = report["training"]
+    assert (group["pool"], group["batch_size"], group["steps_per_repeat"]) == ("max", 8, 2)
+    names = [r["name"] for r in group["results"]]
+    has_torch = report["machine"]["torch"] is not None
+    assert names == ["default", "reference"] + (["torch"] if has_torch else [])
+    for r in group["results"]:
+        assert len(r["repeats_images_per_second"]) == 2 and r["images_per_second"] > 0
+        assert r["compile_s"] > 0 and r["gflops"] > 0
+    assert report["matmul_peak_gflops"] > 0
+    assert {e["name"] for e in report["evaluation"]} == {"default", "reference"} | ({"torch"} if has_torch else set())
+    assert "conv=patches pool=reshape layout=CNHW loop=step" in group["results"][0]["description"]
+    assert "vs torch" in proc.stdout and "default" in proc.stdout
