@@ -52,9 +52,10 @@ def learning_curves_figure(records: Sequence[dict[str, Any]], title: str = "") -
         acc_ax.set_xticks(done if len(done) <= 12 else np.linspace(1, done[-1], 12).round())
     loss_ax.set(title="Cross-entropy loss", xlabel="training step", ylabel="loss (nats per image)")
     loss_ax.set_yscale("log")
-    plain = FuncFormatter(lambda y, _: f"{y:g}")
-    loss_ax.yaxis.set_major_formatter(plain)
-    loss_ax.yaxis.set_minor_formatter(plain)
+    loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    # Minor ticks labelled at 2, 3 and 5 times a power of ten only: readable, never crowded.
+    loss_ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda y, _: f"{y:g}" if y > 0 and f"{y:.0e}"[0] in "235" else ""))
     loss_ax.tick_params(axis="y", which="minor", labelsize=7)
     acc_ax.set(title="Accuracy", xlabel="epochs trained", ylabel="accuracy (%)")
     for ax in (loss_ax, acc_ax):
