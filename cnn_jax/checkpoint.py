@@ -19,6 +19,7 @@ machine restores on a CPU-only one.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
@@ -121,15 +122,39 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
+        _drop_closed_loop_reports()
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        others = sorted(s for s in steps if s != step)
+        hint = (f"; other checkpoints here: {', '.join(map(str, others))} (choose one with --step; "
+                f"--resume takes the newest, so move {step} out of {where} first)" if others else "")
         raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
-                              "the checkpoint is damaged or was written with another config") from None
+                              f"the checkpoint is damaged or was written with another config{hint}") from None
     finally:
         manager.close()
     state = jax.tree.map(np.asarray, restored["state"])
     _check_matches(state, target, f"{where}/{step}")
     opt_state = jax.tree.unflatten(opt_treedef, state["opt_state"])
     return state["params"], opt_state, dict(restored["meta"])
+
+
+def _drop_closed_loop_reports() -> None:
+    """Silence the echoes of a failed restore: orbax closes its event loop on the first failed
+    read while tensorstore still finishes the others, and each of those calls back into the
+    closed loop; Python reports every such `RuntimeError('Event loop is closed')` through
+    `sys.unraisablehook` as a traceback on stderr (at random moments, often at exit). Only
+    those reports are dropped; every other one reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
 
 
 def _check_matches(state: Any, target: Any, where: str) -> None:

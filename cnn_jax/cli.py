@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import signal
 import sys
 from typing import Any, Callable
 
@@ -82,8 +84,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, FloatingPointError)
 
 
+# Exit status when stdout is closed early (`... | head`): the shell's 128 + SIGPIPE.
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+
+
 def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-    """Wrap an absl main: user errors become one line on stderr and exit status 2."""
+    """Wrap an absl main: user errors become one line on stderr and exit status 2; a reader
+    that closes stdout early (`| head`) ends the script quietly with status 141."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str]) -> Any:
@@ -92,9 +99,15 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
                   file=sys.stderr)
             sys.exit(2)
         try:
-            return main(argv)
+            result = main(argv)
+            sys.stdout.flush()   # here, not at exit, so a closed pipe is caught below
+            return result
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except BrokenPipeError:
+            # Python's recipe: point stdout at /dev/null so the flush at exit fails no more.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(BROKEN_PIPE_EXIT)
 
     return wrapped

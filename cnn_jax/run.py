@@ -71,6 +71,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
                           f"{len(dataset.train_labels)} training images")
     start = restore_state(workdir, config, steps_per_epoch) if resume else None
     if start is not None:
+        workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
         print(f"resuming {workdir} at step {start.step} (epoch {start.step // steps_per_epoch}, "
               f"step {start.step % steps_per_epoch}/{steps_per_epoch})", flush=True)
 

@@ -79,6 +79,8 @@ def read_json(path: str) -> Any:
 def read_config(workdir: str) -> Config:
     """The Config a run was started with (its config.json), validated."""
     path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a run directory")
     if not os.path.exists(path):
         raise ConfigError(f"--workdir={workdir} holds no run ({CONFIG_FILE} not found); "
                           "give the folder a training run wrote with --workdir")
@@ -167,8 +169,21 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: line {number} is not valid JSON ({e.msg}); the file is "
+                                  "damaged: delete that line (or the file, losing the curves)") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}: line {number} is not a JSON object; the file is damaged: "
+                                  "delete that line (or the file, losing the curves)")
+            records.append(record)
+    return records
 
 
 class MetricsLog:

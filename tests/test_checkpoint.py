@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from contextlib import closing
 
 import jax
@@ -97,6 +98,40 @@ def test_missing_mismatched_and_damaged_checkpoints_are_one_line_errors(tmp_path
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):
         checkpoint.restore(workdir, CONFIG)
     gc.collect()
+
+
+def damage(workdir, step):
+    """Overwrite every array file of checkpoint `step` (its metadata stays readable)."""
+    state_dir = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "_METADATA" and "metadata" not in root:
+                open(os.path.join(root, name), "wb").write(b"garbage")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(tmp_path, monkeypatch):
+    """Orbax's abandoned reads report `RuntimeError('Event loop is closed')` through
+    sys.unraisablehook (tracebacks on stderr after the one-line error); only those are dropped."""
+    workdir = str(tmp_path)
+    with closing(checkpoint.open_manager(workdir)) as manager:
+        for step in (4, 8):
+            checkpoint.save(manager, step, *state_at(step), {"step": step})
+    damage(workdir, 8)
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/8: cannot restore .* damaged .*"
+                                                         r"other checkpoints here: 4 \(choose one with --step"):
+        checkpoint.restore(workdir, CONFIG)
+    gc.collect()
+    reported.clear()
+    echo = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(echo)
+    sys.unraisablehook(other)
+    assert reported == [other]
+    params, _, meta = checkpoint.restore(workdir, CONFIG, step=4)          # the older one is intact
+    assert meta["step"] == 4 and leaves_equal(params, state_at(4)[0])
 
 
 def test_restore_run_rebuilds_from_config_json_alone(tmp_path):

@@ -93,3 +93,63 @@ def test_evaluate_without_a_checkpoint_is_one_line(env, tmp_path):
     result = run([script("evaluate.py"), f"--workdir={tmp_path}"], env)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "holds no run (config.json not found)" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_latest_checkpoint_is_one_line_naming_the_older_one(trained, env, tmp_path):
+    workdir, _ = trained
+    copy = str(tmp_path / "damaged")
+    shutil.copytree(workdir, copy)
+    state = os.path.join(copy, "checkpoints", "32", "state")
+    for root, _, files in os.walk(state):
+        for name in files:
+            if name != "_METADATA" and "metadata" not in root:
+                open(os.path.join(root, name), "wb").write(b"garbage")
+    plots_before = {n: os.path.getmtime(os.path.join(copy, "plots", n)) for n in os.listdir(os.path.join(copy, "plots"))}
+    for name in ("evaluate.py", "plot.py"):
+        result = run([script(name), f"--workdir={copy}"], env)
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"{copy}/checkpoints/32: cannot restore" in result.stderr
+        assert "damaged" in result.stderr and "other checkpoints here: 16 (choose one with --step" in result.stderr
+    assert {n: os.path.getmtime(os.path.join(copy, "plots", n)) for n in os.listdir(os.path.join(copy, "plots"))} \
+        == plots_before
+    older = run([script("evaluate.py"), f"--workdir={copy}", "--step=16"], env)
+    assert older.returncode == 0, older.stderr
+    assert "checkpoint step 16 (end of epoch 0)" in older.stdout
+
+
+@pytest.mark.parametrize("name", ["evaluate.py", "plot.py"])
+def test_bad_flags_and_workdirs_are_one_line(name, env, tmp_path, trained):
+    workdir, _ = trained
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model": "resnet50"}')
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"pool": "max",')
+    cases = [([], "--workdir must have a value"),
+             ([f"--workdir={workdir}", "--stepp=3"], "Unknown command line flag 'stepp'"),
+             ([f"--workdir={workdir}", "--step=last"], "flag --step=last"),
+             ([f"--workdir={workdir}", "extra"], "unexpected arguments extra"),
+             ([f"--workdir={workdir}", "--step=5"], "no checkpoint for step 5; available: 16, 32"),
+             ([f"--workdir={tmp_path / 'nowhere'}"], "holds no run (config.json not found)"),
+             ([f"--workdir={workdir}/config.json"], "is a file, not a run directory"),
+             ([f"--workdir={foreign}"], "config.json: unknown config field(s) model"),
+             ([f"--workdir={damaged}"], "config.json: not valid JSON"),
+             ([f"--workdir={workdir}", "--data_dir=/nowhere/mnist"], "--data_dir=/nowhere/mnist: no such directory")]
+    for args, fragment in cases:
+        result = run([script(name), *args], env)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert [line for line in result.stderr.splitlines() if fragment in line] != [], (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("Pass --helpshort")]
+        assert len(lines) == 1, (args, result.stderr)    # absl adds the help hint to flag errors
+
+
+def test_a_closed_stdout_ends_the_script_quietly(trained, env):
+    """`evaluate.py ... | head -1`: the reader is gone before the report is printed."""
+    workdir, _ = trained
+    proc = subprocess.Popen([sys.executable, script("evaluate.py"), f"--workdir={workdir}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+    proc.stdout.close()
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 141 and err == "", err

@@ -294,3 +294,114 @@ def test_cli_divergence_is_one_line_naming_the_step(mnist_dir, tmp_path):
     assert "at step" in line and "--learning_rate" in line and "no checkpoint was written" in line
     assert checkpoint.latest_step(workdir) is None
     assert workdir_lib.read_config(workdir).learning_rate == 1e30
+
+
+def damaged_idx_dir(mnist_dir, folder, damage):
+    """A copy of the MNIST IDX folder with one file damaged: truncated gzip or labels out of range."""
+    import gzip
+    import shutil
+    os.makedirs(folder)
+    for name in os.listdir(mnist_dir):
+        if name.endswith(".gz"):
+            shutil.copy(os.path.join(mnist_dir, name), folder)
+    if damage == "truncated":
+        path = os.path.join(folder, "train-images-idx3-ubyte.gz")
+        open(path, "r+b").truncate(5000)
+    else:
+        with gzip.open(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"), "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + (10000).to_bytes(4, "big") + bytes([12]) * 10000)
+    return folder
+
+
+def snapshot(folder):
+    """{relative path: (size, mtime_ns, bytes)} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            out[os.path.relpath(path, folder)] = (stat.st_size, stat.st_mtime_ns, open(path, "rb").read())
+    return out
+
+
+def one_line_error(result, fragment):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+def test_cli_damaged_data_writes_nothing_to_a_new_workdir(mnist_dir, tmp_path):
+    bad = damaged_idx_dir(mnist_dir, str(tmp_path / "mnist"), "truncated")
+    workdir = tmp_path / "run"
+    result = run_cli(cli_args(bad, str(workdir)))
+    one_line_error(result, f"{bad}/train-images-idx3-ubyte.gz: corrupt or truncated gzip")
+    assert result.stdout == "" and not workdir.exists()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_cli_resume_refused_for_bad_data_metrics_or_checkpoint_leaves_the_run_byte_identical(
+        mnist_dir, reference_run, tmp_path):
+    import shutil
+    reference, _ = reference_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    bad = damaged_idx_dir(mnist_dir, str(tmp_path / "mnist"), "labels")
+    before = snapshot(workdir)
+    result = run_cli(cli_args(bad, workdir, "--resume", "--epochs=4"))
+    one_line_error(result, "test labels range 12..12, outside the 10 classes of mnist")
+    assert snapshot(workdir) == before
+
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"kind": "tra\n')
+    before = snapshot(workdir)
+    result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
+    one_line_error(result, "metrics.jsonl: line 100 is not valid JSON")
+    assert snapshot(workdir) == before
+
+    shutil.rmtree(workdir)
+    shutil.copytree(reference, workdir)
+    from test_checkpoint import damage
+    damage(workdir, 3 * STEPS_PER_EPOCH)
+    before = snapshot(workdir)
+    result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
+    one_line_error(result, f"checkpoints/{3 * STEPS_PER_EPOCH}: cannot restore")
+    assert f"other checkpoints here: {STEPS_PER_EPOCH}, {2 * STEPS_PER_EPOCH}" in result.stderr
+    assert snapshot(workdir) == before
+
+
+# Runs experiments/train.py with every training image NaN (real data otherwise): a run that diverges
+# at the first step it takes, wherever it starts.
+NAN_IMAGES = """
+import dataclasses, runpy, sys
+import numpy as np
+from cnn_jax import data
+load = data.load
+data.load = lambda config: (lambda d: dataclasses.replace(d, train_images=np.full_like(d.train_images, np.nan)))(load(config))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cli_divergence_on_resume_keeps_the_last_good_checkpoint(mnist_dir, reference_run, tmp_path):
+    import shutil
+    reference, _ = reference_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    before = snapshot(checkpoints)
+    result = run_cli([sys.executable, "-c", NAN_IMAGES, *cli_args(mnist_dir, workdir, "--resume", "--epochs=4")[1:]])
+    last = 3 * STEPS_PER_EPOCH
+    one_line_error(result, f"non-finite at step {last + 1} (epoch 3); lower --learning_rate; "
+                           f"the last good checkpoint (step {last}) is kept")
+    assert snapshot(checkpoints) == before and checkpoint.latest_step(workdir) == last
+
+
+def test_cli_sigint_saves_a_mid_epoch_checkpoint(mnist_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    rc, out, err = run_until(cli_args(mnist_dir, workdir, "--epochs=1"), "(epoch 0, 2/64)", signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, err
+    assert "Traceback" not in err and "Epoch 0." not in out
+    assert err.strip().splitlines()[-1].startswith("interrupted by SIGINT: checkpoint of step ")
+    stopped = checkpoint.latest_step(workdir)
+    assert 0 < stopped < STEPS_PER_EPOCH and f"checkpoint of step {stopped} saved" in err
+    assert checkpoint.restore(workdir, workdir_lib.read_config(workdir))[2]["step"] == stopped

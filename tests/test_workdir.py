@@ -108,3 +108,20 @@ def test_metrics_log_rewrites_atomically_and_drops_records_after_the_resumed_ste
     assert sorted(os.listdir(workdir)) == ["metrics.jsonl"]
     workdir_lib.MetricsLog(workdir)                              # a fresh run starts an empty file
     assert workdir_lib.read_metrics(workdir) == []
+
+
+def test_a_damaged_metrics_line_is_one_line_naming_file_and_line(tmp_path):
+    workdir = str(tmp_path)
+    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n\n{"kind": "tra\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 3 is not valid JSON .* delete that line") as error:
+        workdir_lib.read_metrics(workdir)
+    assert "\n" not in str(error.value)
+    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n[1, 2]\n')
+    with pytest.raises(ConfigError, match="line 2 is not a JSON object"):
+        workdir_lib.read_metrics(workdir)
+
+
+def test_a_file_given_as_workdir_is_named(tmp_path):
+    open(tmp_path / "notes.txt", "w").write("mine")
+    with pytest.raises(ConfigError, match=r"notes.txt is a file, not a run directory"):
+        workdir_lib.read_config(str(tmp_path / "notes.txt"))
