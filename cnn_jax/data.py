@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import socket
 import zlib
@@ -139,6 +140,18 @@ def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
+def _without_warnings(fn):
+    """`fn()` with absl log records below ERROR dropped: TFDS warns about an empty cache folder
+    before the one-line DataError that says what to do."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return fn()
+    finally:
+        logger.setLevel(level)
+
+
 def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
     """Load through TensorFlow Datasets' TensorFlow-free `data_source` (downloads when online)."""
     try:
@@ -148,7 +161,7 @@ def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
                         "or pass --data_dir with the four IDX files") from None
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        if not builder.is_prepared() and not _reachable(TFDS_HOST):
+        if not _without_warnings(builder.is_prepared) and not _reachable(TFDS_HOST):
             raise DataError(f"TensorFlow Datasets has no copy of {name!r} and {TFDS_HOST} cannot be "
                             f"reached (offline?); pass --data_dir with the four IDX files (on this "
                             f"project's machines: --data_dir={KNOWN_IDX_DIRS[name]})")

@@ -43,6 +43,10 @@ def test_seed_preset_runs_from_the_command_line(mnist_dir):
     (["--learning_rate=-1"], "--learning_rate=-1.0 is not allowed"),
     (["--conv_filters=20,x"], "--conv_filters=20,x is not allowed"),
     (["--conv_kernels=3,30"], "conv2 kernel 30 is larger than its 13x13 input"),
+    (["--conv_filters=8,8,8", "--conv_kernels=5,5,4"], "so the flattened size would be zero"),
+    (["--conv_filters=20"], "--conv_filters=20 and --conv_kernels=3,5 differ in length"),
+    (["--preset=tutorial"], "--preset"),
+    (["--resume"], "--resume, --overwrite and --tensorboard need --workdir"),
     (["--optimizer=rmsprop"], "--optimizer='rmsprop'"),
     (["--dataset=cifar"], "--dataset='cifar'"),
     (["--data_dir=/nonexistent/mnist"], "--data_dir=/nonexistent/mnist: no such directory"),
@@ -57,3 +61,28 @@ def test_bad_input_gets_one_clear_line(args, fragment):
     assert fragment in result.stderr, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if fragment in line]
     assert len(error_lines) == 1
+
+
+# Runs experiments/train.py as `python train.py ...` does, with every network connection refused.
+OFFLINE = """
+import runpy, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError("network is unreachable")
+socket.create_connection = refuse
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_no_data_source_offline_is_one_line_and_writes_nothing(tmp_path):
+    """No --data_dir, no TFDS copy, no network: one line naming --data_dir, no workdir created."""
+    workdir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", OFFLINE, TRAIN, f"--workdir={workdir}", "--train_subset=256"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                            env={**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds")})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "error: TensorFlow Datasets has no copy of 'mnist' and storage.googleapis.com cannot be reached "
+        "(offline?); pass --data_dir with the four IDX files (on this project's machines: "
+        "--data_dir=../shared/data/mnist)"]
+    assert not workdir.exists()
