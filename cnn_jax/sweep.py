@@ -559,6 +559,11 @@ IGNORED_WHEN_RESUMING = workdir_lib.RESUMABLE_FIELDS - {"epochs", "train_eval"}
 def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """(runs still to train, runs already finished); refuses (ConfigError, before anything is
     written) a run directory that holds a run with another config."""
+    if os.path.isfile(sweep_dir):
+        raise ConfigError(f"--workdir={sweep_dir} is a file, not a sweep directory")
+    if workdir_lib.holds_run(sweep_dir):
+        raise ConfigError(f"--workdir={sweep_dir} holds a training run ({workdir_lib.CONFIG_FILE}), not a "
+                          "sweep; choose another --workdir")
     todo, done = [], []
     for run in runs:
         path = run_dir(sweep_dir, run)

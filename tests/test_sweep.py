@@ -304,3 +304,43 @@ def test_command_line_shards_resume_and_summarize(tmp_path, mnist_dir):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: --sweep: learning_rate='fast' is not a valid float"]
     assert sorted(os.listdir(workdir)) == before
+
+
+def test_a_crash_while_writing_the_results_keeps_the_previous_tables(tmp_path, monkeypatch):
+    sweep.write_results(str(tmp_path), ROWS[:4])
+    before = {name: (tmp_path / name).read_bytes() for name in (sweep.RESULTS_CSV, sweep.RESULTS_MD, sweep.RESULTS_PLOT)}
+
+    def crash(src, dst):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space left"):
+        sweep.write_results(str(tmp_path), ROWS)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(before)          # no half-written temporaries
+
+
+def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
+    training_run = str(tmp_path / "run")
+    workdir_lib.start(training_run, Config())
+    before = sorted(os.listdir(training_run))
+    cases = [
+        (["--sweep=seed=0,1", "--sweeps=x"], "Unknown command line flag 'sweeps'"),
+        (["--sweep=seed=0,1"], "--workdir is required"),
+        ([f"--workdir={tmp_path}/s"], "give exactly one of --sweep (a grid on one line) or --sweep_file"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--shard=2/2"], "--shard='2/2' is not allowed"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--max_parallel=-1"], "--max_parallel=-1 is not allowed"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--seed=3"], "--seed is given as a flag and swept"),
+        ([f"--workdir={tmp_path}/s", f"--sweep_file={tmp_path}/none.yaml"], "none.yaml: cannot read"),
+        ([f"--workdir={training_run}/config.json", "--sweep=seed=0,1"], "is a file, not a sweep directory"),
+        ([f"--workdir={training_run}", "--sweep=seed=0,1"], "holds a training run (config.json), not a sweep"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--data_dir=/nowhere/mnist"],
+         "--data_dir=/nowhere/mnist: no such directory"),
+    ]
+    for args, fragment in cases:
+        result = _sweep_cli(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("Pass --helpshort")]
+        assert len(lines) == 1 and fragment in lines[0], (args, result.stderr)
+    assert sorted(os.listdir(training_run)) == before and not os.path.exists(tmp_path / "s")
