@@ -36,7 +36,8 @@ from absl import app, flags, logging
 from cnn_jax import cli, lowering, model, optim, train
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
-from cnn_jax.config import Config
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.config import Config, ConfigError
 from cnn_jax.layers import conv_output_size
 
 flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")
@@ -50,7 +51,7 @@ flags.DEFINE_float("repeat_images", 8192, "Images per timed repeat (rounded to w
 flags.DEFINE_integer("train_images", 60000, "Training set size the batches are gathered from.")
 flags.DEFINE_boolean("torch", True, "Also time PyTorch when it is installed.")
 flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of eval_batch_size).")
-flags.DEFINE_list("runs", ["default", "fast"],
+flags.DEFINE_list("runs", ["default", "seed"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
 flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
@@ -324,11 +325,39 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def checked_flags() -> list[int]:
+    """The batch sizes to time; every flag is checked first, so a bad one costs no benchmark time
+    (one-line ConfigError)."""
+    try:
+        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+    except ValueError:
+        raise ConfigError(f"--batch_sizes={','.join(FLAGS.batch_sizes)} is not allowed: give comma-separated "
+                          "integers, e.g. 64,1024") from None
+    for name in ("repeats", "train_images"):
+        if FLAGS[name].value < 1:
+            raise ConfigError(f"--{name}={FLAGS[name].value} is not allowed: it must be positive")
+    too_big = [b for b in batch_sizes if b > FLAGS.train_images]
+    if too_big:
+        raise ConfigError(f"--batch_sizes={too_big[0]} is larger than --train_images={FLAGS.train_images}")
+    for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS)):
+        unknown = [v for v in FLAGS[name].value if v and v not in known]
+        if unknown:
+            raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
+    for pool in FLAGS.pools:
+        for batch_size in batch_sizes:
+            config_lib.validate(config_lib.replace(config_lib.PRESETS["seed"], pool=pool, batch_size=batch_size))
+    folder = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else ""
+    if folder and not os.path.isdir(folder):
+        raise ConfigError(f"--output={FLAGS.output}: folder {folder} does not exist")
+    return batch_sizes
+
+
 @cli.main_guard
 def main(argv: list[str]) -> None:
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    batch_sizes = checked_flags()
     load_before = os.getloadavg()
     base = config_lib.PRESETS["seed"]
     try:
@@ -358,7 +387,7 @@ def main(argv: list[str]) -> None:
         "matmul_peak_gflops": peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
     }
     for pool in FLAGS.pools:
-        for batch_size in map(int, FLAGS.batch_sizes):
+        for batch_size in batch_sizes:
             config = config_lib.validate(config_lib.replace(base, pool=pool, batch_size=batch_size))
             steps = max(1, round(FLAGS.repeat_images / batch_size))
             steps = min(steps, len(train_y) // batch_size)
@@ -392,8 +421,7 @@ def main(argv: list[str]) -> None:
     report["machine"]["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     print(format_table(report), end="")
     if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(report, f, indent=1)
+        workdir_lib.atomic_write_text(FLAGS.output, json.dumps(report, indent=1))
         print(f"wrote {FLAGS.output}")
 
 

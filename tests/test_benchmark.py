@@ -73,3 +73,20 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     assert {e["name"] for e in report["evaluation"]} == {"default", "reference"} | ({"torch"} if has_torch else set())
     assert "conv=patches pool=reshape layout=CNHW loop=step" in group["results"][0]["description"]
     assert "vs torch" in proc.stdout and "default" in proc.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--batch_sizes=64,big"], "--batch_sizes=64,big is not allowed: give comma-separated integers"),
+    (["--strategies=default,fastest"], "--strategies=fastest is not allowed: use one of default,"),
+    (["--train_images=32"], "--batch_sizes=64 is larger than --train_images=32"),
+    (["--repeats=0"], "--repeats=0 is not allowed: it must be positive"),
+    (["--runs=tutorial"], "--runs=tutorial is not allowed: use one of default"),
+    (["--pools=min"], "--pool='min' is not allowed"),
+    (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),
+])
+def test_bad_flags_are_refused_before_any_timing(args, fragment):
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=64",
+                           *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
