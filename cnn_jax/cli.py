@@ -89,8 +89,8 @@ BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
 
 
 def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-    """Wrap an absl main: user errors become one line on stderr and exit status 2; a reader
-    that closes stdout early (`| head`) ends the script quietly with status 141."""
+    """Wrap an absl main: user errors become one line on stderr and exit status 2; SIGINT one
+    line and 130; a reader that closes stdout early (`| head`) ends the script quietly with 141."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str]) -> Any:
@@ -105,6 +105,12 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # SIGINT outside a training loop that checkpoints on it (data loading, compiling, a sweep):
+            # every file is written atomically, so what is on disk is complete.
+            print("error: interrupted by SIGINT; the files already written are complete "
+                  "(a sweep continues where it stopped when run again)", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         except BrokenPipeError:
             # Python's recipe: point stdout at /dev/null so the flush at exit fails no more.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

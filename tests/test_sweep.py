@@ -344,3 +344,26 @@ def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
         lines = [line for line in result.stderr.splitlines() if not line.startswith("Pass --helpshort")]
         assert len(lines) == 1 and fragment in lines[0], (args, result.stderr)
     assert sorted(os.listdir(training_run)) == before and not os.path.exists(tmp_path / "s")
+
+
+def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(tmp_path, mnist_dir):
+    import signal
+    workdir = str(tmp_path / "sweep")
+    args = [sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), f"--data_dir={mnist_dir}",
+            "--train_subset=128", "--test_subset=100", "--batch_size=32", "--eval_batch_size=128",
+            f"--workdir={workdir}", "--sweep=seed=0,1", "--max_parallel=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    for line in proc.stdout:
+        if line.startswith("group 2/2:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["error: interrupted by SIGINT; the files already written are complete "
+                                        "(a sweep continues where it stopped when run again)"]
+    assert sweep.is_finished(os.path.join(workdir, "seed=0")) and not sweep.is_finished(os.path.join(workdir, "seed=1"))
+    rerun = _sweep_cli(*args[2:])
+    assert rerun.returncode == 0, rerun.stderr
+    assert "sweep of 2 runs: 1 already finished, 1 to train" in rerun.stdout
+    with open(os.path.join(workdir, "results.csv")) as f:
+        assert [(r["name"], r["status"]) for r in csv.DictReader(f)] == [("seed=0", "ok"), ("seed=1", "ok")]
