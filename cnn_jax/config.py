@@ -9,6 +9,7 @@ naming the flag, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from cnn_jax.layers import PADDINGS, conv_output_size
@@ -119,9 +120,9 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
-    if not ok or value != value:  # value != value catches NaN
+    if not ok or not math.isfinite(value):   # NaN and inf: a rate must be a finite number
         need = "zero or positive" if allow_zero else "positive"
-        raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need}")
+        raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need} and finite")
 
 
 def validate(config: Config) -> Config:

@@ -38,6 +38,8 @@ def test_dict_round_trip():
     ({"epochs": -1}, "--epochs=-1"),
     ({"learning_rate": 0.0}, "--learning_rate=0.0"),
     ({"learning_rate": float("nan")}, "--learning_rate=nan"),
+    ({"learning_rate": float("inf")}, "--learning_rate=inf is not allowed: it must be positive and finite"),
+    ({"momentum": float("inf")}, "--momentum=inf"),
     ({"weight_scale": -0.1}, "--weight_scale=-0.1"),
     ({"num_fc": 0}, "--num_fc=0"),
     ({"conv_filters": (20,)}, "differ in length"),
