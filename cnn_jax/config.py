@@ -121,8 +121,8 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):   # NaN and inf: a rate must be a finite number
-        need = "zero or positive" if allow_zero else "positive"
-        raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need} and finite")
+        need = ("zero or positive" if allow_zero else "positive") + (" and finite" if isinstance(value, float) else "")
+        raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need}")
 
 
 def validate(config: Config) -> Config:
