@@ -149,6 +149,117 @@ def conv2d_patches_cm(x: jax.Array, w: jax.Array, stride: int = 1,
     return y.reshape(o, n, oh, ow)
 
 
+def _window_major_patches(x: jax.Array, kh: int, kw: int, stride: int, k: int, ph: int,
+                          pw: int) -> jax.Array:
+    """Patches of channel-major x for the conv outputs a k x k VALID pool reads, columns in
+    window-major order: (kh*kw*C, k*k*N*ph*pw), column (a, b, n, py, px) being conv output
+    (k*py + a, k*px + b) of image n. Pooling then reduces over a leading axis (vectorised)
+    and the pool's gradient is a plain stack of k*k blocks."""
+    c, n = x.shape[:2]
+    step = stride * k
+    rows = []
+    for i in range(kh):
+        for j in range(kw):
+            rows.append(jnp.stack(
+                [x[:, :, stride * a + i::step, stride * b + j::step][:, :, :ph, :pw]
+                 for a in range(k) for b in range(k)], axis=1))          # (C, k*k, N, ph, pw)
+    return jnp.stack(rows).reshape(kh * kw * c, k * k * n * ph * pw)
+
+
+def _col2im_cm(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, oh: int,
+               ow: int) -> jax.Array:
+    """Transpose of row-major patches: scatter-add dp (kh*kw*C, N*oh*ow) onto (C, N, H, W).
+
+    Sums each kernel row's kw shifted slices first, then the kh rows, as reductions: XLA:CPU
+    computes each once, instead of fusing (and recomputing) a kh*kw-term sum into every
+    consumer."""
+    c, n, h, w = x_shape
+    dp = dp.reshape(kh, kw, c, n, oh, ow)
+    zero = jnp.zeros((), dp.dtype)
+    rows = []
+    for i in range(kh):
+        shifted = [lax.pad(dp[i, j], zero, [(0, 0, 0), (0, 0, 0), (0, 0, 0),
+                                            (j, w - j - stride * (ow - 1) - 1, stride - 1)])
+                   for j in range(kw)]
+        row = jnp.sum(jnp.stack(shifted), axis=0)
+        rows.append(lax.pad(row, zero, [(0, 0, 0), (0, 0, 0),
+                                        (i, h - i - stride * (oh - 1) - 1, stride - 1), (0, 0, 0)]))
+    return jnp.sum(jnp.stack(rows), axis=0)
+
+
+def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
+    kh, kw, c, o = w.shape
+    h0, w0 = x.shape[2:]
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), (0, 0), layers._same_padding(h0, kh, stride),
+                        layers._same_padding(w0, kw, stride)))
+    n, h, wd = x.shape[1:]
+    # Only the conv outputs the VALID pool reads: the first (out // k) * k rows and columns.
+    ph = conv_output_size(h, kh, stride) // k
+    pw = conv_output_size(wd, kw, stride) // k
+    patches = _window_major_patches(x, kh, kw, stride, k, ph, pw)
+    y = (w.reshape(kh * kw * c, o).T @ patches + b[:, None]).reshape(o, k * k, n, ph, pw)
+    if pool == "max":
+        z = jnp.max(y, axis=1)
+        out = layers.relu(z)      # relu(max(.)) == max(relu(.)), with the same gradient
+        if not keep_residuals:
+            return out, None
+        # Window position (row-major) of the first maximum: where the gradient goes, as
+        # select_and_scatter does. A min reduction, so XLA computes it once, here.
+        position = jnp.arange(k * k).reshape(1, k * k, 1, 1, 1)
+        first = jnp.min(jnp.where(y == z[:, None], position, k * k), axis=1)
+        return out, (patches, w, first, out, x.shape)
+    out = jnp.mean(layers.relu(y), axis=1)
+    return out, ((patches, w, y > 0, x.shape) if keep_residuals else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def pooled_conv_cm(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: str, pool: str,
+                   window: int) -> jax.Array:
+    """pool(relu(conv(x, w) + b)) for channel-major x (C, N, H, W), pool window == stride.
+
+    One custom VJP for the whole block: the forward computes only the conv outputs the pool
+    reads, as patches and one matmul; the backward routes max pooling's gradient to the
+    first maximum of each window (as `select_and_scatter`), takes the bias gradient at
+    pooled resolution, and scatters the patches' gradient back with `_col2im_cm`."""
+    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, False)[0]
+
+
+def _pooled_conv_fwd(x, w, b, stride, padding, pool, window):
+    out, residuals = _pooled_conv_forward(x, w, b, stride, padding, pool, window, True)
+    return out, residuals + ((x.shape[2], x.shape[3]),)
+
+
+def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
+    *residuals, (h0, w0) = residuals
+    if pool == "max":
+        patches, w, first, out, x_shape = residuals
+        gz = jnp.where(out > 0, g, jnp.zeros_like(g))
+        db = jnp.sum(gz, axis=(1, 2, 3))
+        zero = jnp.zeros((), g.dtype)
+        dy = jnp.stack([jnp.where(first == q, gz, zero) for q in range(k * k)], axis=1)
+    else:
+        patches, w, positive, x_shape = residuals
+        dy = jnp.where(positive, g[:, None] / (k * k), jnp.zeros((), g.dtype))
+        db = jnp.sum(dy, axis=(1, 2, 3, 4))
+    kh, kw, c, o = w.shape
+    _, _, n, ph, pw = dy.shape
+    dy = dy.reshape(o, k * k * n * ph * pw)
+    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ()))).reshape(kh, kw, c, o)
+    # The input gradient in row-major column order (a transpose of the small dy, not of
+    # the patches' gradient), scattered back by `_col2im_cm`.
+    dy_rows = dy.reshape(o, k, k, n, ph, pw).transpose(0, 3, 4, 1, 5, 2).reshape(o, -1)
+    dx = _col2im_cm(w.reshape(kh * kw * c, o) @ dy_rows, x_shape, kh, kw, stride, ph * k, pw * k)
+    if padding == "SAME":
+        top = layers._same_padding(h0, kh, stride)[0]
+        left = layers._same_padding(w0, kw, stride)[0]
+        dx = dx[:, :, top:top + h0, left:left + w0]
+    return dx, dw, db
+
+
+pooled_conv_cm.defvjp(_pooled_conv_fwd, _pooled_conv_bwd)
+
+
 def _reduce_window_pool(x: jax.Array, config: Config, axes: tuple[int, int]) -> jax.Array:
     """The reference pooling (`layers.max_pool` / `avg_pool`, VALID) over any two spatial axes."""
     dims = [1] * x.ndim
@@ -180,6 +291,9 @@ def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
     cm = strategy.layout == "CNHW"
     axes = (2, 3) if cm else (1, 2)
     reshape_pool = strategy.pool_impl == "reshape"
+    if cm and reshape_pool and strategy.conv_impl == "patches":
+        return pooled_conv_cm(x, w, b, config.conv_stride, config.conv_padding, config.pool,
+                              config.pool_window)
     if reshape_pool:
         x = _crop_to_pooled(x, w.shape[0], config, axes)
     if cm and strategy.conv_impl == "patches":

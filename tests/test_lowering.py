@@ -124,6 +124,37 @@ def test_conv_block_equals_the_reference_block(overrides, pool, strategy):
     _assert_same_vjp(ref, new, (x, w, b))
 
 
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_fused_channel_major_block_routes_tied_maxima_like_the_reference(pool):
+    # Small integers: every sum is exact in float32, so equal routing means bit-equal gradients,
+    # and most pooling windows hold tied maxima (positive ones included).
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 2, (2, 12, 12, 2)).astype(np.float32))
+    w = jnp.asarray(rng.integers(-1, 2, (3, 3, 2, 4)).astype(np.float32))
+    b = jnp.asarray(np.array([1.0, 0.0, -1.0, 2.0], np.float32))
+    config = config_lib.replace(Config(), pool=pool)
+    strategy = lowering.resolve(config_lib.replace(config, layout="CNHW", conv_impl="patches",
+                                                   pool_impl="reshape", loop="step"))
+
+    def ref(x, w, b):
+        return layers.POOLS[pool](layers.relu(layers.conv2d(x, w, b)), 2, 2)
+
+    def new(x, w, b):
+        y = lowering.conv_block(jnp.transpose(x, (3, 0, 1, 2)), w, b, config, strategy)
+        return jnp.transpose(y, (1, 2, 3, 0))
+
+    y = np.asarray(layers.relu(layers.conv2d(x, w, b)))[:, :10, :10]
+    windows = y.reshape(2, 5, 2, 5, 2, 4).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)
+    tied = (windows == windows.max(1, keepdims=True)).sum(1) > 1
+    assert (tied & (windows.max(1) > 0)).mean() > 0.2
+    cotangent = _random((2, 5, 5, 4), 3)
+    y_ref, grads_ref = _value_and_vjp(ref, (x, w, b), cotangent)
+    y_new, grads_new = _value_and_vjp(new, (x, w, b), cotangent)
+    assert np.array_equal(y_new, y_ref)
+    for g_new, g_ref in zip(grads_new, grads_ref):
+        np.testing.assert_allclose(g_new, g_ref, rtol=1e-6, atol=1e-5)
+
+
 OTHER_NETWORKS = [
     {"conv_filters": (8, 16, 32), "conv_kernels": (3, 3, 3)},
     {"conv_padding": "SAME", "conv_kernels": (5, 5)},
