@@ -22,6 +22,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 CONV_IMPLS = ("auto", "lax", "patches")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
 LAYOUTS = ("auto", "NHWC", "CNHW")
+YNNPACK = ("auto", "on", "off")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
 
@@ -67,6 +68,7 @@ class Config:
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
     layout: str = "auto"              # auto | NHWC (reference) | CNHW (channel-major activations)
+    ynnpack: str = "auto"             # auto | on | off: XLA:CPU's YNNPACK fusions (auto: off on CPU)
     # Multi-host data parallelism (jax.distributed); empty address: this process alone.
     coordinator_address: str = ""     # host:port of process 0
     num_processes: int = 1
@@ -138,6 +140,7 @@ def validate(config: Config) -> Config:
     _choice("loop", config.loop, LOOPS)
     _choice("pool_impl", config.pool_impl, POOL_IMPLS)
     _choice("layout", config.layout, LAYOUTS)
+    _choice("ynnpack", config.ynnpack, YNNPACK)
     if config.pool_impl == "reshape" and config.pool_window != config.pool_stride:
         raise ConfigError(f"--pool_impl=reshape needs --pool_window == --pool_stride (got "
                           f"{config.pool_window} and {config.pool_stride}); use --pool_impl=reduce_window")

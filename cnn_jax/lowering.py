@@ -42,10 +42,11 @@ class Strategy:
     pool_impl: str   # reduce_window | reshape
     layout: str      # NHWC | CNHW
     loop: str        # step | scan
+    ynnpack: str     # on | off (XLA:CPU only)
 
     def describe(self) -> str:
         return (f"conv={self.conv_impl} pool={self.pool_impl} layout={self.layout} "
-                f"loop={self.loop}")
+                f"loop={self.loop} ynnpack={self.ynnpack}")
 
 
 def resolve(config: Config, backend: str | None = None) -> Strategy:
@@ -63,7 +64,32 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     layout = config.layout if config.layout != "auto" else (
         "CNHW" if cpu and conv == "patches" and pool == "reshape" else "NHWC")
     loop = config.loop if config.loop != "auto" else ("step" if cpu else "scan")
-    return Strategy(conv, pool, layout, loop)
+    ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
+    return Strategy(conv, pool, layout, loop, ynnpack)
+
+
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@functools.lru_cache(maxsize=None)
+def _ynn_option_known() -> bool:
+    """Whether this jaxlib's XLA:CPU accepts the option that turns YNNPACK fusions off."""
+    try:
+        jax.jit(lambda v: v + 1, compiler_options={_YNN_OPTION: ""}).lower(1.0).compile()
+        return True
+    except Exception:  # an older or newer XLA without the option
+        return False
+
+
+def compiler_options(config: Config) -> dict[str, str]:
+    """XLA compiler options for the config's jitted steps (pass to `jax.jit(compiler_options=)`).
+
+    With ynnpack off (auto on CPU) XLA:CPU runs dots on its own Eigen kernels and emits its
+    own reductions and elementwise loops instead of YNNPACK fusions, which measured slower
+    for this network's shapes (see WORKSPACE.md, Performance)."""
+    if jax.default_backend() != "cpu" or resolve(config).ynnpack == "on" or not _ynn_option_known():
+        return {}
+    return {_YNN_OPTION: ""}
 
 
 # --- Pooling by reshape (window == stride, VALID) ------------------------------------------

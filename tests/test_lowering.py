@@ -204,15 +204,31 @@ def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
 
 def test_auto_strategy_per_backend():
     cpu = lowering.resolve(Config(), "cpu")
-    assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop) == ("patches", "reshape", "CNHW", "step")
+    assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop, cpu.ynnpack) == (
+        "patches", "reshape", "CNHW", "step", "off")
     gpu = lowering.resolve(Config(), "gpu")
-    assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop) == ("lax", "reshape", "NHWC", "scan")
+    assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop, gpu.ynnpack) == (
+        "lax", "reshape", "NHWC", "scan", "on")
     overlapping = lowering.resolve(config_lib.replace(Config(), pool_window=3, pool_stride=2), "cpu")
     assert (overlapping.pool_impl, overlapping.layout) == ("reduce_window", "NHWC")
     chosen = lowering.resolve(config_lib.replace(Config(), **REFERENCE, loop="scan"), "cpu")
-    assert chosen.describe() == "conv=lax pool=reduce_window layout=NHWC loop=scan"
+    assert chosen.describe() == "conv=lax pool=reduce_window layout=NHWC loop=scan ynnpack=off"
 
 
 def test_reshape_pool_needs_window_equal_to_stride():
     with pytest.raises(config_lib.ConfigError, match="--pool_impl=reshape"):
         config_lib.validate(config_lib.replace(Config(), pool_impl="reshape", pool_window=3, pool_stride=2))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
+@pytest.mark.parametrize("ynnpack,fused", [("auto", False), ("off", False), ("on", True)])
+def test_ynnpack_option_reaches_the_compiled_step(ynnpack, fused):
+    from cnn_jax import optim, train
+    config = config_lib.replace(Config(), ynnpack=ynnpack)
+    assert (lowering.compiler_options(config) == {}) == (ynnpack == "on")
+    optimizer = optim.make_optimizer(config, 10)
+    runner = train.make_step_runner(config, train.make_train_step(config, optimizer))
+    params = model.init(jax.random.key(0), config)
+    images, labels = jnp.zeros((128, 28, 28, 1)), jnp.zeros((128,), jnp.int32)
+    hlo = runner.lower(params, optimizer.init(params), images, labels, jnp.arange(128), 0).compile().as_text()
+    assert ("__ynn_fusion" in hlo) == fused
