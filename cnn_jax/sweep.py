@@ -478,7 +478,7 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
                     step = step_done + s + 1
                     if not finite[s, r]:
                         what = (f"loss became {losses[s, r]}" if not np.isfinite(losses[s, r])
-                                else "parameters became non-finite")
+                                else "parameters or optimiser state became non-finite")
                         diverged[r] = f"{what} at step {step} (epoch {epoch}); lower --learning_rate"
                         break
                     moving[r] = train.moving_average([losses[s, r]], run_config.loss_smoothing, moving[r])

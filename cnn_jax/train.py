@@ -44,8 +44,11 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, images, labels, config)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optim.apply_updates(params, updates)
-        # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params.
-        metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params;
+        # an overflowing optimiser state (Adam's squared gradients) leaves the params finite but can
+        # never be checkpointed, so it counts too.
+        metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))
+                                               if jnp.issubdtype(x.dtype, jnp.inexact)]))
         return params, opt_state, metrics
 
     return train_step
@@ -274,7 +277,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
             bad = np.flatnonzero(~np.isfinite(losses) | ~np.asarray(host["finite"]))
             if bad.size:
                 what = (f"loss became {losses[bad[0]]}" if not np.isfinite(losses[bad[0]])
-                        else "parameters became non-finite")
+                        else "parameters or optimiser state became non-finite")
                 raise FloatingPointError(f"{what} at step {state.step + bad[0] + 1} (epoch {epoch}); "
                                          "lower --learning_rate")
             now = time.perf_counter()

@@ -166,7 +166,7 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
     logs = {0: [], 1: [], 2: []}
     result = sweep.train_group(configs, small_dataset, on_log=lambda i, r: logs[i].append(r))
     assert result.diverged[:2] == [None, None]
-    assert result.diverged[2].startswith("parameters became non-finite at step")
+    assert result.diverged[2].startswith("parameters or optimiser state became non-finite at step")
     assert result.histories[2] == []
     assert [r["step"] for r in logs[0]] == [4, 8, 12, 16]
     for i in (0, 1):
@@ -367,3 +367,15 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
     assert "sweep of 2 runs: 1 already finished, 1 to train" in rerun.stdout
     with open(os.path.join(workdir, "results.csv")) as f:
         assert [(r["name"], r["status"]) for r in csv.DictReader(f)] == [("seed=0", "ok"), ("seed=1", "ok")]
+
+
+def test_a_run_whose_optimiser_state_overflows_is_marked_diverged_and_the_others_kept(small_dataset, tmp_path):
+    """Adam at lr 1e6 keeps finite params but overflows its state: that run is diverged (its
+    checkpoint could not be written), the other run of the group finishes with its results."""
+    base = config_lib.replace(Config(), batch_size=32, eval_batch_size=200, train_eval="running")
+    runs = sweep.make_runs(base, [{"learning_rate": 0.001}, {"learning_rate": 1e6}])
+    rows = sweep.run_group(str(tmp_path), runs, small_dataset, print_fn=lambda line: None)
+    assert [r["status"] for r in rows] == ["ok", "diverged"]
+    assert rows[1]["message"].startswith("parameters or optimiser state became non-finite at step")
+    assert rows[0]["test_accuracy"] > 0.3
+    assert sorted(sweep.collect_rows(str(tmp_path)), key=lambda r: r["name"]) == sorted(rows, key=lambda r: r["name"])

@@ -85,3 +85,23 @@ def test_format_epoch_is_the_seeds_line():
     line = train.format_epoch({"epoch": 0, "moving_loss": 0.1712, "train_accuracy": 0.9651,
                                "test_accuracy": 0.9628, "epoch_time": 19.83, "images_per_second": 3030.4})
     assert line == "Epoch 0. Loss: 0.1712, Train_acc 0.9651, Test_acc 0.9628, 19.8 s, 3030 img/s"
+
+
+def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
+    """Adam at lr 1e6: the params stay finite but the squared-gradient state overflows, which no
+    checkpoint could hold; the step's `finite` flag and `fit` report it at the step it happens."""
+    config = config_lib.replace(Config(), learning_rate=1e6, batch_size=32, train_eval="running")
+    optimizer = optim.make_optimizer(config, 10)
+    params = model.init(jax.random.key(0), config)
+    opt_state = optimizer.init(params)
+    adam = opt_state[0]
+    poisoned = (adam._replace(nu=jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adam.nu)), *opt_state[1:])
+    step = jax.jit(train.make_train_step(config, optimizer))
+    images, labels = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
+    assert bool(step(params, opt_state, images, labels)[2]["finite"])
+    new_params, _, metrics = step(params, poisoned, images, labels)
+    assert not bool(metrics["finite"])
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new_params))   # the params alone look fine
+    cut = dataclasses.replace(small, train_images=small.train_images[:256], train_labels=small.train_labels[:256])
+    with pytest.raises(FloatingPointError, match=r"optimiser state became non-finite at step \d+ \(epoch 0\)"):
+        train.fit(config, cut)
