@@ -30,6 +30,9 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
     config = cli.config_from_flags()
+    if FLAGS.workdir and config.num_processes > 1:
+        raise config_lib.ConfigError("--workdir is single-process only: drop it for a run with "
+                                     f"--num_processes={config.num_processes}")
     parallel.initialize(config)   # multi-host: before any other JAX call
     if (FLAGS.resume or FLAGS.overwrite or FLAGS.tensorboard) and not FLAGS.workdir:
         raise config_lib.ConfigError("--resume, --overwrite and --tensorboard need --workdir")
