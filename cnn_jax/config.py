@@ -21,7 +21,7 @@ SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
 LOSS_REDUCTIONS = ("mean", "sum")
 CONV_IMPLS = ("auto", "lax", "patches")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
-LAYOUTS = ("auto", "NHWC", "CNHW")
+LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
@@ -67,7 +67,7 @@ class Config:
     conv_impl: str = "auto"           # auto | lax | patches (auto: patches on CPU, lax elsewhere)
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
-    layout: str = "auto"              # auto | NHWC (reference) | CNHW (channel-major activations)
+    layout: str = "auto"              # auto | NHWC (reference) | CHWN (channel-major, batch-minor)
     ynnpack: str = "auto"             # auto | on | off: XLA:CPU's YNNPACK fusions (auto: off on CPU)
     # Multi-host data parallelism (jax.distributed); empty address: this process alone.
     coordinator_address: str = ""     # host:port of process 0

@@ -6,15 +6,18 @@ the convolution's backward pass and max pooling's backward pass (`select_and_sca
 slowly, so on CPU the model runs this instead (tests/test_lowering.py holds every piece
 equal to the reference in value and gradient):
 
-- conv "patches": im2col patches and one matmul (`conv2d_patches`, `conv2d_patches_cm`).
+- conv "patches": im2col patches and one matmul (`conv2d_patches`, `conv2d_patches_chwn`).
 - pool "reshape" (window == stride): crop, reshape to windows, max / mean. Max pooling's
   gradient goes to the *first* maximum of each window in row-major order, as
   `select_and_scatter` does, through a custom VJP (`max_pool_reshape`).
 - the block, with reshape pooling: only the conv outputs that the (VALID) pool reads are
   computed (the seed's 9x9 conv2 output loses its last row and column, ~21% of its FLOPs),
   and for max pooling relu runs after the pool (relu and max commute exactly).
-- layout "CNHW": activations channel-major (C, N, H, W), so every conv matmul has the long
-  batch x space axis last, which XLA:CPU's matmuls run faster than the NHWC forms.
+- layout "CHWN": activations channel-major and batch-minor (C, H, W, N). The conv matmuls
+  then have the long space x batch axis last, and every patch slice, pooling reduction and
+  gradient scatter moves contiguous runs of N values. With patches and reshape pooling the
+  whole block is one custom VJP (`pooled_conv_chwn`): window-major patches, pooling as a
+  reduction over a leading axis, the bias gradient at pooled resolution.
 
 `resolve(config)` turns the config's `auto` choices into the concrete strategy for the
 backend, and `describe` names it for the start-up log line.
@@ -40,7 +43,7 @@ class Strategy:
 
     conv_impl: str   # lax | patches
     pool_impl: str   # reduce_window | reshape
-    layout: str      # NHWC | CNHW
+    layout: str      # NHWC | CHWN
     loop: str        # step | scan
     ynnpack: str     # on | off (XLA:CPU only)
 
@@ -62,10 +65,21 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     if pool == "auto":
         pool = "reshape" if config.pool_window == config.pool_stride else "reduce_window"
     layout = config.layout if config.layout != "auto" else (
-        "CNHW" if cpu and conv == "patches" and pool == "reshape" else "NHWC")
+        "CHWN" if cpu and conv == "patches" and pool == "reshape" else "NHWC")
     loop = config.loop if config.loop != "auto" else ("step" if cpu else "scan")
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
     return Strategy(conv, pool, layout, loop, ynnpack)
+
+
+def inference_config(config: Config) -> Config:
+    """The config with its `auto` lowerings set to the fastest *forward-only* choice.
+
+    Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
+    faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
+    convolution (NHWC, reshape pooling) there. Explicit choices are kept."""
+    if config.conv_impl != "auto" or config.layout != "auto":
+        return config
+    return dataclasses.replace(config, conv_impl="lax", layout="NHWC")
 
 
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
@@ -154,77 +168,83 @@ def avg_pool_reshape(x: jax.Array, window: int, axes: tuple[int, int] = (1, 2)) 
     return jnp.mean(_windows(x, window, axes), axis=(ha + 1, wa + 2))
 
 
-# --- Channel-major (C, N, H, W) convolution ------------------------------------------------
+# --- Channel-major (C, H, W, N) convolution, fused with relu and pooling ---------------------
 
-def conv2d_patches_cm(x: jax.Array, w: jax.Array, stride: int = 1,
-                      padding: str = "VALID") -> jax.Array:
-    """Convolution without bias on channel-major arrays: x (C, N, H, W), w (kh, kw, C, O)
-    -> (O, N, H', W'), as patches (kh*kw*C, N*H'*W') and one matmul with w^T."""
+def conv2d_patches_chwn(x: jax.Array, w: jax.Array, stride: int = 1,
+                        padding: str = "VALID") -> jax.Array:
+    """Convolution without bias on channel-major arrays: x (C, H, W, N), w (kh, kw, C, O)
+    -> (O, H', W', N), as patches (C*kh*kw, H'*W'*N) and one matmul."""
     kh, kw, c, o = w.shape
-    _, n, h, wd = x.shape
+    h, wd = x.shape[1:3]
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), (0, 0), layers._same_padding(h, kh, stride),
-                        layers._same_padding(wd, kw, stride)))
+        x = jnp.pad(x, ((0, 0), layers._same_padding(h, kh, stride),
+                        layers._same_padding(wd, kw, stride), (0, 0)))
     oh = conv_output_size(h, kh, stride, padding)
     ow = conv_output_size(wd, kw, stride, padding)
-    # Row order (i, j, c) matches w.reshape(kh * kw * c, o).
-    patches = jnp.stack(
-        [x[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
-         for i in range(kh) for j in range(kw)], axis=0).reshape(kh * kw * c, n * oh * ow)
-    y = w.reshape(kh * kw * c, o).T @ patches
-    return y.reshape(o, n, oh, ow)
+    n = x.shape[3]
+    patches = jnp.stack([x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+                         for i in range(kh) for j in range(kw)], axis=1)   # (C, kh*kw, oh, ow, N)
+    y = _weight_matrix(w).T @ patches.reshape(c * kh * kw, oh * ow * n)
+    return y.reshape(o, oh, ow, n)
+
+
+def _weight_matrix(w: jax.Array) -> jax.Array:
+    """(kh, kw, C, O) -> (C*kh*kw, O), rows in the patches' (c, i, j) order."""
+    kh, kw, c, o = w.shape
+    return w.transpose(2, 0, 1, 3).reshape(c * kh * kw, o)
 
 
 def _window_major_patches(x: jax.Array, kh: int, kw: int, stride: int, k: int, ph: int,
                           pw: int) -> jax.Array:
-    """Patches of channel-major x for the conv outputs a k x k VALID pool reads, columns in
-    window-major order: (kh*kw*C, k*k*N*ph*pw), column (a, b, n, py, px) being conv output
-    (k*py + a, k*px + b) of image n. Pooling then reduces over a leading axis (vectorised)
-    and the pool's gradient is a plain stack of k*k blocks."""
-    c, n = x.shape[:2]
+    """Patches of x (C, H, W, N) for the conv outputs a k x k VALID pool reads:
+    (C*kh*kw, k*k*ph*pw*N), row (c, i, j), column (a, b, py, px, n) = conv output
+    (k*py + a, k*px + b) of image n. One concatenation of strided slices whose runs of N
+    are contiguous; pooling then reduces over a leading axis and its gradient is a stack
+    of k*k blocks."""
+    c, n = x.shape[0], x.shape[3]
     step = stride * k
-    rows = []
-    for i in range(kh):
-        for j in range(kw):
-            rows.append(jnp.stack(
-                [x[:, :, stride * a + i::step, stride * b + j::step][:, :, :ph, :pw]
-                 for a in range(k) for b in range(k)], axis=1))          # (C, k*k, N, ph, pw)
-    return jnp.stack(rows).reshape(kh * kw * c, k * k * n * ph * pw)
+    slices = [x[:, stride * a + i::step, stride * b + j::step][:, :ph, :pw]
+              for i in range(kh) for j in range(kw) for a in range(k) for b in range(k)]
+    return jnp.stack(slices, axis=1).reshape(c * kh * kw, k * k * ph * pw * n)
 
 
-def _col2im_cm(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, oh: int,
-               ow: int) -> jax.Array:
-    """Transpose of row-major patches: scatter-add dp (kh*kw*C, N*oh*ow) onto (C, N, H, W).
+def _col2im(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, oh: int,
+            ow: int) -> jax.Array:
+    """Transpose of row-major patches: scatter-add dp (C*kh*kw, oh*ow*N) onto (C, H, W, N).
 
     Sums each kernel row's kw shifted slices first, then the kh rows, as reductions: XLA:CPU
     computes each once, instead of fusing (and recomputing) a kh*kw-term sum into every
     consumer."""
-    c, n, h, w = x_shape
-    dp = dp.reshape(kh, kw, c, n, oh, ow)
+    c, h, w, n = x_shape
+    dp = dp.reshape(c, kh, kw, oh, ow, n)
     zero = jnp.zeros((), dp.dtype)
     rows = []
     for i in range(kh):
-        shifted = [lax.pad(dp[i, j], zero, [(0, 0, 0), (0, 0, 0), (0, 0, 0),
-                                            (j, w - j - stride * (ow - 1) - 1, stride - 1)])
+        shifted = [lax.pad(dp[:, i, j], zero, [(0, 0, 0), (0, 0, 0),
+                                               (j, w - j - stride * (ow - 1) - 1, stride - 1), (0, 0, 0)])
                    for j in range(kw)]
-        row = jnp.sum(jnp.stack(shifted), axis=0)
-        rows.append(lax.pad(row, zero, [(0, 0, 0), (0, 0, 0),
-                                        (i, h - i - stride * (oh - 1) - 1, stride - 1), (0, 0, 0)]))
+        row = jnp.sum(jnp.stack(shifted), axis=0)                     # (C, oh, W, N)
+        rows.append(lax.pad(row, zero, [(0, 0, 0), (i, h - i - stride * (oh - 1) - 1, stride - 1),
+                                        (0, 0, 0), (0, 0, 0)]))
     return jnp.sum(jnp.stack(rows), axis=0)
+
+
+def _pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), layers._same_padding(x.shape[1], kh, stride),
+                       layers._same_padding(x.shape[2], kw, stride), (0, 0)))
 
 
 def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
     kh, kw, c, o = w.shape
-    h0, w0 = x.shape[2:]
+    input_hw = x.shape[1:3]
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), (0, 0), layers._same_padding(h0, kh, stride),
-                        layers._same_padding(w0, kw, stride)))
-    n, h, wd = x.shape[1:]
+        x = _pad_same(x, kh, kw, stride)
+    h, wd, n = x.shape[1:]
     # Only the conv outputs the VALID pool reads: the first (out // k) * k rows and columns.
     ph = conv_output_size(h, kh, stride) // k
     pw = conv_output_size(wd, kw, stride) // k
     patches = _window_major_patches(x, kh, kw, stride, k, ph, pw)
-    y = (w.reshape(kh * kw * c, o).T @ patches + b[:, None]).reshape(o, k * k, n, ph, pw)
+    y = (_weight_matrix(w).T @ patches + b[:, None]).reshape(o, k * k, ph, pw, n)
     if pool == "max":
         z = jnp.max(y, axis=1)
         out = layers.relu(z)      # relu(max(.)) == max(relu(.)), with the same gradient
@@ -234,76 +254,71 @@ def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
         # select_and_scatter does. A min reduction, so XLA computes it once, here.
         position = jnp.arange(k * k).reshape(1, k * k, 1, 1, 1)
         first = jnp.min(jnp.where(y == z[:, None], position, k * k), axis=1)
-        return out, (patches, w, first, out, x.shape)
+        return out, (patches, w, first, out, x.shape, input_hw)
     out = jnp.mean(layers.relu(y), axis=1)
-    return out, ((patches, w, y > 0, x.shape) if keep_residuals else None)
+    return out, ((patches, w, y > 0, x.shape, input_hw) if keep_residuals else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def pooled_conv_cm(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: str, pool: str,
-                   window: int) -> jax.Array:
-    """pool(relu(conv(x, w) + b)) for channel-major x (C, N, H, W), pool window == stride.
+def pooled_conv_chwn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: str, pool: str,
+                     window: int) -> jax.Array:
+    """pool(relu(conv(x, w) + b)) for channel-major x (C, H, W, N), pool window == stride.
 
     One custom VJP for the whole block: the forward computes only the conv outputs the pool
-    reads, as patches and one matmul; the backward routes max pooling's gradient to the
-    first maximum of each window (as `select_and_scatter`), takes the bias gradient at
-    pooled resolution, and scatters the patches' gradient back with `_col2im_cm`."""
+    reads, as window-major patches and one matmul; the backward routes max pooling's
+    gradient to the first maximum of each window (as `select_and_scatter`), takes the bias
+    gradient at pooled resolution, and scatters the patches' gradient back (`_col2im`)."""
     return _pooled_conv_forward(x, w, b, stride, padding, pool, window, False)[0]
 
 
 def _pooled_conv_fwd(x, w, b, stride, padding, pool, window):
-    out, residuals = _pooled_conv_forward(x, w, b, stride, padding, pool, window, True)
-    return out, residuals + ((x.shape[2], x.shape[3]),)
+    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, True)
 
 
 def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
-    *residuals, (h0, w0) = residuals
     if pool == "max":
-        patches, w, first, out, x_shape = residuals
+        patches, w, first, out, x_shape, input_hw = residuals
         gz = jnp.where(out > 0, g, jnp.zeros_like(g))
         db = jnp.sum(gz, axis=(1, 2, 3))
         zero = jnp.zeros((), g.dtype)
         dy = jnp.stack([jnp.where(first == q, gz, zero) for q in range(k * k)], axis=1)
     else:
-        patches, w, positive, x_shape = residuals
+        patches, w, positive, x_shape, input_hw = residuals
         dy = jnp.where(positive, g[:, None] / (k * k), jnp.zeros((), g.dtype))
         db = jnp.sum(dy, axis=(1, 2, 3, 4))
     kh, kw, c, o = w.shape
-    _, _, n, ph, pw = dy.shape
-    dy = dy.reshape(o, k * k * n * ph * pw)
-    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ()))).reshape(kh, kw, c, o)
+    _, _, ph, pw, n = dy.shape
+    dy = dy.reshape(o, k * k * ph * pw * n)
+    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ())))
+    dw = dw.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
     # The input gradient in row-major column order (a transpose of the small dy, not of
-    # the patches' gradient), scattered back by `_col2im_cm`.
-    dy_rows = dy.reshape(o, k, k, n, ph, pw).transpose(0, 3, 4, 1, 5, 2).reshape(o, -1)
-    dx = _col2im_cm(w.reshape(kh * kw * c, o) @ dy_rows, x_shape, kh, kw, stride, ph * k, pw * k)
+    # the patches' gradient), scattered back by `_col2im`.
+    dy_rows = dy.reshape(o, k, k, ph, pw, n).transpose(0, 3, 1, 4, 2, 5).reshape(o, -1)
+    dx = _col2im(_weight_matrix(w) @ dy_rows, x_shape, kh, kw, stride, ph * k, pw * k)
     if padding == "SAME":
-        top = layers._same_padding(h0, kh, stride)[0]
-        left = layers._same_padding(w0, kw, stride)[0]
-        dx = dx[:, :, top:top + h0, left:left + w0]
+        top = layers._same_padding(input_hw[0], kh, stride)[0]
+        left = layers._same_padding(input_hw[1], kw, stride)[0]
+        dx = dx[:, top:top + input_hw[0], left:left + input_hw[1]]
     return dx, dw, db
 
 
-pooled_conv_cm.defvjp(_pooled_conv_fwd, _pooled_conv_bwd)
+pooled_conv_chwn.defvjp(_pooled_conv_fwd, _pooled_conv_bwd)
 
 
-def _reduce_window_pool(x: jax.Array, config: Config, axes: tuple[int, int]) -> jax.Array:
-    """The reference pooling (`layers.max_pool` / `avg_pool`, VALID) over any two spatial axes."""
-    dims = [1] * x.ndim
-    strides = [1] * x.ndim
-    for a in axes:
-        dims[a], strides[a] = config.pool_window, config.pool_stride
+def _reduce_window_pool(x: jax.Array, config: Config) -> jax.Array:
+    """The reference pooling (`layers.max_pool` / `avg_pool`, VALID) over axes 1 and 2."""
+    dims = (1, config.pool_window, config.pool_window, 1)
+    strides = (1, config.pool_stride, config.pool_stride, 1)
     if config.pool == "max":
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, "VALID")
     return lax.reduce_window(x, 0.0, lax.add, dims, strides, "VALID") / (config.pool_window ** 2)
 
 
-# --- The conv -> relu -> pool block ----------------------------------------------------------
-
-def _crop_to_pooled(x: jax.Array, kernel: int, config: Config, axes: tuple[int, int]) -> jax.Array:
+def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
     """Drop input rows/columns whose conv outputs the VALID pool never reads."""
     if config.conv_padding != "VALID":
         return x
-    for axis in axes:
+    for axis in (1, 2):
         out = conv_output_size(x.shape[axis], kernel, config.conv_stride)
         pooled = conv_output_size(out, config.pool_window, config.pool_stride)
         used = (pooled - 1) * config.pool_stride + config.pool_window
@@ -313,26 +328,27 @@ def _crop_to_pooled(x: jax.Array, kernel: int, config: Config, axes: tuple[int, 
 
 def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
                strategy: Strategy) -> jax.Array:
-    """pool(relu(conv(x, w) + b)) in `strategy.layout` (x is NHWC or CNHW to match)."""
-    cm = strategy.layout == "CNHW"
-    axes = (2, 3) if cm else (1, 2)
+    """pool(relu(conv(x, w) + b)) in `strategy.layout` (x NHWC or CHWN to match).
+
+    Spatial axes are 1 and 2 in both layouts."""
+    chwn = strategy.layout == "CHWN"
     reshape_pool = strategy.pool_impl == "reshape"
-    if cm and reshape_pool and strategy.conv_impl == "patches":
-        return pooled_conv_cm(x, w, b, config.conv_stride, config.conv_padding, config.pool,
-                              config.pool_window)
+    if chwn and reshape_pool and strategy.conv_impl == "patches":
+        return pooled_conv_chwn(x, w, b, config.conv_stride, config.conv_padding, config.pool,
+                                config.pool_window)
     if reshape_pool:
-        x = _crop_to_pooled(x, w.shape[0], config, axes)
-    if cm and strategy.conv_impl == "patches":
-        y = conv2d_patches_cm(x, w, config.conv_stride, config.conv_padding) + b[:, None, None, None]
-    elif cm:
+        x = _crop_to_pooled(x, w.shape[0], config)
+    if chwn and strategy.conv_impl == "patches":
+        y = conv2d_patches_chwn(x, w, config.conv_stride, config.conv_padding) + b[:, None, None, None]
+    elif chwn:
         y = lax.conv_general_dilated(x, w, (config.conv_stride,) * 2, config.conv_padding,
-                                     dimension_numbers=("CNHW", "HWIO", "CNHW")) + b[:, None, None, None]
+                                     dimension_numbers=("CHWN", "HWIO", "CHWN")) + b[:, None, None, None]
     else:
         conv = layers.conv2d_patches if strategy.conv_impl == "patches" else layers.conv2d
         y = conv(x, w, b, config.conv_stride, config.conv_padding)
-    k = config.pool_window
     if not reshape_pool:
-        return _reduce_window_pool(layers.relu(y), config, axes)
+        return _reduce_window_pool(layers.relu(y), config)
+    k = config.pool_window
     if config.pool == "max":
-        return layers.relu(max_pool_reshape(y, k, axes))   # relu(max(.)) == max(relu(.))
-    return avg_pool_reshape(layers.relu(y), k, axes)
+        return layers.relu(max_pool_reshape(y, k))   # relu(max(.)) == max(relu(.))
+    return avg_pool_reshape(layers.relu(y), k)

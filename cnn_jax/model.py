@@ -105,13 +105,13 @@ def apply(params: Params, images: jax.Array, config: Config, debug: bool = False
             x = pool(x, config.pool_window, config.pool_stride)
             trace(f"pool{i}", x)
     else:  # a faster lowering of the same blocks (cnn_jax/lowering.py; tested equal)
-        if strategy.layout == "CNHW":
-            x = jnp.transpose(x, (3, 0, 1, 2))
+        if strategy.layout == "CHWN":
+            x = jnp.transpose(x, (3, 1, 2, 0))   # NHWC <-> CHWN (its own inverse)
         for i in range(1, len(config.conv_filters) + 1):
             layer = params[f"conv{i}"]
             x = lowering.conv_block(x, layer["w"], layer["b"], config, strategy)
-        if strategy.layout == "CNHW":
-            x = jnp.transpose(x, (1, 2, 3, 0))
+        if strategy.layout == "CHWN":
+            x = jnp.transpose(x, (3, 1, 2, 0))
     x = layers.flatten(x)
     trace("flatten", x)
     x = layers.relu(layers.dense(x, params["dense1"]["w"], params["dense1"]["b"]))

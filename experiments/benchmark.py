@@ -69,8 +69,8 @@ STRATEGIES: dict[str, tuple[dict[str, Any], str]] = {
                     "lax conv + reshape pool"),
     "patches_nhwc": ({"conv_impl": "patches", "pool_impl": "reshape", "layout": "NHWC", "loop": "step"},
                      "patches conv + reshape pool, NHWC"),
-    "patches_cnhw": ({"conv_impl": "patches", "pool_impl": "reshape", "layout": "CNHW", "loop": "step"},
-                     "patches conv + reshape pool, CNHW"),
+    "patches_chwn": ({"conv_impl": "patches", "pool_impl": "reshape", "layout": "CHWN", "loop": "step"},
+                     "patches conv + reshape pool, CHWN"),
 }
 
 

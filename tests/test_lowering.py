@@ -16,9 +16,9 @@ STRATEGIES = [
     {"conv_impl": "patches", "pool_impl": "reduce_window", "layout": "NHWC"},
     {"conv_impl": "lax", "pool_impl": "reshape", "layout": "NHWC"},
     {"conv_impl": "patches", "pool_impl": "reshape", "layout": "NHWC"},
-    {"conv_impl": "patches", "pool_impl": "reshape", "layout": "CNHW"},
-    {"conv_impl": "lax", "pool_impl": "reshape", "layout": "CNHW"},
-    {"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "CNHW"},
+    {"conv_impl": "patches", "pool_impl": "reshape", "layout": "CHWN"},
+    {"conv_impl": "lax", "pool_impl": "reshape", "layout": "CHWN"},
+    {"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "CHWN"},
 ]
 
 
@@ -68,7 +68,7 @@ def test_max_pool_ties_route_the_gradient_to_the_first_maximum_like_select_and_s
 
 
 @pytest.mark.parametrize("pool", ["max", "avg"])
-def test_reshape_pool_on_channel_major_axes(pool):
+def test_reshape_pool_on_other_spatial_axes(pool):
     x = _random((3, 2, 10, 9))   # (C, N, H, W)
     ref = {"max": layers.max_pool, "avg": layers.avg_pool}[pool]
     new = {"max": lowering.max_pool_reshape, "avg": lowering.avg_pool_reshape}[pool]
@@ -78,15 +78,15 @@ def test_reshape_pool_on_channel_major_axes(pool):
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, "VALID"), (5, 1, "VALID"), (3, 2, "VALID"),
                                                    (3, 1, "SAME"), (4, 2, "SAME"), (1, 1, "VALID")])
-def test_channel_major_patches_conv_equals_lax_conv(kernel, stride, padding):
+def test_channel_major_batch_minor_patches_conv_equals_lax_conv(kernel, stride, padding):
     x, w, b = _random((2, 11, 10, 3)), _random((kernel, kernel, 3, 4), 1), _random((4,), 2)
 
     def ref(x, w, b):
         return layers.conv2d(x, w, b, stride, padding)
 
     def new(x, w, b):
-        y = lowering.conv2d_patches_cm(jnp.transpose(x, (3, 0, 1, 2)), w, stride, padding)
-        return jnp.transpose(y, (1, 2, 3, 0)) + b
+        y = lowering.conv2d_patches_chwn(jnp.transpose(x, (3, 1, 2, 0)), w, stride, padding)
+        return jnp.transpose(y, (3, 1, 2, 0)) + b
 
     _assert_same_vjp(ref, new, (x, w, b))
 
@@ -109,17 +109,17 @@ def test_conv_block_equals_the_reference_block(overrides, pool, strategy):
         pytest.skip("reshape pooling needs window == stride (validate rejects it)")
     resolved = lowering.resolve(config_lib.replace(config, loop="step", **strategy))
     x, w, b = _random((2, 13, 12, 3)), _random((5, 5, 3, 6), 1, 0.3), _random((6,), 2)
-    cm = resolved.layout == "CNHW"
+    chwn = resolved.layout == "CHWN"
 
     def ref(x, w, b):
         y = layers.relu(layers.conv2d(x, w, b, config.conv_stride, config.conv_padding))
         return layers.POOLS[pool](y, config.pool_window, config.pool_stride)
 
     def new(x, w, b):
-        if cm:
-            x = jnp.transpose(x, (3, 0, 1, 2))
+        if chwn:
+            x = jnp.transpose(x, (3, 1, 2, 0))
         y = lowering.conv_block(x, w, b, config, resolved)
-        return jnp.transpose(y, (1, 2, 3, 0)) if cm else y
+        return jnp.transpose(y, (3, 1, 2, 0)) if chwn else y
 
     _assert_same_vjp(ref, new, (x, w, b))
 
@@ -133,15 +133,15 @@ def test_fused_channel_major_block_routes_tied_maxima_like_the_reference(pool):
     w = jnp.asarray(rng.integers(-1, 2, (3, 3, 2, 4)).astype(np.float32))
     b = jnp.asarray(np.array([1.0, 0.0, -1.0, 2.0], np.float32))
     config = config_lib.replace(Config(), pool=pool)
-    strategy = lowering.resolve(config_lib.replace(config, layout="CNHW", conv_impl="patches",
+    strategy = lowering.resolve(config_lib.replace(config, layout="CHWN", conv_impl="patches",
                                                    pool_impl="reshape", loop="step"))
 
     def ref(x, w, b):
         return layers.POOLS[pool](layers.relu(layers.conv2d(x, w, b)), 2, 2)
 
     def new(x, w, b):
-        y = lowering.conv_block(jnp.transpose(x, (3, 0, 1, 2)), w, b, config, strategy)
-        return jnp.transpose(y, (1, 2, 3, 0))
+        y = lowering.conv_block(jnp.transpose(x, (3, 1, 2, 0)), w, b, config, strategy)
+        return jnp.transpose(y, (3, 1, 2, 0))
 
     y = np.asarray(layers.relu(layers.conv2d(x, w, b)))[:, :10, :10]
     windows = y.reshape(2, 5, 2, 5, 2, 4).transpose(0, 1, 3, 5, 2, 4).reshape(-1, 4)
@@ -205,7 +205,7 @@ def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
 def test_auto_strategy_per_backend():
     cpu = lowering.resolve(Config(), "cpu")
     assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop, cpu.ynnpack) == (
-        "patches", "reshape", "CNHW", "step", "off")
+        "patches", "reshape", "CHWN", "step", "off")
     gpu = lowering.resolve(Config(), "gpu")
     assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop, gpu.ynnpack) == (
         "lax", "reshape", "NHWC", "scan", "on")
@@ -232,3 +232,10 @@ def test_ynnpack_option_reaches_the_compiled_step(ynnpack, fused):
     images, labels = jnp.zeros((128, 28, 28, 1)), jnp.zeros((128,), jnp.int32)
     hlo = runner.lower(params, optimizer.init(params), images, labels, jnp.arange(128), 0).compile().as_text()
     assert ("__ynn_fusion" in hlo) == fused
+
+
+def test_inference_uses_the_fastest_forward_lowering_and_keeps_explicit_choices():
+    inference = lowering.inference_config(Config())
+    assert (inference.conv_impl, inference.layout) == ("lax", "NHWC")
+    chosen = config_lib.replace(Config(), conv_impl="patches")
+    assert lowering.inference_config(chosen) == chosen
