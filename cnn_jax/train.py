@@ -63,7 +63,7 @@ def _gather_batch(images, labels, order, step, batch_size):
 def make_step_runner(config: Config, train_step: StepFn):
     """Jitted one-batch runner: (params, opt_state, images, labels, order, step) -> ...; donates state."""
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=lowering.compiler_options(config))
     def run(params, opt_state, images, labels, order, step):
         batch = _gather_batch(images, labels, order, step, config.batch_size)
         return train_step(params, opt_state, *batch)
@@ -74,7 +74,8 @@ def make_step_runner(config: Config, train_step: StepFn):
 def make_scan_runner(config: Config, train_step: StepFn):
     """Jitted runner of steps [first, first + num_steps) of an epoch inside one `lax.scan`."""
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,),
+                       compiler_options=lowering.compiler_options(config))
     def run(params, opt_state, images, labels, order, first, num_steps):
         def body(state, step):
             batch = _gather_batch(images, labels, order, step, config.batch_size)
@@ -126,7 +127,8 @@ def evaluate(params: model.Params, images: jax.Array, labels: jax.Array, config:
     n = len(labels)
     loss_sum, correct_sum, predictions = 0.0, 0, []
     for x, y, mask, real in eval_batches(images, labels, config.eval_batch_size):
-        batch_loss, batch_correct, logits = _eval_batch(params, x, y, mask, config)
+        batch_loss, batch_correct, logits = _eval_batch(params, x, y, mask,
+                                                        lowering.inference_config(config))
         loss_sum += batch_loss
         correct_sum += batch_correct
         if return_predictions:
