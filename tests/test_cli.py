@@ -86,3 +86,11 @@ def test_no_data_source_offline_is_one_line_and_writes_nothing(tmp_path):
         "(offline?); pass --data_dir with the four IDX files (on this project's machines: "
         "--data_dir=../shared/data/mnist)"]
     assert not workdir.exists()
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_writing(mnist_dir, tmp_path):
+    workdir = tmp_path / "run"
+    result = run(f"--data_dir={mnist_dir}", "--train_subset=16", f"--workdir={workdir}", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --batch_size=64 is larger than the 16 training images"]
+    assert not workdir.exists()

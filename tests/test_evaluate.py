@@ -137,6 +137,8 @@ def test_bad_flags_and_workdirs_are_one_line(name, env, tmp_path, trained):
              ([f"--workdir={foreign}"], "config.json: unknown config field(s) model"),
              ([f"--workdir={damaged}"], "config.json: not valid JSON"),
              ([f"--workdir={workdir}", "--data_dir=/nowhere/mnist"], "--data_dir=/nowhere/mnist: no such directory")]
+    if name == "plot.py":   # the same main_guard and restore_run as evaluate.py: a sample suffices
+        cases = cases[1:2] + cases[5:6] + cases[8:9]
     for args, fragment in cases:
         result = run([script(name), *args], env)
         assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)

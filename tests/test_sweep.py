@@ -4,6 +4,7 @@ results tables and plot, and the command line end to end (all on small real MNIS
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -166,7 +167,8 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
     logs = {0: [], 1: [], 2: []}
     result = sweep.train_group(configs, small_dataset, on_log=lambda i, r: logs[i].append(r))
     assert result.diverged[:2] == [None, None]
-    assert result.diverged[2].startswith("parameters or optimiser state became non-finite at step")
+    assert re.match(r"(loss became (nan|inf|-inf)|parameters or optimiser state became non-finite) at step \d+ "
+                    r"\(epoch 0\); lower --learning_rate$", result.diverged[2]), result.diverged[2]
     assert result.histories[2] == []
     assert [r["step"] for r in logs[0]] == [4, 8, 12, 16]
     for i in (0, 1):
@@ -328,9 +330,6 @@ def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
     cases = [
         (["--sweep=seed=0,1", "--sweeps=x"], "Unknown command line flag 'sweeps'"),
         (["--sweep=seed=0,1"], "--workdir is required"),
-        ([f"--workdir={tmp_path}/s"], "give exactly one of --sweep (a grid on one line) or --sweep_file"),
-        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--shard=2/2"], "--shard='2/2' is not allowed"),
-        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--max_parallel=-1"], "--max_parallel=-1 is not allowed"),
         ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--seed=3"], "--seed is given as a flag and swept"),
         ([f"--workdir={tmp_path}/s", f"--sweep_file={tmp_path}/none.yaml"], "none.yaml: cannot read"),
         ([f"--workdir={training_run}/config.json", "--sweep=seed=0,1"], "is a file, not a sweep directory"),
@@ -352,7 +351,9 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
     args = [sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), f"--data_dir={mnist_dir}",
             "--train_subset=128", "--test_subset=100", "--batch_size=32", "--eval_batch_size=128",
             f"--workdir={workdir}", "--sweep=seed=0,1", "--max_parallel=1"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),   # the rerun reuses the program
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
     for line in proc.stdout:
         if line.startswith("group 2/2:"):
             proc.send_signal(signal.SIGINT)
@@ -362,7 +363,7 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
     assert err.strip().splitlines() == ["error: interrupted by SIGINT; the files already written are complete "
                                         "(a sweep continues where it stopped when run again)"]
     assert sweep.is_finished(os.path.join(workdir, "seed=0")) and not sweep.is_finished(os.path.join(workdir, "seed=1"))
-    rerun = _sweep_cli(*args[2:])
+    rerun = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert "sweep of 2 runs: 1 already finished, 1 to train" in rerun.stdout
     with open(os.path.join(workdir, "results.csv")) as f:

@@ -89,8 +89,8 @@ def test_format_epoch_is_the_seeds_line():
 
 def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
     """Adam at lr 1e6: the params stay finite but the squared-gradient state overflows, which no
-    checkpoint could hold; the step's `finite` flag and `fit` report it at the step it happens."""
-    config = config_lib.replace(Config(), learning_rate=1e6, batch_size=32, train_eval="running")
+    checkpoint could hold; the step's `finite` flag reports it (tests/test_sweep.py trains into it)."""
+    config = config_lib.replace(Config(), conv_filters=(4,), conv_kernels=(3,), num_fc=16, learning_rate=1e6)
     optimizer = optim.make_optimizer(config, 10)
     params = model.init(jax.random.key(0), config)
     opt_state = optimizer.init(params)
@@ -102,6 +102,3 @@ def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
     new_params, _, metrics = step(params, poisoned, images, labels)
     assert not bool(metrics["finite"])
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new_params))   # the params alone look fine
-    cut = dataclasses.replace(small, train_images=small.train_images[:256], train_labels=small.train_labels[:256])
-    with pytest.raises(FloatingPointError, match=r"optimiser state became non-finite at step \d+ \(epoch 0\)"):
-        train.fit(config, cut)
