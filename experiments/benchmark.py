@@ -54,6 +54,8 @@ flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of ev
 flags.DEFINE_list("runs", ["default", "seed"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
+flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
+                   "processes to leave the CPUs idle (0: don't wait).")
 flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
 FLAGS = flags.FLAGS
 
@@ -206,15 +208,48 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
     return candidate
 
 
-def time_interleaved(candidates: list[Candidate], repeats: int) -> None:
-    """One untimed warm-up run each, then `repeats` rounds timing every candidate once per round."""
+def busy_fraction(seconds: float = 0.3) -> float:
+    """Fraction of all CPUs busy over `seconds` (Linux /proc/stat; 0 elsewhere), this
+    process included (it sleeps meanwhile)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]        # idle + iowait
+        return sum(values) - idle, sum(values)
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return 0.0
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Sleep until other processes use under `threshold` of the CPUs, or `max_wait` seconds
+    pass; return the last busy fraction seen (the machine is shared: see the table's header)."""
+    deadline = time.monotonic() + max_wait
+    busy = busy_fraction()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        busy = busy_fraction()
+    return busy
+
+
+def time_interleaved(candidates: list[Candidate], repeats: int, quiet_wait: float = 0.0) -> list[float]:
+    """One untimed warm-up run each, then `repeats` rounds timing every candidate once per round,
+    each round started when the machine is quiet (up to `quiet_wait` s); returns each round's
+    busy fraction before it started."""
     for c in candidates:
         c.run()
+    busy = []
     for _ in range(repeats):
+        busy.append(wait_for_quiet(quiet_wait) if quiet_wait > 0 else busy_fraction(0.1))
         for c in candidates:
             start = time.perf_counter()
             c.run()
             c.times.append(time.perf_counter() - start)
+    return busy
 
 
 def eval_throughput(config: Config, images: jax.Array, labels: jax.Array, repeats: int) -> dict[str, Any]:
@@ -294,6 +329,9 @@ def format_training(groups: list[dict[str, Any]]) -> str:
     for group in groups:
         torch_ips = next((r["images_per_second"] for r in group["results"] if r["framework"] == "torch"),
                          None)
+        busy = group.get("busy_before_rounds") or [0.0]
+        lines.append(f"(pool={group['pool']}, batch {group['batch_size']}: CPUs busy with other work before "
+                     f"the rounds: {', '.join(f'{100 * b:.0f}%' for b in busy)})")
         for r in group["results"]:
             ratio = f"{r['images_per_second'] / torch_ips:.2f}x" if torch_ips else "-"
             lines.append(
@@ -395,13 +433,13 @@ def main(argv: list[str]) -> None:
                                         images, labels, steps) for name in FLAGS.strategies]
             if torch_version:
                 candidates.append(torch_candidate(config, train_x, train_y, steps))
-            time_interleaved(candidates, FLAGS.repeats)
+            busy = time_interleaved(candidates, FLAGS.repeats, FLAGS.quiet_wait)
             results = [c.result() for c in candidates]
             for r in results:
                 r["gflops"] = r["images_per_second"] * total / 1e9
                 r["percent_of_peak"] = 100.0 * r["gflops"] / peak
             report["training"].append({"pool": pool, "batch_size": batch_size, "steps_per_repeat": steps,
-                                       "results": results})
+                                       "busy_before_rounds": busy, "results": results})
             print(format_training(report["training"][-1:]), flush=True)
         if FLAGS.eval:
             test_images, test_labels = jnp.asarray(test_x), jnp.asarray(test_y)

@@ -57,7 +57,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=8",
          "--pools=max", "--strategies=default,reference", "--repeats=2", "--repeat_images=16",
-         "--train_images=64", "--runs=", f"--output={output}"],
+         "--train_images=64", "--runs=", "--quiet_wait=0", f"--output={output}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(output.read_text())
