@@ -33,6 +33,12 @@ _HELP = {
     "loss_reduction": "How per-example losses combine over a batch: mean or sum (the seed).",
     "conv_impl": "Convolution lowering: auto (patches on CPU, lax elsewhere), lax (reference) or patches.",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
+    "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
+    "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",
+    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, measured slower here), on or off.",
+    "coordinator_address": "Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.",
+    "num_processes": "Multi-host: how many processes take part.",
+    "process_id": "Multi-host: this process's index, 0 .. num_processes - 1.",
     "train_eval": "Train accuracy: full (evaluate the train set after each epoch) or running.",
     "debug": "Print every layer's output shape.",
 }
