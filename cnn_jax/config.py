@@ -88,9 +88,10 @@ PRESETS: dict[str, Config] = {
                    learning_rate=0.01, loss_reduction="sum"),
     # >= 0.99 test accuracy in the least wall time (WORKSPACE.md, Performance): the seed
     # network with max pooling, He init, Adam with a one-cycle schedule, one epoch at batch
-    # 64, the training accuracy taken during the epoch instead of in an extra pass.
+    # 64, the training accuracy taken during the epoch instead of in an extra pass, and
+    # evaluation in batches of 250 (XLA:CPU's forward pass is fastest there).
     "fast": Config(pool="max", init="he", optimizer="adam", learning_rate=0.006, schedule="onecycle",
-                   batch_size=64, epochs=1, train_eval="running"),
+                   batch_size=64, epochs=1, train_eval="running", eval_batch_size=250),
 }
 
 
