@@ -316,6 +316,20 @@ def auto_max_parallel(config: Config, budget_bytes: int) -> int:
     return max(1, budget_bytes // run_memory_bytes(config))
 
 
+# On CPU one run already keeps the cores busy, and a vmapped group's R-times larger arrays cost
+# more per image: on the 2-core CPU of WORKSPACE.md ("Sweeps") one run per program (scanned, with
+# the program compiled once and reused by every run of the group) trained 5164 img/s, groups of
+# 3 and 6 runs 4539 and 4249. So `auto` vmaps groups on accelerators only.
+CPU_MAX_PARALLEL = 1
+
+
+def default_max_parallel(config: Config) -> int:
+    """`--max_parallel=0`: CPU_MAX_PARALLEL on CPU, else as many runs as fit in memory."""
+    if jax.default_backend() == "cpu":
+        return CPU_MAX_PARALLEL
+    return auto_max_parallel(config, memory_budget())
+
+
 def group_runs(runs: Sequence[Run], max_parallel: int | Callable[[Config], int]) -> list[list[Run]]:
     """Runs split into groups of equal `group_key`, in order of first appearance; a group larger
     than `max_parallel` (an int, or a function of the config) is split into near-equal chunks."""
