@@ -176,15 +176,23 @@ def torch_net(config: Config):
     return net
 
 
+def torch_device() -> str:
+    """PyTorch runs where JAX does: CUDA when JAX is on a GPU and torch sees one, else the CPU."""
+    import torch
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
     """The same network, init and update (p -= lr * grad of the summed loss) in PyTorch."""
     import torch
     import torch.nn.functional as F
 
-    net = torch_net(config)
-    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    y_all = torch.from_numpy(labels.astype(np.int64))
+    device = torch_device()
+    net = torch_net(config).to(device)
+    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
     order = torch.from_numpy(data_lib.epoch_permutation(config.seed, 0, len(labels)).astype(np.int64))
+    order = order.to(device)
     per_epoch, bs, lr = len(labels) // config.batch_size, config.batch_size, config.learning_rate
     position = [0]
     reduction = config.loss_reduction
@@ -199,11 +207,13 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
             with torch.no_grad():
                 for p in net.parameters():
                     p.sub_(lr * p.grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     start = time.perf_counter()
     run()
-    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({torch.get_num_threads()} "
-                          "threads)", run, steps * bs)
+    where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
+    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, steps * bs)
     candidate.compile_s = time.perf_counter() - start
     return candidate
 
@@ -269,14 +279,17 @@ def eval_throughput(config: Config, images: jax.Array, labels: jax.Array, repeat
 def torch_eval_throughput(config: Config, images: np.ndarray, repeats: int) -> float:
     import torch
 
-    net = torch_net(config)
-    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    device = torch_device()
+    net = torch_net(config).to(device)
+    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
     bs = config.eval_batch_size
 
     def run() -> None:
         with torch.no_grad():
             for start in range(0, len(x_all), bs):
                 net(x_all[start:start + bs]).argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     run()
     times = []
