@@ -84,6 +84,18 @@ def config_from_flags(overrides: dict[str, Any] | None = None) -> Config:
     return config_lib.validate(config_lib.replace(config_lib.PRESETS[FLAGS.preset], **values))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser, but an unparsable flag is one line on stderr and exit status 2.
+
+    Pass it to `app.run(main, flags_parser=cli.parse_flags)`.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}; run with --helpshort to list the flags", file=sys.stderr)
+        sys.exit(2)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user as it is."""
     from cnn_jax.data import DataError

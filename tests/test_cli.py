@@ -56,11 +56,11 @@ def test_seed_preset_runs_from_the_command_line(mnist_dir):
 ])
 def test_bad_input_gets_one_clear_line(args, fragment):
     result = run(*args, timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert fragment in result.stderr, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if fragment in line]
-    assert len(error_lines) == 1
+    assert result.stderr.strip().splitlines() == [next(line for line in result.stderr.splitlines()
+                                                       if fragment in line)]
 
 
 # Runs experiments/train.py as `python train.py ...` does, with every network connection refused.
