@@ -55,7 +55,7 @@ class Strategy:
 def resolve(config: Config, backend: str | None = None) -> Strategy:
     """Replace every `auto` of the config by the choice measured fastest on `backend`.
 
-    CPU: patches conv, reshape pooling, channel-major layout, one jitted call per batch.
+    CPU: patches conv, reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off.
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()
@@ -66,7 +66,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
         pool = "reshape" if config.pool_window == config.pool_stride else "reduce_window"
     layout = config.layout if config.layout != "auto" else (
         "CHWN" if cpu and conv == "patches" and pool == "reshape" else "NHWC")
-    loop = config.loop if config.loop != "auto" else ("step" if cpu else "scan")
+    # A scanned epoch: on XLA:CPU ~1.4x the throughput of one call per batch at batch 64.
+    loop = config.loop if config.loop != "auto" else "scan"
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
     return Strategy(conv, pool, layout, loop, ynnpack)
 

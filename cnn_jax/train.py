@@ -90,10 +90,9 @@ def make_scan_runner(config: Config, train_step: StepFn):
 
 
 def resolve_loop(config: Config) -> str:
-    """The execution strategy: `auto` picks per-batch steps on CPU, a scanned epoch elsewhere."""
-    if config.loop != "auto":
-        return config.loop
-    return "step" if jax.default_backend() == "cpu" else "scan"
+    """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
+    CPU too: `lowering.resolve`, WORKSPACE.md "Performance")."""
+    return lowering.resolve(config).loop
 
 
 @functools.partial(jax.jit, static_argnums=(4,))

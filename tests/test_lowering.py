@@ -205,7 +205,7 @@ def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
 def test_auto_strategy_per_backend():
     cpu = lowering.resolve(Config(), "cpu")
     assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop, cpu.ynnpack) == (
-        "patches", "reshape", "CHWN", "step", "off")
+        "patches", "reshape", "CHWN", "scan", "off")
     gpu = lowering.resolve(Config(), "gpu")
     assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop, gpu.ynnpack) == (
         "lax", "reshape", "NHWC", "scan", "on")
