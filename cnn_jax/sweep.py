@@ -316,17 +316,13 @@ def auto_max_parallel(config: Config, budget_bytes: int) -> int:
     return max(1, budget_bytes // run_memory_bytes(config))
 
 
-# On CPU one run already keeps the cores busy, and a vmapped group's R-times larger arrays cost
-# more per image: on the 2-core CPU of WORKSPACE.md ("Sweeps") one run per program (scanned, with
-# the program compiled once and reused by every run of the group) trained 5164 img/s, groups of
-# 3 and 6 runs 4539 and 4249. So `auto` vmaps groups on accelerators only.
-CPU_MAX_PARALLEL = 1
-
-
 def default_max_parallel(config: Config) -> int:
-    """`--max_parallel=0`: CPU_MAX_PARALLEL on CPU, else as many runs as fit in memory."""
-    if jax.default_backend() == "cpu":
-        return CPU_MAX_PARALLEL
+    """`--max_parallel=0`: as many runs of `config`'s group as fit in `memory_budget()`.
+
+    On the 2-core CPU of WORKSPACE.md ("Sweeps") the training throughput per image of a
+    scanned group of 1, 3 or 6 runs was the same within the machine's noise, so the memory
+    bound is the only bound there too; on accelerators vmapping is where the speed comes from.
+    """
     return auto_max_parallel(config, memory_budget())
 
 

@@ -27,9 +27,8 @@ flags.DEFINE_string("sweep", None, "Grid of runs: space-separated name=v1,v2,...
 flags.DEFINE_string("sweep_file", None, "JSON or YAML file: a grid (flag -> list of values) or a list "
                     "of runs (flag -> value mappings).")
 flags.DEFINE_string("workdir", None, "Sweep directory: one run directory per run, and the results.")
-flags.DEFINE_integer("max_parallel", 0, "Most runs trained together in one vmapped program (0: auto: "
-                     "as many as fit in a quarter of the free accelerator memory; on CPU 1, which "
-                     "measured fastest there; the program is still compiled once per group).")
+flags.DEFINE_integer("max_parallel", 0, "Most runs trained together in one vmapped program "
+                     "(0: as many as fit in a quarter of the free memory).")
 flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (0-based), for job arrays.")
 flags.DEFINE_boolean("summarize", False, "Only merge the finished runs of --workdir into the results files.")
 flags.DEFINE_boolean("dry_run", False, "Print the runs and groups that would train, then exit.")

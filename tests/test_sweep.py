@@ -269,7 +269,8 @@ def _sweep_cli(*args: str) -> subprocess.CompletedProcess:
 def test_command_line_shards_resume_and_summarize(tmp_path, mnist_dir):
     workdir = str(tmp_path / "sweep")
     common = [f"--data_dir={mnist_dir}", "--train_subset=128", "--test_subset=100", "--batch_size=32",
-              "--eval_batch_size=128", f"--workdir={workdir}", "--sweep=learning_rate=0.001,0.003 seed=0,1"]
+              "--eval_batch_size=128", f"--workdir={workdir}", "--max_parallel=2",
+              "--sweep=learning_rate=0.001,0.003 seed=0,1"]
     first = _sweep_cli(*common, "--shard=0/2")
     assert first.returncode == 0, first.stderr
     assert "sweep of 4 runs (shard 0/2: 2 of them): 0 already finished, 2 to train in 1" in first.stdout
