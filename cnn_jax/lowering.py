@@ -285,7 +285,11 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
         dy = jnp.stack([jnp.where(first == q, gz, zero) for q in range(k * k)], axis=1)
     else:
         patches, w, positive, x_shape, input_hw = residuals
-        dy = jnp.where(positive, g[:, None] / (k * k), jnp.zeros((), g.dtype))
+        gz = g / (k * k)
+        zero = jnp.zeros((), g.dtype)
+        # Built like max pooling's: k*k pooled-size selections of one materialised gz (a
+        # broadcast select would make XLA recompute the incoming gradient k*k times).
+        dy = jnp.stack([jnp.where(positive[:, q], gz, zero) for q in range(k * k)], axis=1)
         db = jnp.sum(dy, axis=(1, 2, 3, 4))
     kh, kw, c, o = w.shape
     _, _, ph, pw, n = dy.shape
