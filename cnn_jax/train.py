@@ -282,6 +282,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                 raise FloatingPointError(f"{what} at step {state.step + bad[0] + 1} (epoch {epoch}); "
                                          "lower --learning_rate")
             now = time.perf_counter()
+            since_time, since_step = last_log   # steps absorbed together (a scanned epoch) share a rate
             for loss, right in zip(losses, correct):
                 state.step += 1
                 state.moving_loss = moving_average([loss], config.loss_smoothing, state.moving_loss)
@@ -289,7 +290,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                 state.epoch_correct += int(right)
                 if state.step % config.log_every == 0:
                     window = state.epoch_losses[-config.log_every:]
-                    ips = (state.step - last_log[1]) * config.batch_size / max(now - last_log[0], 1e-9)
+                    ips = (state.step - since_step) * config.batch_size / max(now - since_time, 1e-9)
                     record = {"kind": "train", "step": state.step, "epoch": epoch,
                               "loss": float(np.mean(window)), "moving_loss": state.moving_loss,
                               "images_per_second": ips}
