@@ -66,7 +66,7 @@ def main(argv):
         raise ConfigError(f"--max_parallel={FLAGS.max_parallel} is not allowed: give 0 (auto) or a positive count")
     index, count = sweep.parse_shard(FLAGS.shard)
     base = cli.config_from_flags()
-    if base.num_processes > 1 if hasattr(base, "num_processes") else False:
+    if base.num_processes > 1:
         raise ConfigError("a sweep runs on one process: drop --num_processes and split the grid with --shard")
     if FLAGS.sweep is not None:
         where, settings = "--sweep", sweep.grid_settings(sweep.parse_spec(FLAGS.sweep))
