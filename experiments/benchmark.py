@@ -51,7 +51,7 @@ flags.DEFINE_float("repeat_images", 8192, "Images per timed repeat (rounded to w
 flags.DEFINE_integer("train_images", 60000, "Training set size the batches are gathered from.")
 flags.DEFINE_boolean("torch", True, "Also time PyTorch when it is installed.")
 flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of eval_batch_size).")
-flags.DEFINE_list("runs", ["default", "seed"],
+flags.DEFINE_list("runs", ["default", "fast"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
@@ -313,17 +313,38 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size ** 3 / best / 1e9
 
 
+# Runs a script as __main__ and, at exit, prints its peak resident memory (VmHWM, KiB).
+_PEAK_RSS_WRAPPER = """
+import atexit, runpy, sys
+def _peak():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                print("PEAK_RSS_KIB", line.split()[1], flush=True)
+    except OSError:
+        pass
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def training_run(preset: str, data_dir: str) -> dict[str, Any]:
     """Run `experiments/train.py --preset=...` in a subprocess: wall time, peak RSS, test accuracy."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    cmd = [sys.executable, script, f"--preset={preset}", f"--data_dir={data_dir}"]
+    args = [script, f"--preset={preset}", f"--data_dir={data_dir}"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)   # this child's own peak RSS (KiB on Linux)
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    maxrss_kib = usage.ru_maxrss
+    # The child's own high-water mark. (wait4's ru_maxrss would also count this parent's
+    # resident memory, which Linux carries over to the child through fork and exec.)
+    peak = re.findall(r"^PEAK_RSS_KIB (\d+)$", out, re.M)
+    maxrss_kib = int(peak[-1]) if peak else usage.ru_maxrss
+    cmd = [sys.executable, *args]
     accuracies = [float(a) for a in re.findall(r"Test_acc ([0-9.]+)", out)]
     strategy = re.findall(r"^(?:I\S+ )?.*strategy: (.*)$", out, re.M)
     return {"preset": preset, "command": " ".join(cmd[1:]), "exit_status": proc.returncode,
