@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Any, Callable
 
@@ -226,6 +227,35 @@ def compiled_runner(config: Config, total_steps: int, loop: str):
     return optimizer, (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
 
 
+def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.GradientTransformation,
+                  runner: Callable, loop: str, num_steps: int) -> None:
+    """Compile `fit`'s training runner and evaluation batch for the dataset's shapes, from
+    abstract values, so the jit caches hold them when `fit` first calls them.
+
+    Run in a thread, the compiles overlap drawing the initial params (also mostly
+    compilation, on one core). A failure here is left for the real call to report."""
+    try:
+        params = jax.eval_shape(functools.partial(model.init, config=config), jax.random.key(0))
+        opt_state = jax.eval_shape(optimizer.init, params)
+        spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)   # noqa: E731
+        data = (spec(dataset.train_images), spec(dataset.train_labels),
+                jax.ShapeDtypeStruct(dataset.train_labels.shape, jnp.int32))
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        if loop == "step":
+            runner.lower(params, opt_state, *data, step).compile()
+        else:
+            runner.lower(params, opt_state, *data, step, num_steps).compile()
+        for images, labels in ((dataset.train_images, dataset.train_labels),
+                               (dataset.test_images, dataset.test_labels)):
+            bs = min(config.eval_batch_size, len(labels))
+            _eval_batch.lower(params, jax.ShapeDtypeStruct((bs,) + images.shape[1:], images.dtype),
+                              jax.ShapeDtypeStruct((bs,), labels.dtype),
+                              jax.ShapeDtypeStruct((bs,), jnp.bool_),
+                              lowering.inference_config(config)).compile()
+    except Exception:  # noqa: BLE001 - the same error surfaces, in context, from the real call
+        pass
+
+
 def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = None,
         hooks: Hooks | None = None) -> tuple[model.Params, Any, list[dict[str, Any]]]:
     """Train on `dataset` from `start` (default: fresh init); return (params, opt_state, history).
@@ -244,6 +274,11 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
     optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
     dp = parallel.data_parallel(config)   # a no-op on one device
     print(f"strategy: {lowering.resolve(config).describe()}, {dp.describe()}", flush=True)
+    compiling = None
+    if dp.mesh is None:   # sharded arguments would compile another program
+        compiling = threading.Thread(target=compile_ahead, daemon=True,
+                                     args=(config, dataset, optimizer, runner, loop, num_steps))
+        compiling.start()   # XLA compiles on another core while the params are drawn
     if start is None:
         params = model.init(jax.random.key(config.seed), config)
         state = TrainState(params, optimizer.init(params))
@@ -252,6 +287,8 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
             start, params=jax.tree.map(jnp.asarray, start.params),
             opt_state=jax.tree.map(jnp.asarray, start.opt_state),
             epoch_losses=list(start.epoch_losses), history=list(start.history))
+    if compiling is not None:
+        compiling.join()
     if config.debug:
         model.apply(state.params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config,
                     debug=True)
@@ -266,11 +303,11 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
         order = dp.replicate(data_lib.epoch_permutation(config.seed, epoch, len(dataset.train_labels)))
         bar = progress.epoch_progress(epoch, num_steps, first)
         epoch_start = time.perf_counter()
-        last_log = (epoch_start, state.step)
+        last_absorb = epoch_start
 
         def absorb(step_metrics: list[Metrics] | Metrics) -> None:
             """Bring losses since the last call to the host: check, accumulate, log."""
-            nonlocal last_log
+            nonlocal last_absorb
             host = jax.device_get(step_metrics)  # stacked on the host: no per-length compiles
             if isinstance(host, list):
                 host = {key: np.stack([m[key] for m in host]) for key in host[0]}
@@ -282,7 +319,10 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                 raise FloatingPointError(f"{what} at step {state.step + bad[0] + 1} (epoch {epoch}); "
                                          "lower --learning_rate")
             now = time.perf_counter()
-            since_time, since_step = last_log   # steps absorbed together (a scanned epoch) share a rate
+            # The rate of the steps absorbed now, shared by their log lines (a scanned epoch
+            # arrives in one piece; one call per batch is absorbed at every log line).
+            ips = len(losses) * config.batch_size / max(now - last_absorb, 1e-9)
+            last_absorb = now
             for loss, right in zip(losses, correct):
                 state.step += 1
                 state.moving_loss = moving_average([loss], config.loss_smoothing, state.moving_loss)
@@ -290,13 +330,11 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                 state.epoch_correct += int(right)
                 if state.step % config.log_every == 0:
                     window = state.epoch_losses[-config.log_every:]
-                    ips = (state.step - since_step) * config.batch_size / max(now - since_time, 1e-9)
                     record = {"kind": "train", "step": state.step, "epoch": epoch,
                               "loss": float(np.mean(window)), "moving_loss": state.moving_loss,
                               "images_per_second": ips}
                     hooks.on_log(record)
                     bar.log(state.step, record["loss"], ips)
-                    last_log = (now, state.step)
 
         if loop == "step":
             pending: list[Metrics] = []

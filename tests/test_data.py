@@ -133,3 +133,11 @@ def test_epoch_permutation_is_deterministic_and_changes_per_epoch():
     assert sorted(a.tolist()) == list(range(1000))
     assert not np.array_equal(a, data.epoch_permutation(0, 2, 1000))
     assert not np.array_equal(a, data.epoch_permutation(1, 1, 1000))
+
+
+def test_unit_float_conversion_is_exactly_divide_by_255():
+    every_value = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
+    converted = data.from_arrays("mnist", every_value, np.zeros(4, np.int64), every_value[:1],
+                                 np.zeros(1, np.int64), data.CLASS_NAMES["mnist"]).train_images
+    assert converted.dtype == np.float32 and converted.shape == (4, 8, 8, 1)
+    np.testing.assert_array_equal(converted[..., 0], every_value.astype(np.float32) / 255.0)

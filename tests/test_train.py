@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data, model, optim, train
+from cnn_jax import data, lowering, model, optim, train
 from cnn_jax.config import Config
 
 
@@ -102,3 +102,42 @@ def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
     new_params, _, metrics = step(params, poisoned, images, labels)
     assert not bool(metrics["finite"])
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new_params))   # the params alone look fine
+
+
+@pytest.mark.parametrize("loop", ["step", "scan"])
+def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
+    config = config_lib.replace(Config(), loop=loop, eval_batch_size=300, seed=7)
+    cut = dataclasses.replace(small, train_images=small.train_images[:320], train_labels=small.train_labels[:320],
+                              test_images=small.test_images[:500], test_labels=small.test_labels[:500])
+    num_steps = train.steps_per_epoch(config, len(cut.train_labels))
+    optimizer, runner = train.compiled_runner(config, num_steps * config.epochs, loop)
+    train.compile_ahead(config, cut, optimizer, runner, loop, num_steps)
+    params = model.init(jax.random.key(config.seed), config)
+    opt_state = optimizer.init(params)
+    order = jnp.asarray(data.epoch_permutation(config.seed, 0, len(cut.train_labels)))
+    images, labels = jnp.asarray(cut.train_images), jnp.asarray(cut.train_labels)
+    eval_batches = list(train.eval_batches(jnp.asarray(cut.test_images), jnp.asarray(cut.test_labels),
+                                           config.eval_batch_size))
+    compiled = []
+    listener = lambda event, duration, **kw: compiled.append(event)   # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        if loop == "step":
+            params, _, _ = runner(params, opt_state, images, labels, order, np.int32(0))
+        else:
+            params, _, _ = runner(params, opt_state, images, labels, order, np.int32(0), num_steps)
+        for x, y, mask, _ in eval_batches:   # 300 + a padded 200: one shape
+            train._eval_batch(params, x, y, mask, lowering.inference_config(config))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiled, compiled
+
+
+def test_log_lines_of_one_scanned_epoch_share_its_rate(small):
+    config = config_lib.replace(Config(), loop="scan", train_eval="running", log_every=2)
+    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
+    records = []
+    train.fit(config, cut, hooks=train.Hooks(on_log=records.append))
+    assert [r["step"] for r in records] == list(range(2, 11, 2))
+    rates = {r["images_per_second"] for r in records}
+    assert len(rates) == 1 and rates.pop() > 0
