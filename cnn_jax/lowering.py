@@ -77,10 +77,14 @@ def inference_config(config: Config) -> Config:
 
     Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
     faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
-    convolution (NHWC, reshape pooling) there. Explicit choices are kept."""
+    convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling
+    (measured: 18k and 12k test images/s; reshape average pooling 6k). Explicit choices are kept."""
     if config.conv_impl != "auto" or config.layout != "auto":
         return config
-    return dataclasses.replace(config, conv_impl="lax", layout="NHWC")
+    pool_impl = config.pool_impl
+    if pool_impl == "auto" and config.pool == "avg":
+        pool_impl = "reduce_window"
+    return dataclasses.replace(config, conv_impl="lax", layout="NHWC", pool_impl=pool_impl)
 
 
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"

@@ -236,6 +236,8 @@ def test_ynnpack_option_reaches_the_compiled_step(ynnpack, fused):
 
 def test_inference_uses_the_fastest_forward_lowering_and_keeps_explicit_choices():
     inference = lowering.inference_config(Config())
-    assert (inference.conv_impl, inference.layout) == ("lax", "NHWC")
+    assert (inference.conv_impl, inference.layout, inference.pool_impl) == ("lax", "NHWC", "auto")
+    avg = lowering.inference_config(config_lib.replace(Config(), pool="avg"))
+    assert (avg.conv_impl, avg.layout, avg.pool_impl) == ("lax", "NHWC", "reduce_window")
     chosen = config_lib.replace(Config(), conv_impl="patches")
     assert lowering.inference_config(chosen) == chosen
