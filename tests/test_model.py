@@ -1,5 +1,7 @@
 """Model: params layout, init schemes, the debug shape trace, derived sizes."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,25 @@ def test_conv_lowerings_give_the_same_logits_and_gradients():
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for g1, g2 in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"init": "seed", "weight_scale": 0.01},
+                                       {"conv_filters": (8, 16, 32), "conv_kernels": (3, 3, 3),
+                                        "conv_padding": "SAME", "num_fc": 33, "init": "lecun"}])
+def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
+    """The shared-size sampler is an optimisation only: every tensor is what
+    `jax.random.normal(its key, its shape)` gives, as documented results were drawn."""
+    config = config_lib.replace(Config(), **overrides)
+    params = model.init(jax.random.key(11), config)
+    shapes = model.param_shapes(config)
+    keys = jax.random.split(jax.random.key(11), 2 * len(shapes)).reshape(len(shapes), 2)
+    for (name, layer), (kw, kb) in zip(shapes.items(), keys):
+        if config.init == "seed":
+            expected_w = config.weight_scale * jax.random.normal(kw, layer["w"], jnp.float32)
+            expected_b = config.weight_scale * jax.random.normal(kb, layer["b"], jnp.float32)
+        else:
+            gain = 2.0 if config.init == "he" else 1.0
+            expected_w = math.sqrt(gain / math.prod(layer["w"][:-1])) * jax.random.normal(kw, layer["w"], jnp.float32)
+            expected_b = jnp.zeros(layer["b"], jnp.float32)
+        np.testing.assert_array_equal(params[name]["w"], expected_w)
+        np.testing.assert_array_equal(params[name]["b"], expected_b)
