@@ -329,10 +329,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def training_run(preset: str, data_dir: str) -> dict[str, Any]:
+def training_run(preset: str, data_dir: str, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run `experiments/train.py --preset=...` in a subprocess: wall time, peak RSS, test accuracy."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    args = [script, f"--preset={preset}", f"--data_dir={data_dir}"]
+    args = [script, f"--preset={preset}", f"--data_dir={data_dir}", *extra_args]
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

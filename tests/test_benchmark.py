@@ -90,3 +90,14 @@ def test_bad_flags_are_refused_before_any_timing(args, fragment):
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
+
+
+def test_training_run_reports_the_childs_own_peak_memory(mnist_dir):
+    """A short train.py run, launched while this process holds 2 GiB: the reported peak is the
+    child's (wait4's ru_maxrss would include the parent's memory that fork carries over)."""
+    ballast = np.ones(1 << 29, np.float32)   # 2 GiB, touched
+    run = benchmark.training_run("fast", mnist_dir, ("--train_subset=640", "--test_subset=500"))
+    del ballast
+    assert run["exit_status"] == 0, run["output_tail"]
+    assert run["strategy"] and run["test_accuracy"] is not None
+    assert 100 < run["peak_rss_mib"] < 2048
