@@ -30,6 +30,14 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """Zero-pad spatial axes 1 and 2 (NHWC or CHWN) as XLA's 'SAME' does for a kh x kw kernel."""
+    pads = [(0, 0)] * x.ndim
+    pads[1] = _same_padding(x.shape[1], kh, stride)
+    pads[2] = _same_padding(x.shape[2], kw, stride)
+    return jnp.pad(x, pads)
+
+
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
            padding: str = "VALID") -> jax.Array:
     """2-D convolution: x (N, H, W, C), w (kh, kw, C, O), b (O,) -> (N, H', W', O)."""
@@ -45,7 +53,7 @@ def conv2d_patches(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
     kh, kw, c, o = w.shape
     n, h, wd, _ = x.shape
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), _same_padding(h, kh, stride), _same_padding(wd, kw, stride), (0, 0)))
+        x = pad_same(x, kh, kw, stride)
     oh = conv_output_size(h, kh, stride, padding)
     ow = conv_output_size(wd, kw, stride, padding)
     # Patch feature order (i, j, c) matches w.reshape(kh * kw * c, o).

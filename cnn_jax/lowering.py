@@ -182,8 +182,7 @@ def conv2d_patches_chwn(x: jax.Array, w: jax.Array, stride: int = 1,
     kh, kw, c, o = w.shape
     h, wd = x.shape[1:3]
     if padding == "SAME":
-        x = jnp.pad(x, ((0, 0), layers._same_padding(h, kh, stride),
-                        layers._same_padding(wd, kw, stride), (0, 0)))
+        x = layers.pad_same(x, kh, kw, stride)
     oh = conv_output_size(h, kh, stride, padding)
     ow = conv_output_size(wd, kw, stride, padding)
     n = x.shape[3]
@@ -234,16 +233,11 @@ def _col2im(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: i
     return jnp.sum(jnp.stack(rows), axis=0)
 
 
-def _pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
-    return jnp.pad(x, ((0, 0), layers._same_padding(x.shape[1], kh, stride),
-                       layers._same_padding(x.shape[2], kw, stride), (0, 0)))
-
-
 def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
     kh, kw, c, o = w.shape
     input_hw = x.shape[1:3]
     if padding == "SAME":
-        x = _pad_same(x, kh, kw, stride)
+        x = layers.pad_same(x, kh, kw, stride)
     h, wd, n = x.shape[1:]
     # Only the conv outputs the VALID pool reads: the first (out // k) * k rows and columns.
     ph = conv_output_size(h, kh, stride) // k
@@ -314,15 +308,6 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
 pooled_conv_chwn.defvjp(_pooled_conv_fwd, _pooled_conv_bwd)
 
 
-def _reduce_window_pool(x: jax.Array, config: Config) -> jax.Array:
-    """The reference pooling (`layers.max_pool` / `avg_pool`, VALID) over axes 1 and 2."""
-    dims = (1, config.pool_window, config.pool_window, 1)
-    strides = (1, config.pool_stride, config.pool_stride, 1)
-    if config.pool == "max":
-        return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, "VALID")
-    return lax.reduce_window(x, 0.0, lax.add, dims, strides, "VALID") / (config.pool_window ** 2)
-
-
 def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
     """Drop input rows/columns whose conv outputs the VALID pool never reads."""
     if config.conv_padding != "VALID":
@@ -356,7 +341,8 @@ def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
         conv = layers.conv2d_patches if strategy.conv_impl == "patches" else layers.conv2d
         y = conv(x, w, b, config.conv_stride, config.conv_padding)
     if not reshape_pool:
-        return _reduce_window_pool(layers.relu(y), config)
+        # The reference pooling: its windows span axes 1 and 2, the spatial axes of both layouts.
+        return layers.POOLS[config.pool](layers.relu(y), config.pool_window, config.pool_stride)
     k = config.pool_window
     if config.pool == "max":
         return layers.relu(max_pool_reshape(y, k))   # relu(max(.)) == max(relu(.))

@@ -427,7 +427,7 @@ def resolve_loop(config: Config) -> str:
     A vmapped group runs steps inside `lax.scan` (in chunks of `log_every` steps, for
     progress and logs): on the 2-core CPU of WORKSPACE.md ("Sweeps") a scanned group of 6
     runs trained 2.5x the images per second of the same group called once per step."""
-    return config.loop if config.loop != "auto" else "scan"
+    return train.resolve_loop(config)
 
 
 @dataclasses.dataclass

@@ -344,10 +344,9 @@ def training_run(preset: str, data_dir: str, extra_args: tuple[str, ...] = ()) -
     # resident memory, which Linux carries over to the child through fork and exec.)
     peak = re.findall(r"^PEAK_RSS_KIB (\d+)$", out, re.M)
     maxrss_kib = int(peak[-1]) if peak else usage.ru_maxrss
-    cmd = [sys.executable, *args]
     accuracies = [float(a) for a in re.findall(r"Test_acc ([0-9.]+)", out)]
     strategy = re.findall(r"^(?:I\S+ )?.*strategy: (.*)$", out, re.M)
-    return {"preset": preset, "command": " ".join(cmd[1:]), "exit_status": proc.returncode,
+    return {"preset": preset, "command": " ".join(args), "exit_status": proc.returncode,
             "wall_s": wall, "peak_rss_mib": maxrss_kib / 1024,
             "test_accuracy": accuracies[-1] if accuracies else None,
             "strategy": strategy[0] if strategy else None,

@@ -25,6 +25,7 @@ from absl import app, flags
 
 from cnn_jax import cli, data, sweep, train
 from cnn_jax import config as config_lib
+from cnn_jax import workdir as workdir_lib
 
 cli.define_config_flags()
 flags.DEFINE_integer("runs", 16, "Number of runs.")
@@ -97,8 +98,7 @@ def main(argv):
         print(f"speed-up of vectorised over sequential: {r['seconds'] / best:.2f}x")
     results["load_after"] = os.getloadavg()[0]
     if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            json.dump(results, f, indent=2)
+        workdir_lib.atomic_write_text(FLAGS.output, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
