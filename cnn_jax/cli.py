@@ -31,7 +31,8 @@ _HELP = {
     "optimizer": "seed_sgd (the tutorial's hand-written SGD), sgd, momentum, adam or adamw.",
     "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
     "loss_reduction": "How per-example losses combine over a batch: mean or sum (the seed).",
-    "conv_impl": "Convolution lowering: auto (patches on CPU, lax elsewhere), lax (reference) or patches.",
+    "conv_impl": "Convolution lowering: auto (winograd on CPU, lax elsewhere), lax (reference), patches "
+                 "(im2col + matmul) or winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
     "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
     "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",

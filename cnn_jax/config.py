@@ -19,7 +19,7 @@ INITS = ("he", "lecun", "seed")
 OPTIMIZERS = ("seed_sgd", "sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
 LOSS_REDUCTIONS = ("mean", "sum")
-CONV_IMPLS = ("auto", "lax", "patches")
+CONV_IMPLS = ("auto", "lax", "patches", "winograd")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
 LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
@@ -64,7 +64,7 @@ class Config:
     epochs: int = 1
     seed: int = 0
     # Execution and reporting.
-    conv_impl: str = "auto"           # auto | lax | patches (auto: patches on CPU, lax elsewhere)
+    conv_impl: str = "auto"           # auto | lax | patches | winograd (auto: winograd on CPU, lax elsewhere)
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
     layout: str = "auto"              # auto | NHWC (reference) | CHWN (channel-major, batch-minor)
@@ -150,6 +150,11 @@ def validate(config: Config) -> Config:
     if config.pool_impl == "reshape" and config.pool_window != config.pool_stride:
         raise ConfigError(f"--pool_impl=reshape needs --pool_window == --pool_stride (got "
                           f"{config.pool_window} and {config.pool_stride}); use --pool_impl=reduce_window")
+    if config.conv_impl == "winograd" and (config.layout == "NHWC" or config.pool_impl == "reduce_window"
+                                           or config.pool_window != config.pool_stride):
+        raise ConfigError("--conv_impl=winograd runs in the fused channel-major block: it needs "
+                          "--layout=CHWN (or auto) and reshape pooling (--pool_window == --pool_stride, "
+                          "--pool_impl=reshape or auto); use --conv_impl=patches otherwise")
     if config.coordinator_address and ":" not in config.coordinator_address:
         raise ConfigError(f"--coordinator_address={config.coordinator_address!r} is not allowed: "
                           "give host:port of process 0")

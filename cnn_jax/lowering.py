@@ -16,8 +16,13 @@ equal to the reference in value and gradient):
 - layout "CHWN": activations channel-major and batch-minor (C, H, W, N). The conv matmuls
   then have the long space x batch axis last, and every patch slice, pooling reduction and
   gradient scatter moves contiguous runs of N values. With patches and reshape pooling the
-  whole block is one custom VJP (`pooled_conv_chwn`): window-major patches, pooling as a
-  reduction over a leading axis, the bias gradient at pooled resolution.
+  whole block is one custom VJP (`pooled_conv_chwn`): window-major patches with a row of
+  ones (the bias rides in the matmul, and its gradient comes out of the weight-gradient
+  product), pooling as a reduction over a leading axis.
+- conv "winograd": the same fused block by Winograd's minimal filtering F(4x4, 5x5) or
+  F(2x2, 3x3) (`pooled_conv_winograd`) for the layers it applies to (`winograd_applies`:
+  stride 1, whole tiles, enough input channels), patches for the rest. F(4x4, 5x5) does
+  6.25x fewer multiplications than the direct 5x5 conv; the seed's conv2 is its case.
 
 `resolve(config)` turns the config's `auto` choices into the concrete strategy for the
 backend, and `describe` names it for the start-up log line.
@@ -30,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnn_jax import layers
@@ -41,7 +47,7 @@ from cnn_jax.layers import conv_output_size
 class Strategy:
     """The concrete lowerings a config runs with (no `auto` left)."""
 
-    conv_impl: str   # lax | patches
+    conv_impl: str   # lax | patches | winograd
     pool_impl: str   # reduce_window | reshape
     layout: str      # NHWC | CHWN
     loop: str        # step | scan
@@ -55,17 +61,21 @@ class Strategy:
 def resolve(config: Config, backend: str | None = None) -> Strategy:
     """Replace every `auto` of the config by the choice measured fastest on `backend`.
 
-    CPU: patches conv, reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off.
+    CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
+    NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off.
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()
     cpu = backend == "cpu"
-    conv = config.conv_impl if config.conv_impl != "auto" else ("patches" if cpu else "lax")
     pool = config.pool_impl
     if pool == "auto":
         pool = "reshape" if config.pool_window == config.pool_stride else "reduce_window"
+    conv = config.conv_impl
+    if conv == "auto":
+        conv = ("winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches") \
+            if cpu else "lax"
     layout = config.layout if config.layout != "auto" else (
-        "CHWN" if cpu and conv == "patches" and pool == "reshape" else "NHWC")
+        "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
     # A scanned epoch: on XLA:CPU ~1.4x the throughput of one call per batch at batch 64.
     loop = config.loop if config.loop != "auto" else "scan"
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
@@ -200,16 +210,18 @@ def _weight_matrix(w: jax.Array) -> jax.Array:
 
 def _window_major_patches(x: jax.Array, kh: int, kw: int, stride: int, k: int, ph: int,
                           pw: int) -> jax.Array:
-    """Patches of x (C, H, W, N) for the conv outputs a k x k VALID pool reads:
-    (C*kh*kw, k*k*ph*pw*N), row (c, i, j), column (a, b, py, px, n) = conv output
+    """Patches of x (C, H, W, N) for the conv outputs a k x k VALID pool reads, and a last row
+    of ones: (C*kh*kw + 1, k*k*ph*pw*N), row (c, i, j), column (a, b, py, px, n) = conv output
     (k*py + a, k*px + b) of image n. One concatenation of strided slices whose runs of N
     are contiguous; pooling then reduces over a leading axis and its gradient is a stack
-    of k*k blocks."""
+    of k*k blocks. The ones row carries the bias: the forward product adds it and the
+    weight-gradient product returns its gradient as a last row (no separate reduction)."""
     c, n = x.shape[0], x.shape[3]
     step = stride * k
     slices = [x[:, stride * a + i::step, stride * b + j::step][:, :ph, :pw]
               for i in range(kh) for j in range(kw) for a in range(k) for b in range(k)]
-    return jnp.stack(slices, axis=1).reshape(c * kh * kw, k * k * ph * pw * n)
+    patches = jnp.stack(slices, axis=1).reshape(c * kh * kw, k * k * ph * pw * n)
+    return jnp.concatenate([patches, jnp.ones((1, patches.shape[1]), patches.dtype)])
 
 
 def _col2im(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: int, oh: int,
@@ -243,7 +255,8 @@ def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
     ph = conv_output_size(h, kh, stride) // k
     pw = conv_output_size(wd, kw, stride) // k
     patches = _window_major_patches(x, kh, kw, stride, k, ph, pw)
-    y = (_weight_matrix(w).T @ patches + b[:, None]).reshape(o, k * k, ph, pw, n)
+    weights = jnp.concatenate([_weight_matrix(w), b[None]])      # the bias row meets the ones row
+    y = (weights.T @ patches).reshape(o, k * k, ph, pw, n)
     if pool == "max":
         z = jnp.max(y, axis=1)
         out = layers.relu(z)      # relu(max(.)) == max(relu(.)), with the same gradient
@@ -278,7 +291,6 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
     if pool == "max":
         patches, w, first, out, x_shape, input_hw = residuals
         gz = jnp.where(out > 0, g, jnp.zeros_like(g))
-        db = jnp.sum(gz, axis=(1, 2, 3))
         zero = jnp.zeros((), g.dtype)
         dy = jnp.stack([jnp.where(first == q, gz, zero) for q in range(k * k)], axis=1)
     else:
@@ -288,12 +300,12 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
         # Built like max pooling's: k*k pooled-size selections of one materialised gz (a
         # broadcast select would make XLA recompute the incoming gradient k*k times).
         dy = jnp.stack([jnp.where(positive[:, q], gz, zero) for q in range(k * k)], axis=1)
-        db = jnp.sum(dy, axis=(1, 2, 3, 4))
     kh, kw, c, o = w.shape
     _, _, ph, pw, n = dy.shape
     dy = dy.reshape(o, k * k * ph * pw * n)
-    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ())))
-    dw = dw.reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
+    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ())))   # last row: the bias gradient
+    db = dw[-1]
+    dw = dw[:-1].reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
     # The input gradient in row-major column order (a transpose of the small dy, not of
     # the patches' gradient), scattered back by `_col2im`.
     dy_rows = dy.reshape(o, k, k, ph, pw, n).transpose(0, 3, 1, 4, 2, 5).reshape(o, -1)
@@ -306,6 +318,174 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
 
 
 pooled_conv_chwn.defvjp(_pooled_conv_fwd, _pooled_conv_bwd)
+
+
+# --- Winograd F(m x m, r x r) convolution, fused with relu and pooling ----------------------
+
+def _winograd_points(count: int) -> list[float]:
+    """Interpolation points: 0, 1, -1, 2, -2, 1/2, -1/2, ... (small, exact in binary)."""
+    points = [0.0]
+    for p in (1.0, 2.0, 0.5, 3.0, 1 / 3):
+        points += [p, -p]
+    return points[:count]
+
+
+@functools.lru_cache(maxsize=None)
+def winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Toom-Cook matrices (A^T (m, a), G (a, r), B^T (a, a)), a = m + r - 1, with which the
+    1-D valid correlation of an a-vector d with an r-vector g is A^T [(G g) * (B^T d)].
+
+    A^T and G come from the points (plus the point at infinity); B^T is solved from the
+    identity itself, in float64, and checked."""
+    alpha = m + r - 1
+    p = np.array(_winograd_points(alpha - 1))
+    at = np.zeros((m, alpha))
+    at[:, :-1] = p[None, :] ** np.arange(m)[:, None]
+    at[-1, -1] = 1.0
+    scale = np.array([np.prod([pj - pl for pl in np.delete(p, j)]) for j, pj in enumerate(p)])
+    g = np.zeros((alpha, r))
+    g[:-1] = p[:, None] ** np.arange(r)[None, :] / scale[:, None]
+    g[-1, -1] = 1.0
+    # sum_j AT[i, j] G[j, k] BT[j, l] = [l == i + k] for every i < m, k < r, l < alpha.
+    coefficients = np.stack([at[i] * g[:, k] for i in range(m) for k in range(r)])
+    targets = np.array([[float(l == i + k) for l in range(alpha)] for i in range(m) for k in range(r)])
+    bt = np.linalg.lstsq(coefficients, targets, rcond=None)[0]
+    rounded = np.round(bt * 4096) / 4096            # the entries are dyadic: make them exact
+    bt = np.where(np.abs(bt - rounded) < 1e-9, rounded, bt)
+    if not np.allclose(coefficients @ bt, targets, atol=1e-12):
+        raise ValueError(f"no Winograd F({m}, {r}) transform with these points")
+    return at, g, bt
+
+
+WINOGRAD_MIN_CHANNELS = 8
+
+
+def winograd_applies(kernel: int, stride: int, in_channels: int, conv_out: tuple[int, int],
+                     window: int) -> bool:
+    """Whether a conv layer runs as Winograd under `conv_impl=winograd` (else patches + matmul):
+    stride 1, kernel 3 or 5 (F(2x2, 3x3) or F(4x4, 5x5): output tiles of kernel - 1), the
+    pooled part of the conv output (`conv_out` rows and columns) made of whole tiles of whole
+    pool windows, and at least `WINOGRAD_MIN_CHANNELS` input channels: the (2m)^2 products
+    contract over the input channels, and with few of them they are too thin to repay the
+    transforms (the seed's conv1, one channel, trains ~30% slower as Winograd; conv2, 20
+    channels, ~1.4x faster)."""
+    m = kernel - 1
+    used = [size // window * window for size in conv_out]
+    return (stride == 1 and kernel in (3, 5) and in_channels >= WINOGRAD_MIN_CHANNELS
+            and m % window == 0 and all(u > 0 and u % m == 0 for u in used))
+
+
+def _winograd_constants(r: int, k: int):
+    """float32 kron(B^T, B^T) (a*a, a*a) with its columns in the tiles' (h, v, i, j) order
+    (input row h*m + i, column v*m + j), kron(G, G) (a*a, r*r), and kron(A^T, A^T) with its
+    rows ordered (a, b, P, Q) for output (P*k + a, Q*k + b): pool-window position first."""
+    m = r - 1
+    at, g, bt = winograd_matrices(m, r)
+    kb = np.kron(bt, bt).reshape(-1, 2, m, 2, m).transpose(0, 1, 3, 2, 4).reshape(4 * m * m, -1)
+    ka = np.kron(at, at).reshape(m // k, k, m // k, k, -1).transpose(1, 3, 0, 2, 4).reshape(m * m, -1)
+    return (jnp.asarray(kb, jnp.float32), jnp.asarray(np.kron(g, g), jnp.float32),
+            jnp.asarray(ka, jnp.float32))
+
+
+def _winograd_tiles(x: jax.Array, m: int, th: int, tw: int) -> jax.Array:
+    """Input tiles of x (C, H, W, N): (a*a, C*th*tw*N), row (h, v, i, j), column (c, t, u, n)
+    = x[c, m*(t + h) + i, m*(u + v) + j, n]; a = 2m, so a tile is two m-blocks on each axis.
+    Four transposed slices, one per (h, v), stacked on the leading axis."""
+    c, n = x.shape[0], x.shape[3]
+    blocks = x[:, :m * (th + 1), :m * (tw + 1)].reshape(c, th + 1, m, tw + 1, m, n)
+    parts = [blocks[:, h:h + th, :, v:v + tw].transpose(2, 4, 0, 1, 3, 5) for h in (0, 1) for v in (0, 1)]
+    return jnp.concatenate(parts).reshape(4 * m * m, c * th * tw * n)
+
+
+def _winograd_untile(dd: jax.Array, x_shape: tuple[int, ...], m: int, th: int, tw: int) -> jax.Array:
+    """Transpose of `_winograd_tiles`: overlap-add tile gradients (a*a, C*th*tw*N) onto x."""
+    c, h, w, n = x_shape
+    dd = dd.reshape(2, 2, m, m, c, th, tw, n).transpose(0, 1, 4, 5, 2, 6, 3, 7)  # h v C t i u j N
+    zero = jnp.zeros((), dd.dtype)
+    parts = [lax.pad(dd[hh, vv], zero, [(0, 0, 0), (hh, 1 - hh, 0), (0, 0, 0), (vv, 1 - vv, 0),
+                                        (0, 0, 0), (0, 0, 0)])
+             for hh in (0, 1) for vv in (0, 1)]
+    blocks = (parts[0] + parts[1] + parts[2] + parts[3]).reshape(c, m * (th + 1), m * (tw + 1), n)
+    return lax.pad(blocks, zero, [(0, 0, 0), (0, h - m * (th + 1), 0), (0, w - m * (tw + 1), 0),
+                                  (0, 0, 0)])
+
+
+def _winograd_forward(x, w, b, padding, pool, k, keep_residuals):
+    r, _, c, o = w.shape
+    m = r - 1
+    input_hw = x.shape[1:3]
+    if padding == "SAME":
+        x = layers.pad_same(x, r, r, 1)
+    h, wd, n = x.shape[1:]
+    th = conv_output_size(h, r) // k * k // m
+    tw = conv_output_size(wd, r) // k * k // m
+    kb, kg, ka = _winograd_constants(r, k)
+    v = (kb @ _winograd_tiles(x, m, th, tw)).reshape(4 * m * m, c, th * tw * n)
+    u = (kg @ w.reshape(r * r, c * o)).reshape(4 * m * m, c, o)
+    prod = lax.dot_general(u, v, (((1,), (1,)), ((0,), (0,))))            # (a*a, O, P)
+    y = (ka @ prod.reshape(4 * m * m, -1)).reshape(k * k, m // k, m // k, o, th, tw, n)
+    y = y + b[:, None, None, None]
+    if pool == "max":
+        z = jnp.max(y, axis=0)
+        out = layers.relu(z)
+        first = None
+        if keep_residuals:
+            position = jnp.arange(k * k).reshape(k * k, 1, 1, 1, 1, 1, 1)
+            first = jnp.min(jnp.where(y == z[None], position, k * k), axis=0)
+        residuals = (v, u, first, out)
+    else:
+        out = jnp.mean(layers.relu(y), axis=0)
+        residuals = (v, u, y > 0, None)
+    # (P, Q, O, t, u, N) -> (O, t, P, u, Q, N): pooled row t*(m/k) + P
+    pooled = out.transpose(2, 3, 0, 4, 1, 5).reshape(o, th * m // k, tw * m // k, n)
+    return pooled, ((residuals, w, x.shape, input_hw) if keep_residuals else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def pooled_conv_winograd(x: jax.Array, w: jax.Array, b: jax.Array, padding: str, pool: str,
+                         window: int) -> jax.Array:
+    """pool(relu(conv(x, w) + b)) for channel-major x (C, H, W, N), stride 1, kernel 3 or 5,
+    pool window == stride (see `winograd_applies`), by Winograd's minimal filtering
+    F(m x m, r x r), m = r - 1: input tiles of (2m)^2 are transformed, multiplied with the
+    transformed filters as (2m)^2 small matmuls, and transformed back into m x m outputs —
+    F(4x4, 5x5) does 6.25x fewer multiplications than the direct conv. The backward pass is
+    the transposed transforms; max pooling's gradient goes to the first maximum."""
+    return _winograd_forward(x, w, b, padding, pool, window, False)[0]
+
+
+def _winograd_fwd(x, w, b, padding, pool, window):
+    return _winograd_forward(x, w, b, padding, pool, window, True)
+
+
+def _winograd_bwd(padding, pool, k, residuals, g):
+    (v, u, mask, out), w, x_shape, input_hw = residuals
+    r, _, c, o = w.shape
+    m = r - 1
+    n = x_shape[3]
+    th, tw = g.shape[1] // (m // k), g.shape[2] // (m // k)
+    g = g.reshape(o, th, m // k, tw, m // k, n).transpose(2, 4, 0, 1, 3, 5)   # (P, Q, O, t, u, N)
+    zero = jnp.zeros((), g.dtype)
+    if pool == "max":
+        gz = jnp.where(out > 0, g, zero)
+        dy = jnp.stack([jnp.where(mask == q, gz, zero) for q in range(k * k)])
+    else:
+        gz = g / (k * k)
+        dy = jnp.stack([jnp.where(mask[q], gz, zero) for q in range(k * k)])
+    db = jnp.sum(dy, axis=(0, 1, 2, 4, 5, 6))
+    kb, kg, ka = _winograd_constants(r, k)
+    dprod = (ka.T @ dy.reshape(k * k * (m // k) ** 2, -1)).reshape(4 * m * m, o, -1)  # (a*a, O, P)
+    du = lax.dot_general(v, dprod, (((2,), (2,)), ((0,), (0,))))                     # (a*a, C, O)
+    dw = (kg.T @ du.reshape(4 * m * m, c * o)).reshape(r, r, c, o)
+    dv = lax.dot_general(u, dprod, (((2,), (1,)), ((0,), (0,))))                     # (a*a, C, P)
+    dx = _winograd_untile(kb.T @ dv.reshape(4 * m * m, -1), x_shape, m, th, tw)
+    if padding == "SAME":
+        top = layers._same_padding(input_hw[0], r, 1)[0]
+        left = layers._same_padding(input_hw[1], r, 1)[0]
+        dx = dx[:, top:top + input_hw[0], left:left + input_hw[1]]
+    return dx, dw, db
+
+
+pooled_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
 def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
@@ -327,7 +507,14 @@ def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
     Spatial axes are 1 and 2 in both layouts."""
     chwn = strategy.layout == "CHWN"
     reshape_pool = strategy.pool_impl == "reshape"
-    if chwn and reshape_pool and strategy.conv_impl == "patches":
+    if chwn and reshape_pool and strategy.conv_impl == "winograd":
+        kernel = w.shape[0]
+        conv_out = tuple(conv_output_size(size, kernel, config.conv_stride, config.conv_padding)
+                         for size in x.shape[1:3])
+        if w.shape[0] == w.shape[1] and winograd_applies(kernel, config.conv_stride, w.shape[2], conv_out,
+                                                         config.pool_window):
+            return pooled_conv_winograd(x, w, b, config.conv_padding, config.pool, config.pool_window)
+    if chwn and reshape_pool and strategy.conv_impl in ("patches", "winograd"):
         return pooled_conv_chwn(x, w, b, config.conv_stride, config.conv_padding, config.pool,
                                 config.pool_window)
     if reshape_pool:

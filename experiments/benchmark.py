@@ -43,7 +43,7 @@ from cnn_jax.layers import conv_output_size
 flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")
 flags.DEFINE_list("batch_sizes", ["64", "1024"], "Training batch sizes to time.")
 flags.DEFINE_list("pools", ["avg", "max"], "Poolings to time.")
-flags.DEFINE_list("strategies", ["default", "default_step", "reference", "patches_rw", "lax_reshape",
+flags.DEFINE_list("strategies", ["default", "default_step", "patches", "reference", "patches_rw", "lax_reshape",
                                  "patches_nhwc"],
                   "JAX strategies to time (see STRATEGIES in this file).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per measurement (the median is reported).")
@@ -63,6 +63,7 @@ FLAGS = flags.FLAGS
 STRATEGIES: dict[str, tuple[dict[str, Any], str]] = {
     "default": ({}, "auto (train.py's default)"),
     "default_step": ({"loop": "step"}, "auto lowerings, one jitted call per batch"),
+    "patches": ({"conv_impl": "patches"}, "auto, but patches + matmul for every conv (no Winograd)"),
     "reference": ({"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "NHWC", "loop": "step"},
                   "lax conv + reduce_window pool"),
     "patches_rw": ({"conv_impl": "patches", "pool_impl": "reduce_window", "layout": "NHWC",

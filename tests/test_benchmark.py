@@ -71,7 +71,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
         assert r["compile_s"] > 0 and r["gflops"] > 0
     assert report["matmul_peak_gflops"] > 0
     assert {e["name"] for e in report["evaluation"]} == {"default", "reference"} | ({"torch"} if has_torch else set())
-    assert "conv=patches pool=reshape layout=CHWN loop=scan ynnpack=off" in group["results"][0]["description"]
+    assert "conv=winograd pool=reshape layout=CHWN loop=scan ynnpack=off" in group["results"][0]["description"]
     assert "vs torch" in proc.stdout and "default" in proc.stdout
 
 

@@ -19,6 +19,7 @@ STRATEGIES = [
     {"conv_impl": "patches", "pool_impl": "reshape", "layout": "CHWN"},
     {"conv_impl": "lax", "pool_impl": "reshape", "layout": "CHWN"},
     {"conv_impl": "lax", "pool_impl": "reduce_window", "layout": "CHWN"},
+    {"conv_impl": "winograd", "pool_impl": "reshape", "layout": "CHWN"},
 ]
 
 
@@ -107,6 +108,7 @@ def test_conv_block_equals_the_reference_block(overrides, pool, strategy):
     config = config_lib.replace(Config(), pool=pool, **overrides)
     if strategy["pool_impl"] == "reshape" and config.pool_window != config.pool_stride:
         pytest.skip("reshape pooling needs window == stride (validate rejects it)")
+    # (With 3 input channels, conv_impl=winograd runs patches here: the Winograd tests are below.)
     resolved = lowering.resolve(config_lib.replace(config, loop="step", **strategy))
     x, w, b = _random((2, 13, 12, 3)), _random((5, 5, 3, 6), 1, 0.3), _random((6,), 2)
     chwn = resolved.layout == "CHWN"
@@ -197,7 +199,7 @@ def test_seed_network_gradients_equal_the_reference(pool, strategy):
 
 @pytest.mark.parametrize("overrides", OTHER_NETWORKS)
 @pytest.mark.parametrize("pool", ["max", "avg"])
-@pytest.mark.parametrize("strategy", STRATEGIES[2:4], ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize("strategy", STRATEGIES[2:4] + STRATEGIES[-1:], ids=lambda s: "-".join(s.values()))
 def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
     _assert_model_matches_reference(config_lib.replace(Config(), pool=pool, **overrides), strategy)
 
@@ -205,12 +207,15 @@ def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
 def test_auto_strategy_per_backend():
     cpu = lowering.resolve(Config(), "cpu")
     assert (cpu.conv_impl, cpu.pool_impl, cpu.layout, cpu.loop, cpu.ynnpack) == (
-        "patches", "reshape", "CHWN", "scan", "off")
+        "winograd", "reshape", "CHWN", "scan", "off")
+    nhwc = lowering.resolve(config_lib.replace(Config(), layout="NHWC"), "cpu")
+    assert (nhwc.conv_impl, nhwc.layout) == ("patches", "NHWC")
     gpu = lowering.resolve(Config(), "gpu")
     assert (gpu.conv_impl, gpu.pool_impl, gpu.layout, gpu.loop, gpu.ynnpack) == (
         "lax", "reshape", "NHWC", "scan", "on")
     overlapping = lowering.resolve(config_lib.replace(Config(), pool_window=3, pool_stride=2), "cpu")
-    assert (overlapping.pool_impl, overlapping.layout) == ("reduce_window", "NHWC")
+    assert (overlapping.conv_impl, overlapping.pool_impl, overlapping.layout) == (
+        "patches", "reduce_window", "NHWC")
     chosen = lowering.resolve(config_lib.replace(Config(), **REFERENCE, loop="scan"), "cpu")
     assert chosen.describe() == "conv=lax pool=reduce_window layout=NHWC loop=scan ynnpack=off"
 
@@ -241,3 +246,72 @@ def test_inference_uses_the_fastest_forward_lowering_and_keeps_explicit_choices(
     assert (avg.conv_impl, avg.layout, avg.pool_impl) == ("lax", "NHWC", "reduce_window")
     chosen = config_lib.replace(Config(), conv_impl="patches")
     assert lowering.inference_config(chosen) == chosen
+
+
+# --- Winograd ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m,r", [(2, 3), (4, 5)])
+def test_winograd_matrices_compute_the_valid_correlation(m, r):
+    at, g, bt = lowering.winograd_matrices(m, r)
+    assert at.shape == (m, m + r - 1) and g.shape == (m + r - 1, r) and bt.shape == (m + r - 1,) * 2
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d, w = rng.standard_normal(m + r - 1), rng.standard_normal(r)
+        np.testing.assert_allclose(at @ ((g @ w) * (bt @ d)), np.correlate(d, w, "valid"), rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_applies_where_its_tiles_fit_and_the_products_pay():
+    applies = lowering.winograd_applies
+    assert applies(5, 1, 20, (9, 9), 2)            # the seed's conv2: 8x8 pooled outputs, 2x2 tiles
+    assert not applies(3, 1, 1, (26, 26), 2)       # the seed's conv1: one input channel
+    assert applies(3, 1, 8, (11, 11), 2)           # F(2x2, 3x3): 10 pooled rows, 5 tiles
+    assert not applies(5, 2, 20, (9, 9), 2)        # stride 2
+    assert not applies(7, 1, 20, (9, 9), 2)        # no 7x7 transform
+    assert not applies(5, 1, 20, (10, 10), 2)      # 10 pooled rows are not whole 4-row tiles
+    assert not applies(5, 1, 20, (9, 9), 3)        # 3x3 windows do not split 4x4 tiles
+
+
+def _winograd_block_cases():
+    # (C, H, W, kernel, O, padding): the seed's conv2, SAME padding, F(2x2, 3x3), rectangular
+    # inputs with a row and column the pool drops, and a single channel.
+    return [(20, 13, 13, 5, 50, "VALID"), (3, 12, 12, 5, 7, "SAME"), (4, 10, 10, 3, 6, "SAME"),
+            (2, 11, 15, 3, 5, "VALID"), (3, 13, 17, 5, 4, "VALID"), (1, 14, 14, 3, 3, "VALID")]
+
+
+@pytest.mark.parametrize("case", _winograd_block_cases(), ids=str)
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_winograd_block_equals_the_reference_block(case, pool):
+    c, h, w_, kernel, o, padding = case
+    x, w, b = _random((3, h, w_, c)), _random((kernel, kernel, c, o), 1, 0.3), _random((o,), 2)
+
+    def ref(x, w, b):
+        y = layers.relu(layers.conv2d(x, w, b, 1, padding))
+        return layers.POOLS[pool](y, 2, 2)
+
+    def new(x, w, b):
+        y = lowering.pooled_conv_winograd(jnp.transpose(x, (3, 1, 2, 0)), w, b, padding, pool, 2)
+        return jnp.transpose(y, (3, 1, 2, 0))
+
+    cotangent = _random(jax.eval_shape(ref, x, w, b).shape, 3)
+    y_ref, grads_ref = _value_and_vjp(ref, (x, w, b), cotangent)
+    y_new, grads_new = _value_and_vjp(new, (x, w, b), cotangent)
+    # The transforms round differently from a direct sum (F(4x4, 5x5) mixes terms up to 5.25x
+    # larger): each array is held to float32 rounding at its own scale.
+    for new_, ref_ in zip([y_new, *grads_new], [y_ref, *grads_ref]):
+        np.testing.assert_allclose(new_, ref_, rtol=1e-4, atol=2e-5 * np.abs(ref_).max())
+
+
+def test_winograd_runs_only_the_layers_it_applies_to():
+    config = config_lib.replace(Config(), conv_impl="winograd")
+    strategy = lowering.resolve(config, "cpu")
+    params = model.init(jax.random.key(0), config)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply(p, x, config))(params, jnp.zeros((2, 28, 28, 1))))
+    assert strategy.describe().startswith("conv=winograd")
+    assert jaxpr.count("pooled_conv_winograd") == 1 and jaxpr.count("pooled_conv_chwn") == 1
+
+
+@pytest.mark.parametrize("overrides", [{"layout": "NHWC"}, {"pool_impl": "reduce_window"},
+                                       {"pool_window": 3, "pool_stride": 2}])
+def test_winograd_needs_the_fused_channel_major_block(overrides):
+    with pytest.raises(config_lib.ConfigError, match="--conv_impl=winograd runs in the fused"):
+        config_lib.validate(config_lib.replace(Config(), conv_impl="winograd", **overrides))

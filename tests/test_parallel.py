@@ -18,7 +18,12 @@ from cnn_jax import data, parallel, train
 from cnn_jax.config import Config, ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = {"train_subset": 512, "test_subset": 200, "batch_size": 64}
+# conv_impl=patches: its rounding does not depend on the per-device batch, so 4 devices x 16
+# images match 1 x 64 after 8 Adam steps to float tolerance. (Winograd's transforms round
+# differently at 16 and 64 images, and Adam's first steps turn rounding-level gradient
+# differences on near-zero gradients into ~1e-3 parameter differences; the sharding under
+# test does not depend on the lowering, which tests/test_lowering.py holds to the reference.)
+SUBSET = {"train_subset": 512, "test_subset": 200, "batch_size": 64, "conv_impl": "patches"}
 
 # Runs in a fresh interpreter: argv = mnist_dir, output prefix, loops, then optional distributed args.
 SCRIPT = r"""
