@@ -220,6 +220,9 @@ def _window_major_patches(x: jax.Array, kh: int, kw: int, stride: int, k: int, p
     step = stride * k
     slices = [x[:, stride * a + i::step, stride * b + j::step][:, :ph, :pw]
               for i in range(kh) for j in range(kw) for a in range(k) for b in range(k)]
+    if c == 1:   # the ones row as k*k more slices of the same stack: one copy, not two
+        slices += [jnp.ones_like(slices[0])] * (k * k)
+        return jnp.stack(slices, axis=1).reshape(kh * kw + 1, k * k * ph * pw * n)
     patches = jnp.stack(slices, axis=1).reshape(c * kh * kw, k * k * ph * pw * n)
     return jnp.concatenate([patches, jnp.ones((1, patches.shape[1]), patches.dtype)])
 
@@ -388,13 +391,15 @@ def _winograd_constants(r: int, k: int):
 
 
 def _winograd_tiles(x: jax.Array, m: int, th: int, tw: int) -> jax.Array:
-    """Input tiles of x (C, H, W, N): (a*a, C*th*tw*N), row (h, v, i, j), column (c, t, u, n)
-    = x[c, m*(t + h) + i, m*(u + v) + j, n]; a = 2m, so a tile is two m-blocks on each axis.
-    Four transposed slices, one per (h, v), stacked on the leading axis."""
+    """Input tiles of x (C, H, W, N), channel last: (a*a, th*tw*N*C), row (h, v, i, j),
+    column (t, u, n, c) = x[c, m*(t + h) + i, m*(u + v) + j, n]; a = 2m, so a tile is two
+    m-blocks on each axis. Four transposed slices, one per (h, v), stacked on the leading
+    axis. Channel last makes the transformed tiles (a*a, P, C): the layout in which the
+    weight-gradient products run fastest (measured 1.7x their (a*a, C, P) form)."""
     c, n = x.shape[0], x.shape[3]
     blocks = x[:, :m * (th + 1), :m * (tw + 1)].reshape(c, th + 1, m, tw + 1, m, n)
-    parts = [blocks[:, h:h + th, :, v:v + tw].transpose(2, 4, 0, 1, 3, 5) for h in (0, 1) for v in (0, 1)]
-    return jnp.concatenate(parts).reshape(4 * m * m, c * th * tw * n)
+    parts = [blocks[:, h:h + th, :, v:v + tw].transpose(2, 4, 1, 3, 5, 0) for h in (0, 1) for v in (0, 1)]
+    return jnp.concatenate(parts).reshape(4 * m * m, th * tw * n * c)
 
 
 def _winograd_untile(dd: jax.Array, x_shape: tuple[int, ...], m: int, th: int, tw: int) -> jax.Array:
@@ -420,9 +425,9 @@ def _winograd_forward(x, w, b, padding, pool, k, keep_residuals):
     th = conv_output_size(h, r) // k * k // m
     tw = conv_output_size(wd, r) // k * k // m
     kb, kg, ka = _winograd_constants(r, k)
-    v = (kb @ _winograd_tiles(x, m, th, tw)).reshape(4 * m * m, c, th * tw * n)
+    v = (kb @ _winograd_tiles(x, m, th, tw)).reshape(4 * m * m, th * tw * n, c)   # (a*a, P, C)
     u = (kg @ w.reshape(r * r, c * o)).reshape(4 * m * m, c, o)
-    prod = lax.dot_general(u, v, (((1,), (1,)), ((0,), (0,))))            # (a*a, O, P)
+    prod = lax.dot_general(u, v, (((1,), (2,)), ((0,), (0,))))            # (a*a, O, P)
     y = (ka @ prod.reshape(4 * m * m, -1)).reshape(k * k, m // k, m // k, o, th, tw, n)
     y = y + b[:, None, None, None]
     if pool == "max":
@@ -471,11 +476,13 @@ def _winograd_bwd(padding, pool, k, residuals, g):
     else:
         gz = g / (k * k)
         dy = jnp.stack([jnp.where(mask[q], gz, zero) for q in range(k * k)])
-    db = jnp.sum(dy, axis=(0, 1, 2, 4, 5, 6))
     kb, kg, ka = _winograd_constants(r, k)
-    dprod = (ka.T @ dy.reshape(k * k * (m // k) ** 2, -1)).reshape(4 * m * m, o, -1)  # (a*a, O, P)
-    du = lax.dot_general(v, dprod, (((2,), (2,)), ((0,), (0,))))                     # (a*a, C, O)
-    dw = (kg.T @ du.reshape(4 * m * m, c * o)).reshape(r, r, c, o)
+    dy = dy.reshape(k * k * (m // k) ** 2, -1)                                       # (m*m, O*P)
+    # The bias gradient through a product (XLA:CPU runs this reduction 5x faster as a dot).
+    db = (jnp.ones((1, dy.shape[0]), dy.dtype) @ dy).reshape(o, -1).sum(axis=1)
+    dprod = (ka.T @ dy).reshape(4 * m * m, o, -1)                                   # (a*a, O, P)
+    du = lax.dot_general(dprod, v, (((2,), (1,)), ((0,), (0,))))                     # (a*a, O, C)
+    dw = (kg.T @ du.reshape(4 * m * m, c * o)).reshape(r, r, o, c).transpose(0, 1, 3, 2)
     dv = lax.dot_general(u, dprod, (((2,), (1,)), ((0,), (0,))))                     # (a*a, C, P)
     dx = _winograd_untile(kb.T @ dv.reshape(4 * m * m, -1), x_shape, m, th, tw)
     if padding == "SAME":
@@ -487,6 +494,33 @@ def _winograd_bwd(padding, pool, k, residuals, g):
 
 pooled_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
+
+
+# --- The dense layer after a channel-major block ----------------------------------------------
+
+@jax.custom_vjp
+def dense_from_chwn(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """`layers.dense(layers.flatten(x_nhwc), w, b)` for channel-major x (C, H, W, N): the
+    forward flattens in NHWC order (w's rows stay (h, w, c)). The backward forms the input
+    gradient batch-minor, as w @ g^T (I, N), which XLA:CPU multiplies ~2x faster than
+    g @ w^T, and moves it back to (C, H, W, N) with N staying the contiguous axis."""
+    return _dense_from_chwn_fwd(x, w, b)[0]
+
+
+def _dense_from_chwn_fwd(x, w, b):
+    flat = jnp.transpose(x, (3, 1, 2, 0)).reshape(x.shape[3], -1)       # (N, H*W*C)
+    return flat @ w + b, (flat, w, x.shape)
+
+
+def _dense_from_chwn_bwd(residuals, g):
+    flat, w, (c, h, wd, n) = residuals
+    dw = lax.dot_general(flat, g, (((0,), (0,)), ((), ())))
+    db = jnp.sum(g, axis=0)
+    dx = lax.dot_general(w, g, (((1,), (1,)), ((), ())))               # (H*W*C, N)
+    return dx.reshape(h, wd, c, n).transpose(2, 0, 1, 3), dw, db
+
+
+dense_from_chwn.defvjp(_dense_from_chwn_fwd, _dense_from_chwn_bwd)
 
 def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
     """Drop input rows/columns whose conv outputs the VALID pool never reads."""

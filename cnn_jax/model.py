@@ -129,11 +129,13 @@ def apply(params: Params, images: jax.Array, config: Config, debug: bool = False
         for i in range(1, len(config.conv_filters) + 1):
             layer = params[f"conv{i}"]
             x = lowering.conv_block(x, layer["w"], layer["b"], config, strategy)
-        if strategy.layout == "CHWN":
-            x = jnp.transpose(x, (3, 1, 2, 0))
-    x = layers.flatten(x)
-    trace("flatten", x)
-    x = layers.relu(layers.dense(x, params["dense1"]["w"], params["dense1"]["b"]))
+    if strategy.layout == "CHWN" and not debug:   # flatten + dense1 straight from (C, H, W, N)
+        x = lowering.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"])
+    else:
+        x = layers.flatten(x)
+        trace("flatten", x)
+        x = layers.dense(x, params["dense1"]["w"], params["dense1"]["b"])
+    x = layers.relu(x)
     trace("dense1", x)
     x = layers.dense(x, params["output"]["w"], params["output"]["b"])
     trace("output", x)

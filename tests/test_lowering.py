@@ -315,3 +315,14 @@ def test_winograd_runs_only_the_layers_it_applies_to():
 def test_winograd_needs_the_fused_channel_major_block(overrides):
     with pytest.raises(config_lib.ConfigError, match="--conv_impl=winograd runs in the fused"):
         config_lib.validate(config_lib.replace(Config(), conv_impl="winograd", **overrides))
+
+
+@pytest.mark.parametrize("shape", [(50, 4, 4, 6), (3, 2, 5, 4)])
+def test_dense_from_channel_major_equals_flatten_then_dense(shape):
+    c, h, w, n = shape
+    x, weights, b = _random(shape), _random((h * w * c, 7), 1), _random((7,), 2)
+
+    def ref(x, weights, b):   # the reference flattens NHWC
+        return layers.dense(layers.flatten(jnp.transpose(x, (3, 1, 2, 0))), weights, b)
+
+    _assert_same_vjp(ref, lowering.dense_from_chwn, (x, weights, b))
