@@ -370,8 +370,8 @@ def winograd_applies(kernel: int, stride: int, in_channels: int, conv_out: tuple
     pooled part of the conv output (`conv_out` rows and columns) made of whole tiles of whole
     pool windows, and at least `WINOGRAD_MIN_CHANNELS` input channels: the (2m)^2 products
     contract over the input channels, and with few of them they are too thin to repay the
-    transforms (the seed's conv1, one channel, trains ~30% slower as Winograd; conv2, 20
-    channels, ~1.4x faster)."""
+    transforms (with the seed's conv1, one channel, as Winograd too the step runs ~30% slower;
+    conv2, 20 channels, as Winograd makes it ~1.3x faster)."""
     m = kernel - 1
     used = [size // window * window for size in conv_out]
     return (stride == 1 and kernel in (3, 5) and in_channels >= WINOGRAD_MIN_CHANNELS
@@ -403,7 +403,8 @@ def _winograd_tiles(x: jax.Array, m: int, th: int, tw: int) -> jax.Array:
 
 
 def _winograd_untile(dd: jax.Array, x_shape: tuple[int, ...], m: int, th: int, tw: int) -> jax.Array:
-    """Transpose of `_winograd_tiles`: overlap-add tile gradients (a*a, C*th*tw*N) onto x."""
+    """Overlap-add tile gradients (a*a, C*th*tw*N), channel first, onto x (C, H, W, N): the
+    transpose of `_winograd_tiles` (whose tiles are channel last)."""
     c, h, w, n = x_shape
     dd = dd.reshape(2, 2, m, m, c, th, tw, n).transpose(0, 1, 4, 5, 2, 6, 3, 7)  # h v C t i u j N
     zero = jnp.zeros((), dd.dtype)
@@ -495,7 +496,6 @@ def _winograd_bwd(padding, pool, k, residuals, g):
 pooled_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 
-
 # --- The dense layer after a channel-major block ----------------------------------------------
 
 @jax.custom_vjp
@@ -521,6 +521,7 @@ def _dense_from_chwn_bwd(residuals, g):
 
 
 dense_from_chwn.defvjp(_dense_from_chwn_fwd, _dense_from_chwn_bwd)
+
 
 def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
     """Drop input rows/columns whose conv outputs the VALID pool never reads."""
