@@ -4,6 +4,7 @@ XLA_FLAGS must be set before JAX starts, so the multi-device runs are subprocess
 save their final params, which are compared here with a one-device run of the same config.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -18,23 +19,23 @@ from cnn_jax import data, parallel, train
 from cnn_jax.config import Config, ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# conv_impl=patches: its rounding does not depend on the per-device batch, so 4 devices x 16
-# images match 1 x 64 after 8 Adam steps to float tolerance. (Winograd's transforms round
-# differently at 16 and 64 images, and Adam's first steps turn rounding-level gradient
-# differences on near-zero gradients into ~1e-3 parameter differences; the sharding under
-# test does not depend on the lowering, which tests/test_lowering.py holds to the reference.)
+# The default recipe (Adam) with conv_impl=patches: 4 devices x 16 images match 1 x 64 after 8
+# Adam steps to float tolerance. Winograd's transforms round differently at 16 and 64 images,
+# and Adam's first steps turn rounding-level differences of near-zero gradients into ~1e-3
+# parameter differences, so the Winograd default is checked with plain SGD (WINOGRAD_SGD).
 SUBSET = {"train_subset": 512, "test_subset": 200, "batch_size": 64, "conv_impl": "patches"}
+WINOGRAD_SGD = {"conv_impl": "winograd", "optimizer": "sgd", "learning_rate": 0.1}
 
 # Runs in a fresh interpreter: argv = mnist_dir, output prefix, loops, then optional distributed args.
 SCRIPT = r"""
-import sys
+import json, os, sys
 import numpy as np
 from cnn_jax import config as config_lib, parallel
 mnist_dir, prefix, loops = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-extra = {}
+extra = json.loads(os.environ.get("CONFIG_OVERRIDES", "{}"))
 if len(sys.argv) > 4:
     extra = dict(coordinator_address=sys.argv[4], num_processes=2, process_id=int(sys.argv[5]))
-base = config_lib.replace(config_lib.Config(), data_dir=mnist_dir, **SUBSET, **extra)
+base = config_lib.replace(config_lib.Config(), data_dir=mnist_dir, **{**SUBSET, **extra})
 parallel.initialize(base)
 import jax
 from cnn_jax import data, train
@@ -68,8 +69,8 @@ def _run(args, env_extra=None, timeout=300):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _one_device_params(mnist_dir, loop):
-    config = config_lib.replace(Config(), data_dir=mnist_dir, loop=loop, **SUBSET)
+def _one_device_params(mnist_dir, loop, overrides=None):
+    config = config_lib.replace(Config(), data_dir=mnist_dir, loop=loop, **{**SUBSET, **(overrides or {})})
     params, _, _ = train.fit(config, data.load(config))
     return {f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()}
 
@@ -99,6 +100,16 @@ def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_pat
     assert "error: --batch_size=30 does not split evenly over the 4 devices; use a multiple of 4" in out
     for loop in ("step", "scan"):
         _assert_params_match(tmp_path / f"four_{loop}.npz", one_device[loop])
+
+
+def test_four_forced_cpu_devices_match_one_device_with_winograd(mnist_dir, tmp_path):
+    proc = _run([mnist_dir, str(tmp_path / "four"), "scan"],
+                {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                 "CONFIG_OVERRIDES": json.dumps(WINOGRAD_SGD)})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "strategy: conv=winograd" in out and "data parallel over 4 cpu devices" in out
+    _assert_params_match(tmp_path / "four_scan.npz", _one_device_params(mnist_dir, "scan", WINOGRAD_SGD))
 
 
 def test_two_processes_through_jax_distributed_match_one_device(mnist_dir, one_device, tmp_path):
