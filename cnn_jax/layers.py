@@ -38,6 +38,13 @@ def pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     return jnp.pad(x, pads)
 
 
+def unpad_same(x: jax.Array, hw: tuple[int, int], kh: int, kw: int, stride: int) -> jax.Array:
+    """The transpose of `pad_same` for an input of spatial size `hw`: crop axes 1 and 2 back."""
+    top = _same_padding(hw[0], kh, stride)[0]
+    left = _same_padding(hw[1], kw, stride)[0]
+    return x[:, top:top + hw[0], left:left + hw[1]]
+
+
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
            padding: str = "VALID") -> jax.Array:
     """2-D convolution: x (N, H, W, C), w (kh, kw, C, O), b (O,) -> (N, H', W', O)."""

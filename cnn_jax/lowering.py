@@ -314,9 +314,7 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
     dy_rows = dy.reshape(o, k, k, ph, pw, n).transpose(0, 3, 1, 4, 2, 5).reshape(o, -1)
     dx = _col2im(_weight_matrix(w) @ dy_rows, x_shape, kh, kw, stride, ph * k, pw * k)
     if padding == "SAME":
-        top = layers._same_padding(input_hw[0], kh, stride)[0]
-        left = layers._same_padding(input_hw[1], kw, stride)[0]
-        dx = dx[:, top:top + input_hw[0], left:left + input_hw[1]]
+        dx = layers.unpad_same(dx, input_hw, kh, kw, stride)
     return dx, dw, db
 
 
@@ -487,9 +485,7 @@ def _winograd_bwd(padding, pool, k, residuals, g):
     dv = lax.dot_general(u, dprod, (((2,), (1,)), ((0,), (0,))))                     # (a*a, C, P)
     dx = _winograd_untile(kb.T @ dv.reshape(4 * m * m, -1), x_shape, m, th, tw)
     if padding == "SAME":
-        top = layers._same_padding(input_hw[0], r, 1)[0]
-        left = layers._same_padding(input_hw[1], r, 1)[0]
-        dx = dx[:, top:top + input_hw[0], left:left + input_hw[1]]
+        dx = layers.unpad_same(dx, input_hw, r, r, 1)
     return dx, dw, db
 
 

@@ -197,3 +197,14 @@ def test_pool_property(h, w, window, stride, seed):
     assert got_max.shape == got_avg.shape == shape
     np.testing.assert_allclose(got_max, np_pool(x, window, stride, np.max), rtol=1e-6)
     np.testing.assert_allclose(got_avg, np_pool(x, window, stride, np.mean), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kh,kw,stride", [(3, 3, 1), (5, 4, 2), (4, 4, 3)])
+def test_unpad_same_undoes_pad_same_and_is_its_transpose(kh, kw, stride):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 6, 3)), jnp.float32)
+    padded = layers.pad_same(x, kh, kw, stride)
+    assert padded.shape[1] > 7 and padded.shape[2] > 6   # something was padded
+    np.testing.assert_array_equal(layers.unpad_same(padded, (7, 6), kh, kw, stride), x)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(padded.shape), jnp.float32)
+    _, vjp = jax.vjp(lambda v: layers.pad_same(v, kh, kw, stride), x)
+    np.testing.assert_array_equal(vjp(cotangent)[0], layers.unpad_same(cotangent, (7, 6), kh, kw, stride))
