@@ -137,24 +137,31 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
     return state["params"], opt_state, dict(restored["meta"])
 
 
+def _is_closed_loop_report(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 def _drop_closed_loop_reports() -> None:
     """Silence the echoes of a failed restore: orbax closes its event loop on the first failed
     read while tensorstore still finishes the others, and each of those calls back into the
-    closed loop; Python reports every such `RuntimeError('Event loop is closed')` through
-    `sys.unraisablehook` as a traceback on stderr (at random moments, often at exit). Only
-    those reports are dropped; every other one reaches the previous hook."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_reports", False):
+    closed loop. Python reports every such `RuntimeError('Event loop is closed')` as a
+    traceback on stderr (at random moments, often at exit): through `sys.unraisablehook`, or,
+    when tensorstore's callback thread prints the error itself, through `sys.excepthook`.
+    Only those reports are dropped; every other one reaches the previous hook."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous_unraisable, "drops_closed_loop_reports", False):
         return
 
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
+    def unraisable_hook(unraisable: Any) -> None:
+        if not _is_closed_loop_report(unraisable.exc_value):
+            previous_unraisable(unraisable)
 
-    hook.drops_closed_loop_reports = True
-    sys.unraisablehook = hook
+    def except_hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        if not _is_closed_loop_report(error):
+            previous_except(kind, error, tb)
+
+    unraisable_hook.drops_closed_loop_reports = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def _check_matches(state: Any, target: Any, where: str) -> None:

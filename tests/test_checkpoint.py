@@ -112,14 +112,16 @@ def damage(workdir, step):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(tmp_path, monkeypatch):
     """Orbax's abandoned reads report `RuntimeError('Event loop is closed')` through
-    sys.unraisablehook (tracebacks on stderr after the one-line error); only those are dropped."""
+    sys.unraisablehook, or tensorstore's PyErr_Print through sys.excepthook (tracebacks on
+    stderr after the one-line error); only those are dropped, on both hooks."""
     workdir = str(tmp_path)
     with closing(checkpoint.open_manager(workdir)) as manager:
         for step in (4, 8):
             checkpoint.save(manager, step, *state_at(step), {"step": step})
     damage(workdir, 8)
-    reported = []
+    reported, excepted = [], []
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: excepted.append(error))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/8: cannot restore .* damaged .*"
                                                          r"other checkpoints here: 4 \(choose one with --step"):
         checkpoint.restore(workdir, CONFIG)
@@ -130,6 +132,10 @@ def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(
     sys.unraisablehook(echo)
     sys.unraisablehook(other)
     assert reported == [other]
+    excepted.clear()
+    for error in (echo.exc_value, other.exc_value):
+        sys.excepthook(RuntimeError, error, None)
+    assert excepted == [other.exc_value]
     params, _, meta = checkpoint.restore(workdir, CONFIG, step=4)          # the older one is intact
     assert meta["step"] == 4 and leaves_equal(params, state_at(4)[0])
 
