@@ -3,10 +3,18 @@
 A checkpoint is `<workdir>/checkpoints/<step>/`, `step` being the number of training
 steps done. It has two items:
 
-  state   {"params": params, "opt_state": [leaves of the optimiser state]}  (arrays)
-  meta    JSON: step, epoch, moving loss, the current epoch's per-step losses and
-          correct counts (so a mid-epoch checkpoint resumes exactly), the per-epoch
-          history, and the config.
+  state   the TrainState's arrays: {"params": params, "opt_state": [leaves of the optimiser
+          state], "model_state": [its leaves] (only when the model has any), "rng": key
+          data, "step": step}
+  meta    JSON: "format": FORMAT, step, epoch, moving loss, the current epoch's per-step
+          losses and correct counts (so a mid-epoch checkpoint resumes exactly), the
+          per-epoch history, and the config.
+
+Checkpoints written before the train state existed (no "format" in meta; state
+{"params", "opt_state": [leaves of the bare optimiser's state]}) are migrated on read: the
+tutorial's CNN was the only model, with no model state and no randomness, so the optimiser
+state is wrapped as `optim.make_optimizer` holds it now and the rng is the run's seed's, and
+such a run evaluates and resumes bit-exactly.
 
 Saving is synchronous. Orbax writes a step into a temporary folder and renames it into
 place when complete, so a process killed mid-write leaves only a temporary folder,
@@ -26,12 +34,13 @@ import jax
 import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import model, optim
+from cnn_jax import optim, state as state_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config
 from cnn_jax.data import DataError
 
 KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
+FORMAT = 2             # meta["format"] of checkpoints holding a whole TrainState; none before
 
 
 class CheckpointError(DataError):
@@ -60,22 +69,31 @@ def all_finite(tree: Any) -> bool:
     return all(bool(np.all(np.isfinite(x))) for x in leaves if np.issubdtype(x.dtype, np.inexact))
 
 
-def save(manager, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> bool:
-    """Write checkpoint `step` and wait until it is on disk; False if that step already exists.
+def _arrays(state: state_lib.TrainState) -> dict[str, Any]:
+    """The checkpoint's array item for `state` (optimiser and model state as lists of leaves)."""
+    arrays = {"params": state.params, "opt_state": list(jax.tree.leaves(state.opt_state)),
+              "rng": state.rng, "step": state.step}
+    if jax.tree.leaves(state.model_state):
+        arrays["model_state"] = list(jax.tree.leaves(state.model_state))
+    return arrays
 
-    Non-finite params or optimiser state raise FloatingPointError and write nothing, so the
-    last good checkpoint is never replaced by a diverged one.
+
+def save(manager, state: state_lib.TrainState, meta: dict[str, Any]) -> bool:
+    """Write checkpoint `state.step` and wait until it is on disk; False if that step already exists.
+
+    A non-finite train state raises FloatingPointError and writes nothing, so the last good
+    checkpoint is never replaced by a diverged one.
     """
     import orbax.checkpoint as ocp
 
-    if not all_finite((params, opt_state)):
+    step = int(state.step)
+    if not all_finite(state):
         raise FloatingPointError(f"parameters or optimiser state are not finite at step {step}; "
                                  "checkpoint not written")
     if step in manager.all_steps():
         return False
-    state = {"params": params, "opt_state": list(jax.tree.leaves(opt_state))}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
+                                               meta=ocp.args.JsonSave({"format": FORMAT, **meta})))
     manager.wait_until_finished()
     return True
 
@@ -91,15 +109,44 @@ def latest_step(workdir: str) -> int | None:
         manager.close()
 
 
-def abstract_state(config: Config) -> tuple[Any, Any]:
-    """Shape/dtype trees of (params, opt_state) for `config`, computed without allocating."""
-    params = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
-    optimizer = optim.make_optimizer(config, total_steps=1)
-    return params, jax.eval_shape(optimizer.init, params)
+def abstract_state(config: Config) -> state_lib.TrainState:
+    """Shape/dtype tree of the TrainState for `config`, computed without allocating."""
+    return state_lib.abstract(config, optim.make_optimizer(config, total_steps=1))
 
 
-def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(params, opt_state, meta) of checkpoint `step` (default: the latest), as NumPy arrays."""
+def _zeros(tree: Any) -> Any:
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+
+
+def _targets(config: Config, meta: dict[str, Any]) -> tuple[dict[str, Any], state_lib.TrainState]:
+    """(what to read, the abstract TrainState) for a checkpoint with `meta`: the arrays of a
+    TrainState, or, for a checkpoint of the format before it, params and the bare optimiser's
+    state leaves."""
+    shapes = abstract_state(config)
+    if "format" not in meta:
+        inner = shapes.opt_state.inner_state
+        return {"params": _zeros(shapes.params), "opt_state": [_zeros(s) for s in jax.tree.leaves(inner)]}, shapes
+    return _arrays(_zeros(shapes)), shapes
+
+
+def _state_from(arrays: dict[str, Any], shapes: state_lib.TrainState, config: Config,
+                meta: dict[str, Any]) -> state_lib.TrainState:
+    """The TrainState of restored arrays; a checkpoint of the format before it is migrated."""
+    if "format" not in meta:
+        step = np.int32(meta["step"])
+        fresh = optim.make_optimizer(config, total_steps=1).init(arrays["params"])
+        inner = jax.tree.unflatten(jax.tree.structure(shapes.opt_state.inner_state), arrays["opt_state"])
+        opt_state = fresh._replace(count=np.asarray(step), inner_state=inner,
+                                   hyperparams=jax.tree.map(np.asarray, fresh.hyperparams))
+        return state_lib.TrainState(arrays["params"], opt_state, {}, np.asarray(state_lib.run_rng(config)),
+                                    np.asarray(step))
+    opt_state = jax.tree.unflatten(jax.tree.structure(shapes.opt_state), arrays["opt_state"])
+    model_state = jax.tree.unflatten(jax.tree.structure(shapes.model_state), arrays.get("model_state", []))
+    return state_lib.TrainState(arrays["params"], opt_state, model_state, arrays["rng"], arrays["step"])
+
+
+def restore(workdir: str, config: Config, step: int | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+    """(TrainState, meta) of checkpoint `step` (default: the latest), as NumPy arrays."""
     import orbax.checkpoint as ocp
 
     where = checkpoint_dir(workdir)
@@ -114,13 +161,10 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
                               f"available: {', '.join(map(str, sorted(steps)))}")
     if step is None:
         step = manager.latest_step()
-    params_shape, opt_shape = abstract_state(config)
-    opt_leaves, opt_treedef = jax.tree.flatten(opt_shape)
-    target = {"params": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params_shape),
-              "opt_state": [np.zeros(s.shape, s.dtype) for s in opt_leaves]}
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        target, shapes = _targets(config, meta)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
         _drop_closed_loop_reports()
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -131,10 +175,12 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
                               f"the checkpoint is damaged or was written with another config{hint}") from None
     finally:
         manager.close()
-    state = jax.tree.map(np.asarray, restored["state"])
-    _check_matches(state, target, f"{where}/{step}")
-    opt_state = jax.tree.unflatten(opt_treedef, state["opt_state"])
-    return state["params"], opt_state, dict(restored["meta"])
+    if meta.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"{where}/{step}: checkpoint format {meta['format']} is not known to this "
+                              f"version (it reads {FORMAT} and the format before it); use the version that wrote it")
+    arrays = jax.tree.map(np.asarray, restored["state"])
+    _check_matches(arrays, target, f"{where}/{step}")
+    return _state_from(arrays, shapes, config, meta), meta
 
 
 def _is_closed_loop_report(error: BaseException | None) -> bool:
@@ -180,13 +226,13 @@ def _check_matches(state: Any, target: Any, where: str) -> None:
 
 
 def restore_run(workdir: str, step: int | None = None,
-                data_dir: str | None = None) -> tuple[Config, Any, dict[str, Any]]:
-    """(config, params, meta) of a saved run, rebuilt from its config.json and checkpoint alone.
+                data_dir: str | None = None) -> tuple[Config, state_lib.TrainState, dict[str, Any]]:
+    """(config, TrainState, meta) of a saved run, rebuilt from its config.json and checkpoint alone.
 
     `data_dir` replaces the run's data folder (a run trained on another machine).
     """
     config = workdir_lib.read_config(workdir)
     if data_dir is not None:
         config = config_lib.replace(config, data_dir=data_dir)
-    params, _, meta = restore(workdir, config, step)
-    return config, params, meta
+    state, meta = restore(workdir, config, step)
+    return config, state, meta

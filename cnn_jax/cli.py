@@ -17,11 +17,13 @@ from typing import Any, Callable
 from absl import flags
 
 from cnn_jax import config as config_lib
+from cnn_jax import models
 from cnn_jax.config import Config, ConfigError
 
 FLAGS = flags.FLAGS
 _HELP = {
     "dataset": "Dataset: mnist or fashion_mnist.",
+    "model": "Model family (cnn_jax.models): {names}. Families of your own: $CNN_JAX_MODELS=name=module,...",
     "data_dir": "Folder with the four IDX files (offline source); empty: TensorFlow Datasets.",
     "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
     "conv_kernels": "Kernel size per conv layer, comma-separated.",
@@ -52,7 +54,10 @@ def define_config_flags() -> None:
     for field in dataclasses.fields(Config):
         default = getattr(Config(), field.name)
         help_text = _HELP.get(field.name, field.name.replace("_", " ").capitalize() + ".")
-        if isinstance(default, bool):
+        if field.name == "model":
+            names = models.names()
+            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)))
+        elif isinstance(default, bool):
             flags.DEFINE_boolean(field.name, default, help_text)
         elif isinstance(default, int):
             flags.DEFINE_integer(field.name, default, help_text)

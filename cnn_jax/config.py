@@ -12,7 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
-from cnn_jax.layers import PADDINGS, conv_output_size
+from cnn_jax import models
+from cnn_jax.layers import PADDINGS
 
 DATASETS = ("mnist", "fashion_mnist")
 INITS = ("he", "lecun", "seed")
@@ -40,7 +41,8 @@ class Config:
     data_dir: str = ""                # folder with the four IDX files; empty: TensorFlow Datasets
     train_subset: int = 0             # train on the first N images only (0: all)
     test_subset: int = 0              # evaluate on the first N test images only (0: all)
-    # Model.
+    # Model: the family (cnn_jax.models), then the fields of the tutorial's CNN.
+    model: str = "cnn"                # a family of cnn_jax.models (cnn: the tutorial's network)
     conv_filters: tuple[int, ...] = (20, 50)
     conv_kernels: tuple[int, ...] = (3, 5)
     conv_stride: int = 1
@@ -134,8 +136,11 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
 
 
 def validate(config: Config) -> Config:
-    """Check every value; return the config unchanged or raise ConfigError (one line)."""
+    """Check every value; return the config unchanged or raise ConfigError (one line).
+
+    The model family's own checks (its fields, the shape walk) are its `validate`, run last."""
     _choice("dataset", config.dataset, DATASETS)
+    _choice("model", config.model, models.names())
     _choice("pool", config.pool, tuple(("max", "avg")))
     _choice("conv_padding", config.conv_padding, PADDINGS)
     _choice("init", config.init, INITS)
@@ -183,33 +188,7 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--schedule={config.schedule!r} is not allowed with --optimizer=seed_sgd "
                           "(the tutorial's SGD has a constant rate): use --schedule=constant "
                           "or an optax optimiser")
-    if not config.conv_filters:
-        raise ConfigError("--conv_filters is empty: give one filter count per conv layer, e.g. 20,50")
-    if len(config.conv_filters) != len(config.conv_kernels):
-        raise ConfigError(
-            f"--conv_filters={','.join(map(str, config.conv_filters))} and "
-            f"--conv_kernels={','.join(map(str, config.conv_kernels))} differ in length: "
-            "give one kernel size per conv layer")
-    for name in ("conv_filters", "conv_kernels"):
-        values = getattr(config, name)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
-            raise ConfigError(f"--{name}={','.join(map(str, values))} is not allowed: "
-                              "every entry must be a positive integer")
     if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
         raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
-    # Walk the network: each conv kernel and pool window must fit its input.
-    h, w, _ = config.input_shape
-    for i, kernel in enumerate(config.conv_kernels, start=1):
-        if config.conv_padding == "VALID" and kernel > min(h, w):
-            raise ConfigError(
-                f"--conv_kernels: conv{i} kernel {kernel} is larger than its {h}x{w} input; "
-                "use smaller kernels, fewer conv layers or --conv_padding=SAME")
-        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
-        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
-        if config.pool_window > min(h, w):
-            raise ConfigError(
-                f"--pool_window={config.pool_window}: pool{i} window is larger than its {h}x{w} input, "
-                "so the flattened size would be zero; use smaller kernels or fewer conv layers")
-        h = conv_output_size(h, config.pool_window, config.pool_stride)
-        w = conv_output_size(w, config.pool_window, config.pool_stride)
+    models.family(config.model).validate(config)
     return config

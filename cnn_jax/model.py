@@ -1,142 +1,79 @@
-"""The CNN as two pure functions over a params dict: `init` and `apply`.
+"""The model of a config: the family `config.model` names (`cnn_jax.models`), behind one interface.
 
-Architecture (the seed's by default): for each conv layer i, conv{i} -> relu ->
-pool{i}; then flatten -> dense1 -> relu -> output (logits). Params are a nested
-dict keyed by layer name: {"conv1": {"w", "b"}, ..., "dense1": {...}, "output": {...}}.
+The notebook entry point; every caller goes through it, so any registered family trains,
+evaluates, plots, sweeps and benchmarks:
 
-    params = model.init(jax.random.key(0), config)
-    logits = model.apply(params, images, config)   # images: (N, H, W, C) float32 in [0, 1]
+    params, model_state = model.init(jax.random.key(0), config)
+    logits, model_state = model.apply(params, model_state, images, config, train=False, rng=None)
+
+`images` are (N, H, W, C) float32 in [0, 1]. `model_state` holds what a model updates outside
+the gradient (e.g. batch-norm statistics; `{}` for the tutorial's CNN); `apply` returns the new
+one, which matters only with `train=True`. `rng` is a key for a model's randomness (dropout),
+used only with `train=True`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
+from types import ModuleType
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
-from cnn_jax import layers, lowering
-from cnn_jax.config import Config
-from cnn_jax.layers import conv_output_size
+from cnn_jax import models
+from cnn_jax.config import Config, ConfigError
 
-Params = dict[str, dict[str, jax.Array]]
+Params = dict[str, Any]
+ModelState = dict[str, Any]
+
+
+def family(config: Config) -> ModuleType:
+    """The module of `config.model`'s family; ConfigError (one line) for an unknown name."""
+    try:
+        return models.family(config.model)
+    except KeyError:
+        raise ConfigError(f"--model={config.model!r} is not allowed: use one of {', '.join(models.names())} "
+                          f"(a family of your own: set ${models.PLUGINS_ENV}=name=module)") from None
+
+
+def init(key: jax.Array, config: Config) -> tuple[Params, ModelState]:
+    """(params, model state) drawn from `key`."""
+    return family(config).init(key, config)
+
+
+def apply(params: Params, model_state: ModelState, images: jax.Array, config: Config, *,
+          train: bool = False, rng: jax.Array | None = None) -> tuple[jax.Array, ModelState]:
+    """(logits (N, num_classes), new model state) for `images` (N, H, W, C)."""
+    return family(config).apply(params, model_state, images, config, train=train, rng=rng)
 
 
 def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
-    """(layer name, per-example output shape) for the network `config` describes.
-
-    The flattened size is derived here, never hard-coded.
-    """
-    h, w, _ = config.input_shape
-    shapes: list[tuple[str, tuple[int, ...]]] = []
-    for i, (filters, kernel) in enumerate(zip(config.conv_filters, config.conv_kernels), start=1):
-        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
-        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
-        shapes.append((f"conv{i}", (h, w, filters)))
-        h = conv_output_size(h, config.pool_window, config.pool_stride)
-        w = conv_output_size(w, config.pool_window, config.pool_stride)
-        shapes.append((f"pool{i}", (h, w, filters)))
-    flat = h * w * config.conv_filters[-1]
-    shapes += [("flatten", (flat,)), ("dense1", (config.num_fc,)), ("output", (config.num_classes,))]
-    return shapes
+    """(layer name, per-example output shape) of every layer, for --debug."""
+    return family(config).layer_shapes(config)
 
 
-def param_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Shape of every weight and bias, by layer name."""
-    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
-    channels = config.input_shape[2]
-    for i, (filters, kernel) in enumerate(zip(config.conv_filters, config.conv_kernels), start=1):
-        shapes[f"conv{i}"] = {"w": (kernel, kernel, channels, filters), "b": (filters,)}
-        channels = filters
-    flat = dict(layer_shapes(config))["flatten"][0]
-    shapes["dense1"] = {"w": (flat, config.num_fc), "b": (config.num_fc,)}
-    shapes["output"] = {"w": (config.num_fc, config.num_classes), "b": (config.num_classes,)}
-    return shapes
+def format_layer_shapes(config: Config) -> str:
+    """The --debug shape trace: one `name  HxWxC` line per layer."""
+    return "\n".join(f"{name:8s} {'x'.join(map(str, shape))}" for name, shape in layer_shapes(config))
 
 
-def _draws_are_prefixes(key: jax.Array) -> bool:
-    """Whether a normal draw of n values is the first n values of any longer draw with the same
-    key: true for JAX's default threefry with partitionable counters, where each value depends
-    only on the key and its flat index."""
-    return str(jax.random.key_impl(key)) == "threefry2x32" and bool(jax.config.jax_threefry_partitionable)
+def flops(config: Config) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per training image."""
+    return family(config).flops(config)
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...], draw_size: int, prefix_ok: bool) -> jax.Array:
-    """Exactly `jax.random.normal(key, shape, float32)`, taken as the prefix of a draw of
-    `draw_size` values when that is the same thing: every layer then uses one compiled sampler
-    (one per shape costs ~0.3 s of compilation each, ~2 s per process on CPU)."""
-    if not prefix_ok:
-        return jax.random.normal(key, shape, jnp.float32)
-    return jax.random.normal(key, (draw_size,), jnp.float32)[:math.prod(shape)].reshape(shape)
+def validate(config: Config) -> None:
+    """The family's checks of its own fields (ConfigError, one line)."""
+    family(config).validate(config)
 
 
-def init(key: jax.Array, config: Config) -> Params:
-    """Draw initial params.
-
-    `init="seed"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
-    `init="he"` / `"lecun"`: weights ~ N(0, gain / fan_in) with gain 2 / 1, biases 0.
-    """
-    params: Params = {}
-    shapes = param_shapes(config)
-    draw_size = 1 << (max(math.prod(s) for layer in shapes.values() for s in layer.values()) - 1).bit_length()
-    normal = functools.partial(_normal, draw_size=draw_size, prefix_ok=_draws_are_prefixes(key))
-    keys = jax.random.split(key, 2 * len(shapes))
-    for (name, layer), (kw, kb) in zip(shapes.items(), keys.reshape(len(shapes), 2, *keys.shape[1:])):
-        w_shape, b_shape = layer["w"], layer["b"]
-        if config.init == "seed":
-            w = config.weight_scale * normal(kw, w_shape)
-            b = config.weight_scale * normal(kb, b_shape)
-        else:
-            fan_in = math.prod(w_shape[:-1])
-            gain = 2.0 if config.init == "he" else 1.0
-            w = math.sqrt(gain / fan_in) * normal(kw, w_shape)
-            b = jnp.zeros(b_shape, jnp.float32)
-        params[name] = {"w": w, "b": b}
-    return params
-
-
-def conv_fn(config: Config):
-    """The convolution lowering the config selects (`lax` is the reference)."""
-    impl = config.conv_impl
-    if impl == "auto":
-        impl = "patches" if jax.default_backend() == "cpu" else "lax"
-    return layers.conv2d_patches if impl == "patches" else layers.conv2d
-
-
-def apply(params: Params, images: jax.Array, config: Config, debug: bool = False) -> jax.Array:
-    """Logits (N, num_classes) for images (N, H, W, C). `debug` prints each layer's output shape."""
-    conv = conv_fn(config)
-    pool = layers.POOLS[config.pool]
-
-    def trace(name: str, x: Any) -> None:
-        if debug:
-            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
-
-    x = images
-    strategy = lowering.resolve(config)
-    if debug or (strategy.pool_impl == "reduce_window" and strategy.layout == "NHWC"):
-        for i in range(1, len(config.conv_filters) + 1):   # the reference, layer by layer
-            layer = params[f"conv{i}"]
-            x = layers.relu(conv(x, layer["w"], layer["b"], config.conv_stride, config.conv_padding))
-            trace(f"conv{i}", x)
-            x = pool(x, config.pool_window, config.pool_stride)
-            trace(f"pool{i}", x)
-    else:  # a faster lowering of the same blocks (cnn_jax/lowering.py; tested equal)
-        if strategy.layout == "CHWN":
-            x = jnp.transpose(x, (3, 1, 2, 0))   # NHWC <-> CHWN (its own inverse)
-        for i in range(1, len(config.conv_filters) + 1):
-            layer = params[f"conv{i}"]
-            x = lowering.conv_block(x, layer["w"], layer["b"], config, strategy)
-    if strategy.layout == "CHWN" and not debug:   # flatten + dense1 straight from (C, H, W, N)
-        x = lowering.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"])
-    else:
-        x = layers.flatten(x)
-        trace("flatten", x)
-        x = layers.dense(x, params["dense1"]["w"], params["dense1"]["b"])
-    x = layers.relu(x)
-    trace("dense1", x)
-    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
-    trace("output", x)
-    return x
+def first_conv(params: Params, config: Config) -> np.ndarray:
+    """The first conv layer's (kh, kw, in, out) weights, for the filters plot: the family's
+    `first_conv` when it has one, else the first 4-D weight in layer order."""
+    module = family(config)
+    if hasattr(module, "first_conv"):
+        return np.asarray(module.first_conv(params))
+    for leaf in jax.tree.leaves(params):
+        if np.ndim(leaf) == 4:
+            return np.asarray(leaf)
+    raise ValueError(f"model {config.model!r} has no 4-D (conv) weight to plot")

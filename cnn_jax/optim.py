@@ -3,6 +3,11 @@
 Every optimiser is an `optax.GradientTransformation`; `apply_updates` adds the
 updates to the params. The seed's SGD is written out by hand: its update is
 exactly `p - lr * grad`.
+
+`make_optimizer` wraps the optimiser in `optax.inject_hyperparams`: the learning rate (the
+schedule's peak), momentum and weight decay are arrays in the optimiser state
+(`opt_state.hyperparams`), not constants of the compiled step. Runs that differ only in them
+share one program, each carrying its own values (the vmapped groups of `cnn_jax.sweep`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,15 @@ def seed_sgd(learning_rate: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule | float:
-    """The configured learning rate: a constant, or an optax schedule over `total_steps`."""
-    lr, steps = config.learning_rate, max(total_steps, 1)
+# The optimiser's per-run values: Config fields carried in `opt_state.hyperparams`.
+HYPERPARAMS = ("learning_rate", "momentum", "weight_decay")
+
+
+def learning_rate_schedule(config: Config, total_steps: int, learning_rate: Any = None) -> optax.Schedule | Any:
+    """The configured learning rate: a constant, or an optax schedule over `total_steps` whose
+    peak is `learning_rate` (default `config.learning_rate`; may be a traced array)."""
+    lr = config.learning_rate if learning_rate is None else learning_rate
+    steps = max(total_steps, 1)
     if config.schedule == "constant":
         return lr
     if config.schedule == "cosine":
@@ -47,20 +58,31 @@ def learning_rate_schedule(config: Config, total_steps: int) -> optax.Schedule |
     raise ValueError(f"unknown schedule {config.schedule!r}")
 
 
-def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-    """The optimiser `config.optimizer` names, with its learning-rate schedule."""
+def base_optimizer(config: Config, total_steps: int, learning_rate: Any, momentum: Any,
+                   weight_decay: Any) -> optax.GradientTransformation:
+    """The optimiser `config.optimizer` names with its schedule, for the given per-run values."""
     if config.optimizer == "seed_sgd":
-        return seed_sgd(config.learning_rate)
-    lr = learning_rate_schedule(config, total_steps)
+        return seed_sgd(learning_rate)
+    lr = learning_rate_schedule(config, total_steps, learning_rate)
     if config.optimizer == "sgd":
         return optax.sgd(lr)
     if config.optimizer == "momentum":
-        return optax.sgd(lr, momentum=config.momentum)
+        return optax.sgd(lr, momentum=momentum)
     if config.optimizer == "adam":
         return optax.adam(lr)
     if config.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=config.weight_decay)
+        return optax.adamw(lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def make_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+    """The optimiser `config.optimizer` names, with its learning-rate schedule; its
+    `HYPERPARAMS` start at the config's values and live in the state (`inject_hyperparams`)."""
+
+    def build(learning_rate, momentum, weight_decay):
+        return base_optimizer(config, total_steps, learning_rate, momentum, weight_decay)
+
+    return optax.inject_hyperparams(build)(**{name: getattr(config, name) for name in HYPERPARAMS})
 
 
 def apply_updates(params: Any, updates: Any) -> Any:

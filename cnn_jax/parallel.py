@@ -2,7 +2,7 @@
 
 When more than one device is visible (several GPUs, several hosts, or CPU devices forced with
 `XLA_FLAGS=--xla_force_host_platform_device_count=4`), training splits each batch across a
-1-D mesh named "data": the dataset, params and optimiser state are replicated, the batch the
+1-D mesh named "data": the dataset and the train state are replicated, the batch the
 step gathers is constrained to be sharded along its first axis, and XLA's SPMD partitioner
 inserts the gradient all-reduce. The arithmetic is the one-device step's, so a run matches
 the one-device run to float tolerance (only the order of the batch sums differs).
@@ -13,7 +13,7 @@ dataset, and then sees all processes' devices in one mesh.
 
     dp = parallel.data_parallel(config)          # a no-op on one device
     train_step = dp.wrap_step(train_step)
-    params, images = dp.replicate((params, images))
+    state, images = dp.replicate((state, images))
 """
 
 from __future__ import annotations
@@ -80,12 +80,9 @@ class DataParallel:
             return train_step
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
-        def step(params, opt_state, images, labels):
-            params, opt_state, metrics = train_step(params, opt_state, self.shard_batch(images),
-                                                    self.shard_batch(labels))
-            params, opt_state, metrics = jax.lax.with_sharding_constraint(
-                (params, opt_state, metrics), replicated)
-            return params, opt_state, metrics
+        def step(state, batch):
+            state, metrics = train_step(state, jax.tree.map(self.shard_batch, batch))
+            return jax.lax.with_sharding_constraint((state, metrics), replicated)
 
         return step
 

@@ -162,16 +162,17 @@ def save_figure(fig: Figure, path: str, dpi: int = 150) -> str:
     return path
 
 
-def write_run_plots(folder: str, config: Config, records: Sequence[dict[str, Any]], params: Any,
+def write_run_plots(folder: str, config: Config, records: Sequence[dict[str, Any]], filters: np.ndarray,
                     test_images: np.ndarray, test_labels: np.ndarray, predictions: np.ndarray,
                     confusion: np.ndarray, class_names: Sequence[str]) -> list[str]:
-    """Write the four PNGs of a run into `folder`; return their paths."""
+    """Write the four PNGs of a run into `folder`; return their paths. `filters` are the first conv
+    layer's (kh, kw, in, out) weights (`model.first_conv`)."""
     os.makedirs(folder, exist_ok=True)
     label = run_label(config)
     figures = {
         "learning_curves": learning_curves_figure(records, title=label),
-        "filters": filters_figure(np.asarray(params["conv1"]["w"]),
-                                  title=f"conv1 filters of {config.dataset}"),
+        "filters": filters_figure(np.asarray(filters),
+                                  title=f"first conv layer filters, {config.model} on {config.dataset}"),
         "confusion": confusion_figure(confusion, class_names),
         "misclassified": misclassified_figure(test_images, test_labels, predictions, class_names),
     }

@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import train
+from cnn_jax import evaluation
 from cnn_jax.config import Config
 from cnn_jax.data import Dataset
 
@@ -26,9 +26,9 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
         return np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
 
 
-def evaluate_test(params: Any, dataset: Dataset, config: Config) -> dict[str, Any]:
+def evaluate_test(params: Any, model_state: Any, dataset: Dataset, config: Config) -> dict[str, Any]:
     """Test loss, accuracy (the same numbers `train.fit` prints), predictions, confusion, per-class."""
-    result = train.evaluate(params, jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
+    result = evaluation.evaluate(params, model_state, jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
                             config, return_predictions=True)
     confusion = confusion_matrix(dataset.test_labels, result["predictions"], dataset.num_classes)
     return {**result, "confusion": confusion, "per_class_accuracy": per_class_accuracy(confusion)}

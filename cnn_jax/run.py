@@ -1,6 +1,7 @@
 """A training run kept in a workdir: config, metrics, checkpoints, plots, results, TensorBoard.
 
-`train_in_workdir` is what `train.train_and_evaluate(config, workdir)` does:
+`train_and_evaluate(config, workdir)` trains a config, keeping the run in `workdir` when one is
+given (`train_in_workdir`):
 
 1. check the workdir (only reads: a foreign run is refused unless resume/overwrite);
 2. load the data and, with `resume`, the latest checkpoint (a bad file fails here,
@@ -21,35 +22,53 @@ from typing import Any
 
 import jax
 
-from cnn_jax import checkpoint, plots, report, signals, train
+from cnn_jax import checkpoint, model, plots, report, signals, train
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.state import TrainState
 
 
-def checkpoint_meta(state: train.TrainState, config: Config, steps_per_epoch: int) -> dict[str, Any]:
+def train_and_evaluate(config: Config, workdir: str | None = None,
+                       dataset: data_lib.Dataset | None = None, *, resume: bool = False,
+                       overwrite: bool = False, tensorboard: bool = False) -> list[dict[str, Any]]:
+    """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
+
+    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
+    otherwise the run keeps its config, metrics, checkpoints and plots there,
+    `resume` continues its latest checkpoint and `overwrite` replaces it.
+    """
+    if workdir is not None:
+        return train_in_workdir(config, workdir, dataset, resume=resume, overwrite=overwrite,
+                                tensorboard=tensorboard)
+    if dataset is None:
+        dataset = data_lib.load(config)
+    return train.fit(config, dataset)[1]
+
+
+def checkpoint_meta(log: train.RunLog, config: Config, steps_per_epoch: int) -> dict[str, Any]:
     """The JSON part of a checkpoint: everything besides arrays that resuming needs."""
     return {
-        "step": state.step, "epoch": state.step // steps_per_epoch,
-        "step_in_epoch": state.step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-        "moving_loss": state.moving_loss, "epoch_losses": state.epoch_losses,
-        "epoch_correct": state.epoch_correct, "history": state.history,
+        "step": log.step, "epoch": log.step // steps_per_epoch,
+        "step_in_epoch": log.step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "moving_loss": log.moving_loss, "epoch_losses": log.epoch_losses,
+        "epoch_correct": log.epoch_correct, "history": log.history,
         "config": config_lib.to_dict(config),
     }
 
 
-def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> train.TrainState | None:
-    """The TrainState of the workdir's latest checkpoint, or None when it has none."""
+def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> tuple[TrainState, train.RunLog] | None:
+    """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none."""
     if checkpoint.latest_step(workdir) is None:
         return None
-    params, opt_state, meta = checkpoint.restore(workdir, config)
+    state, meta = checkpoint.restore(workdir, config)
     if meta.get("steps_per_epoch") != steps_per_epoch:
         raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
                           f"but this config gives {steps_per_epoch}: the data or --batch_size differ")
-    return train.TrainState(params, opt_state, step=meta["step"], moving_loss=meta["moving_loss"],
-                            epoch_losses=list(meta["epoch_losses"]), epoch_correct=meta["epoch_correct"],
-                            history=list(meta["history"]))
+    return state, train.RunLog(step=meta["step"], moving_loss=meta["moving_loss"],
+                               epoch_losses=list(meta["epoch_losses"]), epoch_correct=meta["epoch_correct"],
+                               history=list(meta["history"]))
 
 
 def _tensorboard_writer(workdir: str, start_step: int | None):
@@ -66,28 +85,25 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
     if dataset is None:
         dataset = data_lib.load(config)
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                          f"{len(dataset.train_labels)} training images")
     start = restore_state(workdir, config, steps_per_epoch) if resume else None
+    start_step = start[1].step if start else None
     if start is not None:
         workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
-        print(f"resuming {workdir} at step {start.step} (epoch {start.step // steps_per_epoch}, "
-              f"step {start.step % steps_per_epoch}/{steps_per_epoch})", flush=True)
+        print(f"resuming {workdir} at step {start_step} (epoch {start_step // steps_per_epoch}, "
+              f"step {start_step % steps_per_epoch}/{steps_per_epoch})", flush=True)
 
     # The data and the checkpoint are good: from here on the workdir is written. In a
     # multi-host run only process 0 writes files; every process takes part in checkpoints.
     primary = jax.process_index() == 0
     if primary:
         workdir_lib.start(workdir, config, overwrite=overwrite)
-    metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start.step if start else None, write=primary)
+    metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start_step, write=primary)
     manager = checkpoint.open_manager(workdir)
-    writer = _tensorboard_writer(workdir, start.step if start else None) if tensorboard and primary else None
+    writer = _tensorboard_writer(workdir, start_step) if tensorboard and primary else None
 
-    def save(state: train.TrainState) -> None:
+    def save(state: TrainState, log: train.RunLog) -> None:
         metrics.flush()
-        checkpoint.save(manager, state.step, state.params, state.opt_state,
-                        checkpoint_meta(state, config, steps_per_epoch))
+        checkpoint.save(manager, state, checkpoint_meta(log, config, steps_per_epoch))
 
     def on_log(record: dict[str, Any]) -> None:
         metrics.append(record)
@@ -95,20 +111,20 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
             for name in ("loss", "moving_loss", "images_per_second"):
                 writer.add_scalar(f"train/{name}", record[name], record["step"])
 
-    def on_epoch(state: train.TrainState, record: dict[str, Any]) -> None:
+    def on_epoch(state: TrainState, log: train.RunLog, record: dict[str, Any]) -> None:
         metrics.append({"kind": "epoch", **record})
         if writer:
             for name in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "images_per_second"):
                 writer.add_scalar(f"epoch/{name}", record[name], record["step"])
             writer.flush()
-        save(state)
+        save(state, log)
 
     try:
         with signals.stop_on_signals() as stop:
             hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch,
                                 should_stop=lambda step: stop.requested, on_stop=save)
             try:
-                params, _, history = train.fit(config, dataset, start, hooks)
+                state, history = train.fit(config, dataset, start, hooks)
             except train.Stopped as e:
                 raise signals.Interrupted(stop.signum or signal.SIGINT, e.step,
                                           checkpoint.checkpoint_dir(workdir)) from None
@@ -123,13 +139,13 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
             writer.close()
         manager.close()
 
-    result = report.evaluate_test(params, dataset, config)
+    result = report.evaluate_test(state.params, state.model_state, dataset, config)
     if not primary:
         return history
     step = history[-1]["step"] if history else 0
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                            report.results_json(result, dataset.class_names, step))
     plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), config, metrics.records,
-                          jax.device_get(params), dataset.test_images, dataset.test_labels,
+                          model.first_conv(jax.device_get(state.params), config), dataset.test_images, dataset.test_labels,
                           result["predictions"], result["confusion"], dataset.class_names)
     return history

@@ -12,10 +12,11 @@ written last, which marks the run finished.
 
 Runs whose configs differ only in `PER_RUN_FIELDS` (learning rate, weight scale, momentum,
 weight decay, seed, ...) compute with arrays of the same shapes, so they form one *group*
-trained as one jit-compiled program: the train step of `cnn_jax.train` is `jax.vmap`-ed
-over a leading run axis of the params, the optimiser state and per-run hyperparameters,
-which are traced arrays inside the step. Each run keeps its own init key and data order
-(`data.epoch_permutation(seed, epoch, n)`), so it computes what it computes alone.
+trained as one jit-compiled program: the train step of `cnn_jax.step` is `jax.vmap`-ed
+over a leading run axis of the train state (params, optimiser state with the run's
+hyperparameters, model state, rng) and of the batches. Each run keeps its own initial state,
+rng and data order (`data.epoch_permutation(seed, epoch, n)`), so it computes what it
+computes alone.
 Fields that change shapes or the program (filters, kernels, batch size, pool, optimizer,
 ...) split runs into separate groups.
 """
@@ -40,15 +41,17 @@ import numpy as np
 
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
-from cnn_jax import lowering, model, optim, progress, report, train
+from cnn_jax import evaluation, model, optim, progress, report, train
+from cnn_jax import state as state_lib
+from cnn_jax import step as step_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.state import TrainState
 
-# Float fields that are traced per-run values inside the vmapped step.
-VECTORISED_FIELDS = ("learning_rate", "weight_scale", "momentum", "weight_decay")
-# Fields that may differ between the runs of one group: the traced floats, the seed
-# (init key and data order) and host-side reporting knobs.
-PER_RUN_FIELDS = VECTORISED_FIELDS + ("seed", "loss_smoothing", "log_every")
+# Fields that may differ between the runs of one group: the optimiser's hyperparameters (arrays
+# in each run's optimiser state), the init scale and seed (each run's initial state is drawn
+# alone; the seed also sets the data order) and host-side reporting knobs.
+PER_RUN_FIELDS = optim.HYPERPARAMS + ("weight_scale", "seed", "loss_smoothing", "log_every")
 # Fields that select the data: runs sharing them share one loaded dataset.
 DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
 SWEEP_RESULT_FILE = "sweep_result.json"
@@ -282,17 +285,16 @@ def data_key(config: Config) -> tuple[Any, ...]:
 
 
 def run_memory_bytes(config: Config) -> int:
-    """A rough upper bound on the memory one run of a group needs (float32 params, optimiser
-    state, and the activations and im2col patches of a training batch or an eval batch)."""
-    per_example = 0
-    shapes = dict(model.layer_shapes(config))
-    channels = config.input_shape[2]
-    for i, kernel in enumerate(config.conv_kernels, start=1):
-        h, w, filters = shapes[f"conv{i}"]
-        per_example += h * w * (filters + kernel * kernel * channels) + math.prod(shapes[f"pool{i}"])
-        channels = filters
-    per_example += config.num_fc + config.num_classes + math.prod(config.input_shape)
-    num_params = sum(math.prod(s) for layer in model.param_shapes(config).values() for s in layer.values())
+    """A rough upper bound on the memory one run of a group needs, for any model: float32
+    params with optimiser state and gradients, and per example every layer's output plus, for
+    a conv layer, its im2col patches (kernel area x input channels per output position; taken
+    as 25x the output, the seed's conv2), for a training batch (x3: forward, saved, backward)
+    or an eval batch."""
+    params, _ = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
+    num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    per_example = math.prod(config.input_shape)
+    for _, shape in model.layer_shapes(config):
+        per_example += math.prod(shape) * (1 + (25 if len(shape) == 3 else 0))
     activations = per_example * max(3 * config.batch_size, config.eval_batch_size)
     return 4 * (activations + 5 * num_params)
 
@@ -344,81 +346,20 @@ def group_runs(runs: Sequence[Run], max_parallel: int | Callable[[Config], int])
 # ----------------------------------------------------------------------------- vectorised training
 
 
-def _configured(config: Config, hparams: dict[str, jax.Array]) -> Config:
-    """`config` with traced per-run values (only the model init and optimiser read them)."""
-    return dataclasses.replace(config, **hparams)
-
-
-def make_group_fns(config: Config, total_steps: int):
-    """(init, step) of a group whose runs differ in `VECTORISED_FIELDS` and seed.
-
-    init(seeds, hparams) -> (params, opt_state), both with a leading run axis.
-    step(params, (hparams, opt_state), images, labels) is `train.make_train_step`'s step,
-    vmapped over runs; images and labels hold one batch per run. Its signature is the
-    one `train.make_step_runner` / `make_scan_runner` expect (the hparams ride along in
-    the optimiser-state argument).
-    """
-
-    def init_one(seed, hparams):
-        run_config = _configured(config, hparams)
-        params = model.init(jax.random.key(seed), run_config)
-        return params, optim.make_optimizer(run_config, total_steps).init(params)
-
-    def step_one(hparams, params, opt_state, images, labels):
-        run_config = _configured(config, hparams)
-        train_step = train.make_train_step(run_config, optim.make_optimizer(run_config, total_steps))
-        return train_step(params, opt_state, images, labels)
-
-    def step(params, state, images, labels):
-        hparams, opt_state = state
-        params, opt_state, metrics = jax.vmap(step_one)(hparams, params, opt_state, images, labels)
-        return params, (hparams, opt_state), metrics
-
-    return jax.jit(jax.vmap(init_one)), step
+def group_state(configs: Sequence[Config], total_steps: int) -> TrainState:
+    """The runs' initial train states stacked along a leading run axis: each run's own
+    `state.create` (its init key and scale, its optimiser hyperparameters in the optimiser
+    state), so each starts exactly where it would start alone."""
+    return state_lib.stack([state_lib.create(c, optim.make_optimizer(c, total_steps)) for c in configs])
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_group(key: Config, total_steps: int, loop: str):
-    """(jitted init, jitted runner) of a group; cached, so groups of one key compile once per size."""
-    init, step = make_group_fns(key, total_steps)
-    return init, (train.make_step_runner if loop == "step" else train.make_scan_runner)(key, step)
-
-
-@functools.lru_cache(maxsize=16)
-def _eval_runs_fn(config: Config):
-    config = lowering.inference_config(config)   # what train.evaluate runs
-    return jax.jit(jax.vmap(lambda p, x, y, m: train._eval_batch(p, x, y, m, config),
-                            in_axes=(0, None, None, None)))
-
-
-def evaluate_runs(params: model.Params, images: jax.Array, labels: jax.Array, config: Config,
-                  return_predictions: bool = False, vectorised: bool | None = None) -> dict[str, np.ndarray]:
-    """`train.evaluate` for stacked params: loss and accuracy per run (arrays over the run axis).
-
-    `vectorised` (default: on accelerators) evaluates all runs in one vmapped call per batch;
-    otherwise run by run with `train.evaluate`, which XLA:CPU runs faster (a vmapped batch is
-    R times larger, and on CPU the time per image grows with the size of the arrays).
-    """
-    if vectorised is None:
-        vectorised = jax.default_backend() != "cpu"
-    if not vectorised:
-        results = [train.evaluate(unstack(params, r), images, labels, config, return_predictions)
-                   for r in range(len(jax.tree.leaves(params)[0]))]
-        return {key: np.stack([np.asarray(result[key]) for result in results]) for key in results[0]}
-    fn = _eval_runs_fn(config)
-    n = len(labels)
-    loss_sum, correct_sum, predictions = 0.0, 0, []
-    for x, y, mask, real in train.eval_batches(images, labels, config.eval_batch_size):
-        batch_loss, batch_correct, logits = fn(params, x, y, mask)
-        loss_sum += batch_loss
-        correct_sum += batch_correct
-        if return_predictions:
-            predictions.append(jnp.argmax(logits[:, :real], axis=-1))
-    result = {"loss": np.asarray(loss_sum, np.float64) / n,
-              "accuracy": np.asarray(correct_sum, np.float64) / n}
-    if return_predictions:
-        result["predictions"] = np.asarray(jnp.concatenate(predictions, axis=1))
-    return result
+    """The jitted runner of a group: `train.fit`'s step vmapped over the run axis of the state
+    and of the batches. The per-run values it reads are in the state, so groups of one key
+    compile once per size."""
+    train_step = step_lib.make_train_step(key, optim.make_optimizer(key, total_steps))
+    return step_lib.make_runner(key, jax.vmap(train_step), loop)
 
 
 def resolve_loop(config: Config) -> str:
@@ -432,15 +373,19 @@ def resolve_loop(config: Config) -> str:
 
 @dataclasses.dataclass
 class GroupResult:
-    """What `train_group` returns: stacked final state, per-run histories and outcome."""
+    """What `train_group` returns: stacked final state, per-run records and outcome."""
 
-    params: model.Params                    # leading axis: run
-    opt_state: Any                          # leading axis: run
-    histories: list[list[dict[str, Any]]]   # one record per finished epoch, as `train.fit`'s
+    state: TrainState                       # leading axis: run
+    logs: list[train.RunLog]                # per run, as `train.fit` keeps it
     diverged: list[str | None]              # why a run stopped (non-finite loss), or None
     test: dict[str, np.ndarray]             # last test evaluation, with predictions
     steps_per_epoch: int
     seconds: float                          # wall-clock time of the whole group
+
+    @property
+    def histories(self) -> list[list[dict[str, Any]]]:
+        """One record per finished epoch and run, as `train.fit`'s."""
+        return [log.history for log in self.logs]
 
 
 def _noop(*args: Any) -> None:
@@ -463,110 +408,64 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
     config, num_runs = configs[0], len(configs)
     n = len(dataset.train_labels)
     num_steps = train.steps_per_epoch(config, n)
-    if num_steps == 0:
-        raise ConfigError(f"--batch_size={config.batch_size} is larger than the {n} training images")
     loop = resolve_loop(config)
-    init, runner = compiled_group(group_key(config), num_steps * config.epochs, loop)
-    hparams = {f: jnp.asarray([getattr(c, f) for c in configs], jnp.float32) for f in VECTORISED_FIELDS}
-    params, opt_state = init(jnp.asarray([c.seed for c in configs], jnp.int32), hparams)
-    state = (hparams, opt_state)
+    runner = compiled_group(group_key(config), num_steps * config.epochs, loop)
+    state = group_state(configs, num_steps * config.epochs)
     train_images, train_labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
     test_images, test_labels = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
 
-    histories: list[list[dict[str, Any]]] = [[] for _ in configs]
+    logs = [train.RunLog() for _ in configs]
     diverged: list[str | None] = [None] * num_runs
-    moving: list[float | None] = [None] * num_runs
     log_every = min(c.log_every for c in configs)
     test: dict[str, np.ndarray] = {}
-    step_done = 0
     for epoch in range(config.epochs):
         order = jnp.asarray(np.stack([data_lib.epoch_permutation(c.seed, epoch, n) for c in configs]))
         bar = progress.epoch_progress(epoch, num_steps)
         epoch_start = time.perf_counter()
-        last_log = (epoch_start, step_done)
-        epoch_losses: list[list[float]] = [[] for _ in configs]
-        epoch_correct = [0] * num_runs
+        last_absorb = [epoch_start, epoch * num_steps]   # time, steps done
 
         def absorb(step_metrics: Any) -> None:
             """Bring the losses of the steps since the last call to the host: check, accumulate, log."""
-            nonlocal step_done, last_log
-            host = jax.device_get(step_metrics)  # stacked on the host: no per-length compiles
-            if isinstance(host, list):
-                host = {key: np.stack([m[key] for m in host]) for key in host[0]}
-            losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])   # (steps, runs)
-            finite = np.asarray(host["finite"]) & np.isfinite(losses)
+            host = train.host_metrics(step_metrics)   # (steps, runs)
             now = time.perf_counter()
-            ips = len(losses) * config.batch_size / max(now - last_log[0], 1e-9)
+            ips = len(host["loss"]) * config.batch_size / max(now - last_absorb[0], 1e-9)
             for r, run_config in enumerate(configs):
                 if diverged[r]:
                     continue
-                for s in range(len(losses)):
-                    step = step_done + s + 1
-                    if not finite[s, r]:
-                        what = (f"loss became {losses[s, r]}" if not np.isfinite(losses[s, r])
-                                else "parameters or optimiser state became non-finite")
-                        diverged[r] = f"{what} at step {step} (epoch {epoch}); lower --learning_rate"
-                        break
-                    moving[r] = train.moving_average([losses[s, r]], run_config.loss_smoothing, moving[r])
-                    epoch_losses[r].append(float(losses[s, r]))
-                    epoch_correct[r] += int(correct[s, r])
-                    if step % run_config.log_every == 0:
-                        window = epoch_losses[r][-run_config.log_every:]
-                        on_log(r, {"kind": "train", "step": step, "epoch": epoch,
-                                   "loss": float(np.mean(window)), "moving_loss": moving[r],
-                                   "images_per_second": ips})
-            step_done += len(losses)
+                records, diverged[r] = logs[r].absorb(host["loss"][:, r], host["correct"][:, r],
+                                                      host["finite"][:, r], epoch, run_config, ips)
+                for record in records:
+                    on_log(r, record)
+            last_absorb[:] = [now, last_absorb[1] + len(host["loss"])]
             live = [r for r in range(num_runs) if not diverged[r]]
             if live:
-                bar.log(step_done, float(np.mean(losses[-1, live])), ips * len(live))
-            last_log = (now, step_done)
+                bar.log(last_absorb[1], float(np.mean(host["loss"][-1, live])), ips * len(live))
 
-        if loop == "step":
-            pending = []
-            for step in range(num_steps):
-                params, state, metrics = runner(params, state, train_images, train_labels,
-                                                order, np.int32(step))
-                pending.append(metrics)
-                bar.advance()
-                if (step_done + len(pending)) % log_every == 0 or step == num_steps - 1:
-                    absorb(pending)
-                    pending = []
-        else:   # chunks of log_every steps: at most two chunk lengths, so two compiles
-            for first in range(0, num_steps, log_every):
-                chunk = min(log_every, num_steps - first)
-                params, state, metrics = runner(params, state, train_images, train_labels,
-                                                order, np.int32(first), chunk)
-                bar.advance(chunk)
-                absorb(metrics)
+        state, _ = train.run_epoch_steps(
+            runner, loop, state, (train_images, train_labels), order, 0, num_steps,
+            step_offset=epoch * num_steps, absorb_every=log_every, scan_chunk=log_every,
+            absorb=absorb, bar=bar)   # scan: chunks of log_every steps, at most two lengths to compile
         bar.close()
         epoch_time = time.perf_counter() - epoch_start
         if all(diverged):
             break
         last = epoch == config.epochs - 1
         if config.train_eval == "full":
-            train_eval = evaluate_runs(params, train_images, train_labels, config)
+            train_eval = evaluation.evaluate_runs(state.params, state.model_state, train_images, train_labels,
+                                                  config)
         else:
-            train_eval = {"loss": [np.mean(np.asarray(l, np.float32)) if l else np.nan for l in epoch_losses],
-                          "accuracy": [c / (num_steps * config.batch_size) for c in epoch_correct]}
-        test = evaluate_runs(params, test_images, test_labels, config, return_predictions=last)
+            runs = [log.running_train_eval(num_steps, config.batch_size) for log in logs]
+            train_eval = {key: [r[key] for r in runs] for key in ("loss", "accuracy")}
+        test = evaluation.evaluate_runs(state.params, state.model_state, test_images, test_labels, config,
+                                        return_predictions=last)
         for r in range(num_runs):
             if diverged[r]:
                 continue
-            record = {
-                "epoch": epoch, "step": step_done, "moving_loss": moving[r],
-                "train_loss": float(train_eval["loss"][r]), "train_accuracy": float(train_eval["accuracy"][r]),
-                "test_loss": float(test["loss"][r]), "test_accuracy": float(test["accuracy"][r]),
-                "epoch_time": epoch_time, "images_per_second": num_steps * config.batch_size / epoch_time,
-            }
-            histories[r].append(record)
+            record = logs[r].finish_epoch(
+                epoch, {key: train_eval[key][r] for key in ("loss", "accuracy")},
+                {key: test[key][r] for key in ("loss", "accuracy")}, epoch_time, num_steps * config.batch_size)
             on_epoch(r, record)
-    return GroupResult(params, state[1], histories, diverged, test, num_steps,
-                       time.perf_counter() - start_time)
-
-
-def unstack(tree: Any, index: int) -> Any:
-    """Run `index`'s slice of a stacked pytree."""
-    return jax.tree.map(lambda x: x[index], tree)
+    return GroupResult(state, logs, diverged, test, num_steps, time.perf_counter() - start_time)
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -658,13 +557,10 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
             test.update(confusion=confusion, per_class_accuracy=report.per_class_accuracy(confusion))
             workdir_lib.write_json(os.path.join(path, workdir_lib.RESULTS_FILE),
                                    report.results_json(test, dataset.class_names, history[-1]["step"]))
-            params, opt_state = jax.device_get((unstack(result.params, i), unstack(result.opt_state, i)))
-            state = train.TrainState(params, opt_state, step=history[-1]["step"],
-                                     moving_loss=history[-1]["moving_loss"], history=history)
             manager = checkpoint.open_manager(path)
             try:
-                checkpoint.save(manager, state.step, params, opt_state,
-                                run_lib.checkpoint_meta(state, r.config, result.steps_per_epoch))
+                checkpoint.save(manager, jax.device_get(state_lib.unstack(result.state, i)),
+                                run_lib.checkpoint_meta(result.logs[i], r.config, result.steps_per_epoch))
             finally:
                 manager.close()
         row = result_row(r, history, status, message, result.seconds, len(runs))

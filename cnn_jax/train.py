@@ -1,10 +1,12 @@
-"""Training: a pure, jit-compiled train step, batched evaluation, `train_and_evaluate`.
+"""The training loop: `fit` trains one run epoch by epoch; its pieces (the compiled runner, one
+epoch of steps, the host-side record of a run) are shared with the vmapped groups of
+`cnn_jax.sweep`.
 
-The whole dataset is put on the device once; a training step receives the
-epoch's permutation and its step number and gathers its batch inside the
-compiled program, so the hot path makes no per-batch host copies.
-Two execution strategies share the same step: `step` (one jitted call per
-batch) and `scan` (a whole epoch inside one `lax.scan`).
+The compiled step and runners are `cnn_jax.step`'s; the state they carry is
+`cnn_jax.state.TrainState`. What stays on the host is a `RunLog` per run: the step count, the
+seed's moving-average loss, this epoch's losses and correct counts, and one record per finished
+epoch. Together, a TrainState and a RunLog are everything a run needs to continue exactly where
+it stopped (what a checkpoint holds).
 """
 
 from __future__ import annotations
@@ -21,122 +23,11 @@ import numpy as np
 import optax
 
 from cnn_jax import data as data_lib
-from cnn_jax import layers, lowering, model, optim, parallel, progress
+from cnn_jax import evaluation, lowering, model, optim, parallel, progress, state as state_lib, step as step_lib
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.state import TrainState
 
-Metrics = dict[str, jax.Array]
-StepFn = Callable[[model.Params, Any, jax.Array, jax.Array], tuple[model.Params, Any, Metrics]]
-
-
-def loss_fn(params: model.Params, images: jax.Array, labels: jax.Array,
-            config: Config) -> tuple[jax.Array, Metrics]:
-    """The training objective (per-example cross-entropy, summed or averaged) and batch metrics."""
-    logits = model.apply(params, images, config)
-    losses = layers.softmax_cross_entropy(logits, labels)
-    loss = losses.sum() if config.loss_reduction == "sum" else losses.mean()
-    correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-    return loss, {"loss": losses.mean(), "correct": correct}
-
-
-def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> StepFn:
-    """A pure step: (params, opt_state, images, labels) -> (params, opt_state, metrics)."""
-
-    def train_step(params, opt_state, images, labels):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, images, labels, config)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optim.apply_updates(params, updates)
-        # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params;
-        # an overflowing optimiser state (Adam's squared gradients) leaves the params finite but can
-        # never be checkpointed, so it counts too.
-        metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))
-                                               if jnp.issubdtype(x.dtype, jnp.inexact)]))
-        return params, opt_state, metrics
-
-    return train_step
-
-
-def _gather_batch(images, labels, order, step, batch_size):
-    """Batch `step` of `order`; a stacked order (runs, n) gives one batch per run (cnn_jax.sweep)."""
-    idx = jax.lax.dynamic_slice_in_dim(order, step * batch_size, batch_size, axis=-1)
-    return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
-
-
-def make_step_runner(config: Config, train_step: StepFn):
-    """Jitted one-batch runner: (params, opt_state, images, labels, order, step) -> ...; donates state."""
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=lowering.compiler_options(config))
-    def run(params, opt_state, images, labels, order, step):
-        batch = _gather_batch(images, labels, order, step, config.batch_size)
-        return train_step(params, opt_state, *batch)
-
-    return run
-
-
-def make_scan_runner(config: Config, train_step: StepFn):
-    """Jitted runner of steps [first, first + num_steps) of an epoch inside one `lax.scan`."""
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(6,),
-                       compiler_options=lowering.compiler_options(config))
-    def run(params, opt_state, images, labels, order, first, num_steps):
-        def body(state, step):
-            batch = _gather_batch(images, labels, order, step, config.batch_size)
-            params, opt_state, metrics = train_step(*state, *batch)
-            return (params, opt_state), metrics
-
-        (params, opt_state), metrics = jax.lax.scan(
-            body, (params, opt_state), first + jnp.arange(num_steps))
-        return params, opt_state, metrics
-
-    return run
-
-
-def resolve_loop(config: Config) -> str:
-    """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
-    CPU too: `lowering.resolve`, WORKSPACE.md "Performance")."""
-    return lowering.resolve(config).loop
-
-
-@functools.partial(jax.jit, static_argnums=(4,))
-def _eval_batch(params, images, labels, mask, config):
-    logits = model.apply(params, images, config)
-    losses = layers.softmax_cross_entropy(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels)
-    return jnp.sum(losses * mask), jnp.sum(correct * mask), logits
-
-
-def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int):
-    """Yield (images, labels, mask, real) batches of one shape; the last is zero-padded and masked."""
-    n = len(labels)
-    bs = min(batch_size, n)
-    for start in range(0, n, bs):
-        x, y = images[start:start + bs], labels[start:start + bs]
-        real = len(y)
-        mask = jnp.arange(bs) < real
-        if real < bs:
-            x = jnp.concatenate([x, jnp.zeros((bs - real,) + x.shape[1:], x.dtype)])
-            y = jnp.concatenate([y, jnp.zeros((bs - real,), y.dtype)])
-        yield x, y, mask, real
-
-
-def evaluate(params: model.Params, images: jax.Array, labels: jax.Array, config: Config,
-             return_predictions: bool = False) -> dict[str, Any]:
-    """Mean loss and accuracy over (images, labels), in batches of `config.eval_batch_size`.
-
-    The last batch is padded and masked, so every batch has one shape (one compile).
-    """
-    n = len(labels)
-    loss_sum, correct_sum, predictions = 0.0, 0, []
-    for x, y, mask, real in eval_batches(images, labels, config.eval_batch_size):
-        batch_loss, batch_correct, logits = _eval_batch(params, x, y, mask,
-                                                        lowering.inference_config(config))
-        loss_sum += batch_loss
-        correct_sum += batch_correct
-        if return_predictions:
-            predictions.append(jnp.argmax(logits[:real], axis=-1))
-    result = {"loss": float(loss_sum) / n, "accuracy": float(correct_sum) / n}
-    if return_predictions:
-        result["predictions"] = np.asarray(jnp.concatenate(predictions))
-    return result
+Record = dict[str, Any]
 
 
 def moving_average(values: np.ndarray, smoothing: float, start: float | None = None) -> float:
@@ -147,7 +38,7 @@ def moving_average(values: np.ndarray, smoothing: float, start: float | None = N
     return float("nan") if m is None else m
 
 
-def format_epoch(record: dict[str, Any]) -> str:
+def format_epoch(record: Record) -> str:
     """One line in the seed's form, plus time and throughput."""
     return (f"Epoch {record['epoch']}. Loss: {record['moving_loss']:.4g}, "
             f"Train_acc {record['train_accuracy']:.4f}, Test_acc {record['test_accuracy']:.4f}, "
@@ -155,21 +46,107 @@ def format_epoch(record: dict[str, Any]) -> str:
 
 
 def steps_per_epoch(config: Config, num_train: int) -> int:
-    """Full batches per epoch (the last partial batch is dropped)."""
-    return num_train // config.batch_size
+    """Full batches per epoch (the last partial batch is dropped); ConfigError when there is none."""
+    steps = num_train // config.batch_size
+    if steps == 0:
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the {num_train} training images")
+    return steps
+
+
+def resolve_loop(config: Config) -> str:
+    """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
+    CPU too: `lowering.resolve`, WORKSPACE.md "Performance")."""
+    return lowering.resolve(config).loop
 
 
 @dataclasses.dataclass
-class TrainState:
-    """Everything a run needs to continue exactly where it stopped; what a checkpoint holds."""
+class RunLog:
+    """A run's host-side record: what `fit` and a sweep group keep per run besides the TrainState."""
 
-    params: model.Params
-    opt_state: Any
     step: int = 0                          # training steps done, over all epochs
     moving_loss: float | None = None       # the seed's moving-average loss after `step` steps
     epoch_losses: list[float] = dataclasses.field(default_factory=list)  # this epoch's step losses so far
     epoch_correct: int = 0                 # this epoch's correct training predictions so far
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per finished epoch
+    history: list[Record] = dataclasses.field(default_factory=list)  # one record per finished epoch
+
+    def absorb(self, losses: np.ndarray, correct: np.ndarray, finite: np.ndarray, epoch: int,
+               config: Config, images_per_second: float) -> tuple[list[Record], str | None]:
+        """Take the metrics of the next steps: (the `{"kind": "train"}` records due every
+        `log_every` steps, why the run diverged or None). A non-finite loss, parameter or
+        state stops the absorbing at that step."""
+        records = []
+        for loss, right, ok in zip(np.asarray(losses), np.asarray(correct), np.asarray(finite)):
+            if not (ok and np.isfinite(loss)):
+                what = (f"loss became {loss}" if not np.isfinite(loss)
+                        else "parameters or optimiser state became non-finite")
+                return records, f"{what} at step {self.step + 1} (epoch {epoch}); lower --learning_rate"
+            self.step += 1
+            self.moving_loss = moving_average([loss], config.loss_smoothing, self.moving_loss)
+            self.epoch_losses.append(float(loss))
+            self.epoch_correct += int(right)
+            if self.step % config.log_every == 0:
+                window = self.epoch_losses[-config.log_every:]
+                records.append({"kind": "train", "step": self.step, "epoch": epoch,
+                                "loss": float(np.mean(window)), "moving_loss": self.moving_loss,
+                                "images_per_second": images_per_second})
+        return records, None
+
+    def running_train_eval(self, num_steps: int, batch_size: int) -> dict[str, float]:
+        """This epoch's training loss and accuracy taken during the epoch (`--train_eval=running`)."""
+        return {"loss": float(np.mean(np.asarray(self.epoch_losses, np.float32))) if self.epoch_losses
+                else float("nan"), "accuracy": self.epoch_correct / (num_steps * batch_size)}
+
+    def finish_epoch(self, epoch: int, train_eval: dict[str, Any], test_eval: dict[str, Any],
+                     epoch_time: float, images: int) -> Record:
+        """The epoch's record (appended to `history`); the epoch's sums start again."""
+        record = {
+            "epoch": epoch, "step": self.step, "moving_loss": self.moving_loss,
+            "train_loss": float(train_eval["loss"]), "train_accuracy": float(train_eval["accuracy"]),
+            "test_loss": float(test_eval["loss"]), "test_accuracy": float(test_eval["accuracy"]),
+            "epoch_time": epoch_time, "images_per_second": images / epoch_time,
+        }
+        self.history.append(record)
+        self.epoch_losses, self.epoch_correct = [], 0
+        return record
+
+
+def host_metrics(step_metrics: list[step_lib.Metrics] | step_lib.Metrics) -> dict[str, np.ndarray]:
+    """Metrics of several steps on the host, stacked along a leading step axis (a list of
+    per-step metrics or a scan's stacked ones): no per-length compiles."""
+    host = jax.device_get(step_metrics)
+    if isinstance(host, list):
+        host = {key: np.stack([m[key] for m in host]) for key in host[0]}
+    return {key: np.asarray(value) for key, value in host.items()}
+
+
+def run_epoch_steps(runner: Callable, loop: str, state: TrainState, data: tuple, order: jax.Array,
+                    first: int, num_steps: int, *, step_offset: int, absorb_every: int, scan_chunk: int,
+                    absorb: Callable[[Any], None], bar: Any,
+                    should_stop: Callable[[int], bool] = lambda step: False) -> tuple[TrainState, bool]:
+    """Steps [first, num_steps) of an epoch through `runner`: (state, whether `should_stop`
+    stopped it early). `step` loop: one call per batch, the metrics absorbed every
+    `absorb_every` global steps (`step_offset` + index) and at the end; `should_stop(global
+    step)` is polled after every step but the last. `scan` loop: calls of `scan_chunk` steps."""
+    if loop == "step":
+        pending: list[step_lib.Metrics] = []
+        for index in range(first, num_steps):
+            state, metrics = runner(state, *data, order, np.int32(index))
+            pending.append(metrics)
+            bar.advance()
+            done = step_offset + index + 1
+            stop = index < num_steps - 1 and should_stop(done)
+            if done % absorb_every == 0 or index == num_steps - 1 or stop:
+                absorb(pending)
+                pending = []
+            if stop:
+                return state, True
+        return state, False
+    for start in range(first, num_steps, scan_chunk):
+        count = min(scan_chunk, num_steps - start)
+        state, metrics = runner(state, *data, order, np.int32(start), count)
+        bar.advance(count)
+        absorb(metrics)
+    return state, False
 
 
 def _no_op(*args: Any) -> None:
@@ -180,16 +157,16 @@ def _no_op(*args: Any) -> None:
 class Hooks:
     """What `fit` calls besides training; the defaults do nothing (no workdir).
 
-    on_log(record):        every `log_every` steps, a {"kind": "train", ...} record
-    on_epoch(state, rec):  after each epoch's evaluation (a workdir saves metrics and a checkpoint)
-    should_stop(step):     polled after every step; True makes `fit` call on_stop, then raise Stopped
-    on_stop(state):        the state to save before stopping (mid-epoch, or right after an epoch)
+    on_log(record):             every `log_every` steps, a {"kind": "train", ...} record
+    on_epoch(state, log, rec):  after each epoch's evaluation (a workdir saves metrics and a checkpoint)
+    should_stop(step):          polled after every step; True makes `fit` call on_stop, then raise Stopped
+    on_stop(state, log):        the state to save before stopping (mid-epoch, or right after an epoch)
     """
 
-    on_log: Callable[[dict[str, Any]], None] = _no_op
-    on_epoch: Callable[[TrainState, dict[str, Any]], None] = _no_op
+    on_log: Callable[[Record], None] = _no_op
+    on_epoch: Callable[[TrainState, RunLog, Record], None] = _no_op
     should_stop: Callable[[int], bool] = lambda step: False
-    on_stop: Callable[[TrainState], None] = _no_op
+    on_stop: Callable[[TrainState, RunLog], None] = _no_op
 
 
 class Stopped(Exception):
@@ -200,31 +177,13 @@ class Stopped(Exception):
         self.step = step
 
 
-def train_and_evaluate(config: Config, workdir: str | None = None,
-                       dataset: data_lib.Dataset | None = None, *, resume: bool = False,
-                       overwrite: bool = False, tensorboard: bool = False) -> list[dict[str, Any]]:
-    """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
-
-    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
-    otherwise the run keeps its config, metrics, checkpoints and plots there (see
-    `cnn_jax.run`), `resume` continues its latest checkpoint and `overwrite` replaces it.
-    """
-    if workdir is not None:
-        from cnn_jax import run  # run imports this module
-        return run.train_in_workdir(config, workdir, dataset, resume=resume, overwrite=overwrite,
-                                    tensorboard=tensorboard)
-    if dataset is None:
-        dataset = data_lib.load(config)
-    return fit(config, dataset)[2]
-
-
 @functools.lru_cache(maxsize=16)
 def compiled_runner(config: Config, total_steps: int, loop: str):
     """(optimizer, jitted runner) for a config; cached, so fitting one config again (a resumed
     or repeated run in the same process) reuses the compiled step instead of recompiling it."""
     optimizer = optim.make_optimizer(config, total_steps)
-    train_step = parallel.data_parallel(config).wrap_step(make_train_step(config, optimizer))
-    return optimizer, (make_step_runner if loop == "step" else make_scan_runner)(config, train_step)
+    train_step = parallel.data_parallel(config).wrap_step(step_lib.make_train_step(config, optimizer))
+    return optimizer, step_lib.make_runner(config, train_step, loop)
 
 
 def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.GradientTransformation,
@@ -235,41 +194,35 @@ def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.Gr
     Run in a thread, the compiles overlap drawing the initial params (also mostly
     compilation, on one core). A failure here is left for the real call to report."""
     try:
-        params = jax.eval_shape(functools.partial(model.init, config=config), jax.random.key(0))
-        opt_state = jax.eval_shape(optimizer.init, params)
+        state = state_lib.abstract(config, optimizer)
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)   # noqa: E731
         data = (spec(dataset.train_images), spec(dataset.train_labels),
                 jax.ShapeDtypeStruct(dataset.train_labels.shape, jnp.int32))
-        step = jax.ShapeDtypeStruct((), jnp.int32)
+        first = jax.ShapeDtypeStruct((), jnp.int32)
         if loop == "step":
-            runner.lower(params, opt_state, *data, step).compile()
+            runner.lower(state, *data, first).compile()
         else:
-            runner.lower(params, opt_state, *data, step, num_steps).compile()
+            runner.lower(state, *data, first, num_steps).compile()
         for images, labels in ((dataset.train_images, dataset.train_labels),
                                (dataset.test_images, dataset.test_labels)):
-            bs = min(config.eval_batch_size, len(labels))
-            _eval_batch.lower(params, jax.ShapeDtypeStruct((bs,) + images.shape[1:], images.dtype),
-                              jax.ShapeDtypeStruct((bs,), labels.dtype),
-                              jax.ShapeDtypeStruct((bs,), jnp.bool_),
-                              lowering.inference_config(config)).compile()
+            step_lib.eval_batch.lower(state.params, state.model_state,
+                                      *step_lib.abstract_batch(images, labels, config.eval_batch_size),
+                                      lowering.inference_config(config)).compile()
     except Exception:  # noqa: BLE001 - the same error surfaces, in context, from the real call
         pass
 
 
-def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = None,
-        hooks: Hooks | None = None) -> tuple[model.Params, Any, list[dict[str, Any]]]:
-    """Train on `dataset` from `start` (default: fresh init); return (params, opt_state, history).
+def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunLog] | None = None,
+        hooks: Hooks | None = None) -> tuple[TrainState, list[Record]]:
+    """Train on `dataset` from `start` (default: a fresh state); return (final state, history).
 
-    A `start` taken mid-epoch continues that epoch's permutation after the `start.step`
+    A `start` taken mid-epoch continues that epoch's permutation after the `log.step`
     batches already done, with its moving loss and partial sums, so a resumed run computes
     what an uninterrupted one does. Losses come to the host every `log_every` steps; a
     non-finite loss or parameter raises FloatingPointError naming the step.
     """
     hooks = hooks or Hooks()
     num_steps = steps_per_epoch(config, len(dataset.train_labels))
-    if num_steps == 0:
-        raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                          f"{len(dataset.train_labels)} training images")
     loop = resolve_loop(config)
     optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
     dp = parallel.data_parallel(config)   # a no-op on one device
@@ -280,105 +233,61 @@ def fit(config: Config, dataset: data_lib.Dataset, start: TrainState | None = No
                                      args=(config, dataset, optimizer, runner, loop, num_steps))
         compiling.start()   # XLA compiles on another core while the params are drawn
     if start is None:
-        params = model.init(jax.random.key(config.seed), config)
-        state = TrainState(params, optimizer.init(params))
+        state, log = state_lib.create(config, optimizer), RunLog()
     else:
-        state = dataclasses.replace(
-            start, params=jax.tree.map(jnp.asarray, start.params),
-            opt_state=jax.tree.map(jnp.asarray, start.opt_state),
-            epoch_losses=list(start.epoch_losses), history=list(start.history))
+        state, log = start
+        log = dataclasses.replace(log, epoch_losses=list(log.epoch_losses), history=list(log.history))
     if compiling is not None:
         compiling.join()
     if config.debug:
-        model.apply(state.params, jnp.zeros((config.batch_size,) + tuple(config.input_shape)), config,
-                    debug=True)
+        print(model.format_layer_shapes(config), flush=True)
 
     train_images, train_labels, test_images, test_labels = dp.replicate(
         (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels))
-    params, opt_state = dp.replicate((state.params, state.opt_state))
-    for epoch in range(state.step // num_steps, config.epochs):
-        first = state.step - epoch * num_steps
+    state = dp.replicate(state)
+    for epoch in range(log.step // num_steps, config.epochs):
+        first = log.step - epoch * num_steps
         if first == 0:
-            state.epoch_losses, state.epoch_correct = [], 0
+            log.epoch_losses, log.epoch_correct = [], 0
         order = dp.replicate(data_lib.epoch_permutation(config.seed, epoch, len(dataset.train_labels)))
         bar = progress.epoch_progress(epoch, num_steps, first)
         epoch_start = time.perf_counter()
-        last_absorb = epoch_start
+        last_absorb = [epoch_start]
 
-        def absorb(step_metrics: list[Metrics] | Metrics) -> None:
+        def absorb(step_metrics: Any) -> None:
             """Bring losses since the last call to the host: check, accumulate, log."""
-            nonlocal last_absorb
-            host = jax.device_get(step_metrics)  # stacked on the host: no per-length compiles
-            if isinstance(host, list):
-                host = {key: np.stack([m[key] for m in host]) for key in host[0]}
-            losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])
-            bad = np.flatnonzero(~np.isfinite(losses) | ~np.asarray(host["finite"]))
-            if bad.size:
-                what = (f"loss became {losses[bad[0]]}" if not np.isfinite(losses[bad[0]])
-                        else "parameters or optimiser state became non-finite")
-                raise FloatingPointError(f"{what} at step {state.step + bad[0] + 1} (epoch {epoch}); "
-                                         "lower --learning_rate")
+            host = host_metrics(step_metrics)
             now = time.perf_counter()
             # The rate of the steps absorbed now, shared by their log lines (a scanned epoch
             # arrives in one piece; one call per batch is absorbed at every log line).
-            ips = len(losses) * config.batch_size / max(now - last_absorb, 1e-9)
-            last_absorb = now
-            for loss, right in zip(losses, correct):
-                state.step += 1
-                state.moving_loss = moving_average([loss], config.loss_smoothing, state.moving_loss)
-                state.epoch_losses.append(float(loss))
-                state.epoch_correct += int(right)
-                if state.step % config.log_every == 0:
-                    window = state.epoch_losses[-config.log_every:]
-                    record = {"kind": "train", "step": state.step, "epoch": epoch,
-                              "loss": float(np.mean(window)), "moving_loss": state.moving_loss,
-                              "images_per_second": ips}
-                    hooks.on_log(record)
-                    bar.log(state.step, record["loss"], ips)
+            ips = len(host["loss"]) * config.batch_size / max(now - last_absorb[0], 1e-9)
+            last_absorb[0] = now
+            records, diverged = log.absorb(host["loss"], host["correct"], host["finite"], epoch, config, ips)
+            if diverged:
+                raise FloatingPointError(diverged)
+            for record in records:
+                hooks.on_log(record)
+                bar.log(record["step"], record["loss"], ips)
 
-        if loop == "step":
-            pending: list[Metrics] = []
-            for step in range(first, num_steps):
-                params, opt_state, metrics = runner(params, opt_state, train_images, train_labels,
-                                                    order, np.int32(step))
-                pending.append(metrics)
-                bar.advance()
-                done = epoch * num_steps + step + 1
-                stop = step < num_steps - 1 and hooks.should_stop(done)
-                if done % config.log_every == 0 or step == num_steps - 1 or stop:
-                    absorb(pending)
-                    pending = []
-                if stop:
-                    bar.close()
-                    state.params, state.opt_state = params, opt_state
-                    hooks.on_stop(state)
-                    raise Stopped(state.step)
-        else:
-            params, opt_state, metrics = runner(params, opt_state, train_images, train_labels,
-                                                order, np.int32(first), num_steps - first)
-            bar.advance(num_steps - first)
-            absorb(metrics)
+        state, stopped = run_epoch_steps(
+            runner, loop, state, (train_images, train_labels), order, first, num_steps,
+            step_offset=epoch * num_steps, absorb_every=config.log_every, scan_chunk=num_steps,
+            absorb=absorb, bar=bar, should_stop=hooks.should_stop)
         bar.close()
+        if stopped:
+            hooks.on_stop(state, log)
+            raise Stopped(log.step)
         epoch_time = time.perf_counter() - epoch_start
-        state.params, state.opt_state = params, opt_state
         if config.train_eval == "full":
-            train_eval = evaluate(params, train_images, train_labels, config)
+            train_eval = evaluation.evaluate(state.params, state.model_state, train_images, train_labels, config)
         else:
-            train_eval = {"loss": float(np.mean(np.asarray(state.epoch_losses, np.float32))),
-                          "accuracy": state.epoch_correct / (num_steps * config.batch_size)}
-        test_eval = evaluate(params, test_images, test_labels, config)
-        record = {
-            "epoch": epoch, "step": state.step, "moving_loss": state.moving_loss,
-            "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"],
-            "test_loss": test_eval["loss"], "test_accuracy": test_eval["accuracy"],
-            "epoch_time": epoch_time,
-            "images_per_second": (num_steps - first) * config.batch_size / epoch_time,
-        }
-        state.history.append(record)
-        state.epoch_losses, state.epoch_correct = [], 0
+            train_eval = log.running_train_eval(num_steps, config.batch_size)
+        test_eval = evaluation.evaluate(state.params, state.model_state, test_images, test_labels, config)
+        record = log.finish_epoch(epoch, train_eval, test_eval, epoch_time,
+                                  (num_steps - first) * config.batch_size)
         print(format_epoch(record), flush=True)
-        hooks.on_epoch(state, record)
-        if epoch < config.epochs - 1 and hooks.should_stop(state.step):
-            hooks.on_stop(state)
-            raise Stopped(state.step)
-    return params, opt_state, state.history
+        hooks.on_epoch(state, log, record)
+        if epoch < config.epochs - 1 and hooks.should_stop(log.step):
+            hooks.on_stop(state, log)
+            raise Stopped(log.step)
+    return state, log.history

@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cnn_jax import cli, lowering, model, optim, train
+from cnn_jax import cli, evaluation, lowering, model, optim
+from cnn_jax import state as state_lib
+from cnn_jax import step as step_lib
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.layers import conv_output_size
 
 flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")
 flags.DEFINE_list("batch_sizes", ["64", "1024"], "Training batch sizes to time.")
@@ -80,22 +81,8 @@ STRATEGIES: dict[str, tuple[dict[str, Any], str]] = {
 # --- What is timed --------------------------------------------------------------------------
 
 def model_flops(config: Config) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image (multiply-add = 2) as the reference
-    computes them: backward = weight gradients + input gradients of all but the first layer."""
-    h, w, c = config.input_shape
-    layers_fwd = []
-    for filters, kernel in zip(config.conv_filters, config.conv_kernels):
-        h = conv_output_size(h, kernel, config.conv_stride, config.conv_padding)
-        w = conv_output_size(w, kernel, config.conv_stride, config.conv_padding)
-        layers_fwd.append(2.0 * h * w * kernel * kernel * c * filters)
-        h = conv_output_size(h, config.pool_window, config.pool_stride)
-        w = conv_output_size(w, config.pool_window, config.pool_stride)
-        c = filters
-    flat = h * w * c
-    layers_fwd += [2.0 * flat * config.num_fc, 2.0 * config.num_fc * config.num_classes]
-    forward = sum(layers_fwd)
-    backward = forward + (forward - layers_fwd[0])
-    return forward, forward + backward
+    """(forward, forward + backward) FLOPs per training image (multiply-add = 2): the model's."""
+    return model.flops(config)
 
 
 @dataclasses.dataclass
@@ -122,28 +109,27 @@ def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Arra
     """The train.py runner for `config`, `steps` batches per run, through the real step code."""
     strategy = lowering.resolve(config)
     optimizer = optim.make_optimizer(config, steps)
-    params = model.init(jax.random.key(config.seed), config)
-    state = [params, optimizer.init(params)]
-    train_step = train.make_train_step(config, optimizer)
+    state = [state_lib.create(config, optimizer)]
+    train_step = step_lib.make_train_step(config, optimizer)
     order = jnp.asarray(data_lib.epoch_permutation(config.seed, 0, len(labels)))
     per_epoch = len(labels) // config.batch_size
     position = [0]
 
     if strategy.loop == "scan":
-        runner = train.make_scan_runner(config, train_step)
+        runner = step_lib.make_scan_runner(config, train_step)
 
         def run() -> None:
             first = position[0] % (per_epoch - steps + 1)
-            state[0], state[1], metrics = runner(*state, images, labels, order, np.int32(first), steps)
+            state[0], metrics = runner(state[0], images, labels, order, np.int32(first), steps)
             position[0] += steps
             jax.block_until_ready((state, metrics))
     else:
-        runner = train.make_step_runner(config, train_step)
+        runner = step_lib.make_step_runner(config, train_step)
 
         def run() -> None:
             for _ in range(steps):
-                state[0], state[1], metrics = runner(*state, images, labels, order,
-                                                     np.int32(position[0] % per_epoch))
+                state[0], metrics = runner(state[0], images, labels, order,
+                                           np.int32(position[0] % per_epoch))
                 position[0] += 1
             jax.block_until_ready((state, metrics))
 
@@ -264,15 +250,15 @@ def time_interleaved(candidates: list[Candidate], repeats: int, quiet_wait: floa
 
 
 def eval_throughput(config: Config, images: jax.Array, labels: jax.Array, repeats: int) -> dict[str, Any]:
-    """Images/s of `train.evaluate` (forward passes in batches of eval_batch_size)."""
-    params = model.init(jax.random.key(config.seed), config)
+    """Images/s of `evaluation.evaluate` (forward passes in batches of eval_batch_size)."""
+    params, model_state = model.init(jax.random.key(config.seed), config)
     start = time.perf_counter()
-    train.evaluate(params, images, labels, config)
+    evaluation.evaluate(params, model_state, images, labels, config)
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        train.evaluate(params, images, labels, config)
+        evaluation.evaluate(params, model_state, images, labels, config)
         times.append(time.perf_counter() - start)
     return {"images_per_second": len(labels) / float(np.median(times)), "compile_s": compile_s}
 

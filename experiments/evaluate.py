@@ -32,9 +32,9 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    config, params, meta = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    config, state, meta = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
     dataset = data.load(config)
-    result = report.evaluate_test(params, dataset, config)
+    result = report.evaluate_test(state.params, state.model_state, dataset, config)
     n = len(dataset.test_labels)
     correct = int(result["confusion"].trace())
     print(f"run {FLAGS.workdir}: checkpoint {describe_checkpoint(meta)}, "

@@ -11,7 +11,7 @@ import os
 
 from absl import app, flags, logging
 
-from cnn_jax import checkpoint, cli, data, plots, report
+from cnn_jax import checkpoint, cli, data, model, plots, report
 from cnn_jax import workdir as workdir_lib
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
@@ -26,12 +26,12 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    config, params, _ = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    config, state, _ = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
     dataset = data.load(config)
-    result = report.evaluate_test(params, dataset, config)
+    result = report.evaluate_test(state.params, state.model_state, dataset, config)
     paths = plots.write_run_plots(
         os.path.join(FLAGS.workdir, workdir_lib.PLOTS_DIR), config, workdir_lib.read_metrics(FLAGS.workdir),
-        params, dataset.test_images, dataset.test_labels, result["predictions"], result["confusion"],
+        model.first_conv(state.params, config), dataset.test_images, dataset.test_labels, result["predictions"], result["confusion"],
         dataset.class_names)
     for path in paths:
         print(path)

@@ -62,7 +62,7 @@ def time_sequential(configs, dataset) -> dict:
     accuracies = []
     for config in configs:
         try:
-            history = train.fit(config, dataset)[2]
+            history = train.fit(config, dataset)[1]
             last_epoch += history[-1]["epoch_time"]
             accuracies.append(history[-1]["test_accuracy"])
         except FloatingPointError:

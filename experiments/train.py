@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, config as config_lib, parallel, signals, train
+from cnn_jax import cli, config as config_lib, parallel, run, signals
 from cnn_jax import workdir as workdir_lib
 
 cli.define_config_flags()
@@ -43,8 +43,8 @@ def main(argv):
         present = [name for name in config_lib.field_names() if FLAGS[name].present]
         config = workdir_lib.resume_config(FLAGS.workdir, config, present)
     try:
-        train.train_and_evaluate(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                                 tensorboard=FLAGS.tensorboard)
+        run.train_and_evaluate(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                               tensorboard=FLAGS.tensorboard)
     except signals.Interrupted as e:
         print(e, file=sys.stderr, flush=True)
         sys.exit(e.exit_status)

@@ -31,7 +31,7 @@ def test_flops_of_the_seed_network_are_the_issues_figures():
 def test_torch_network_computes_the_jax_network(pool):
     torch = pytest.importorskip("torch")
     config = config_lib.replace(config_lib.PRESETS["seed"], pool=pool, init="he")
-    params = model.init(jax.random.key(3), config)
+    params, model_state = model.init(jax.random.key(3), config)
     net = benchmark.torch_net(config)
     convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
     linears = [m for m in net if isinstance(m, torch.nn.Linear)]
@@ -47,7 +47,7 @@ def test_torch_network_computes_the_jax_network(pool):
         linears[1].weight.copy_(torch.from_numpy(np.asarray(params["output"]["w"]).T.copy()))
         linears[1].bias.copy_(torch.from_numpy(np.array(params["output"]["b"])))
     images = np.random.default_rng(0).random((5, 28, 28, 1), np.float32)
-    expected = np.asarray(model.apply(params, images, config))
+    expected = np.asarray(model.apply(params, model_state, images, config)[0])
     got = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).detach().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 

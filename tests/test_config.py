@@ -65,9 +65,10 @@ def test_unknown_field_is_named():
 
 
 def test_fast_preset_trains_the_seed_network(mnist_dir):
-    from cnn_jax import model, train
+    from cnn_jax import run
+    from cnn_jax.models import cnn
     fast = config_lib.PRESETS["fast"]
-    assert model.param_shapes(fast) == model.param_shapes(Config())   # same network, other recipe
+    assert cnn.param_shapes(fast) == cnn.param_shapes(Config())   # same network, other recipe
     config = config_lib.replace(fast, data_dir=mnist_dir, train_subset=6400, test_subset=2000)
-    history = train.train_and_evaluate(config)
+    history = run.train_and_evaluate(config)
     assert history[-1]["test_accuracy"] > 0.92   # 0.944 after these 100 steps (the full epoch: >= 0.99)

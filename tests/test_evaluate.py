@@ -123,7 +123,7 @@ def test_bad_flags_and_workdirs_are_one_line(name, env, tmp_path, trained):
     workdir, _ = trained
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "config.json").write_text('{"model": "resnet50"}')
+    (foreign / "config.json").write_text('{"architecture": "resnet50"}')
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "config.json").write_text('{"pool": "max",')
@@ -134,7 +134,7 @@ def test_bad_flags_and_workdirs_are_one_line(name, env, tmp_path, trained):
              ([f"--workdir={workdir}", "--step=5"], "no checkpoint for step 5; available: 16, 32"),
              ([f"--workdir={tmp_path / 'nowhere'}"], "holds no run (config.json not found)"),
              ([f"--workdir={workdir}/config.json"], "is a file, not a run directory"),
-             ([f"--workdir={foreign}"], "config.json: unknown config field(s) model"),
+             ([f"--workdir={foreign}"], "config.json: unknown config field(s) architecture"),
              ([f"--workdir={damaged}"], "config.json: not valid JSON"),
              ([f"--workdir={workdir}", "--data_dir=/nowhere/mnist"], "--data_dir=/nowhere/mnist: no such directory")]
     if name == "plot.py":   # the same main_guard and restore_run as evaluate.py: a sample suffices

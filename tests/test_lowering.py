@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import layers, lowering, model
+from cnn_jax import layers, lowering
+from cnn_jax.models import cnn
 from cnn_jax.config import Config
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -167,13 +168,13 @@ OTHER_NETWORKS = [
 def _loss_and_grads(config: Config, overrides: tuple) -> tuple:
     """Summed cross-entropy of 4 fixed images and its gradient, as numpy, for config + overrides."""
     config = config_lib.validate(config_lib.replace(config, **dict(overrides)))
-    params = jax.tree.map(lambda shape: _random(shape, len(shape), 0.2), model.param_shapes(config),
+    params = jax.tree.map(lambda shape: _random(shape, len(shape), 0.2), cnn.param_shapes(config),
                           is_leaf=lambda x: isinstance(x, tuple))
     images = jnp.asarray(np.random.default_rng(1).random((4,) + tuple(config.input_shape), np.float32))
     labels = jnp.asarray(np.arange(4) % config.num_classes)
 
     def loss(p):
-        return jnp.sum(layers.softmax_cross_entropy(model.apply(p, images, config), labels))
+        return jnp.sum(layers.softmax_cross_entropy(cnn.apply(p, {}, images, config)[0], labels))
 
     return jax.tree.map(np.asarray, jax.jit(jax.value_and_grad(loss))(params))
 
@@ -228,14 +229,13 @@ def test_reshape_pool_needs_window_equal_to_stride():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
 @pytest.mark.parametrize("ynnpack,fused", [("auto", False), ("off", False), ("on", True)])
 def test_ynnpack_option_reaches_the_compiled_step(ynnpack, fused):
-    from cnn_jax import optim, train
+    from cnn_jax import optim, state, step
     config = config_lib.replace(Config(), ynnpack=ynnpack)
     assert (lowering.compiler_options(config) == {}) == (ynnpack == "on")
     optimizer = optim.make_optimizer(config, 10)
-    runner = train.make_step_runner(config, train.make_train_step(config, optimizer))
-    params = model.init(jax.random.key(0), config)
+    runner = step.make_step_runner(config, step.make_train_step(config, optimizer))
     images, labels = jnp.zeros((128, 28, 28, 1)), jnp.zeros((128,), jnp.int32)
-    hlo = runner.lower(params, optimizer.init(params), images, labels, jnp.arange(128), 0).compile().as_text()
+    hlo = runner.lower(state.create(config, optimizer), images, labels, jnp.arange(128), 0).compile().as_text()
     assert ("__ynn_fusion" in hlo) == fused
 
 
@@ -304,8 +304,8 @@ def test_winograd_block_equals_the_reference_block(case, pool):
 def test_winograd_runs_only_the_layers_it_applies_to():
     config = config_lib.replace(Config(), conv_impl="winograd")
     strategy = lowering.resolve(config, "cpu")
-    params = model.init(jax.random.key(0), config)
-    jaxpr = str(jax.make_jaxpr(lambda p, x: model.apply(p, x, config))(params, jnp.zeros((2, 28, 28, 1))))
+    params, _ = cnn.init(jax.random.key(0), config)
+    jaxpr = str(jax.make_jaxpr(lambda p, x: cnn.apply(p, {}, x, config)[0])(params, jnp.zeros((2, 28, 28, 1))))
     assert strategy.describe().startswith("conv=winograd")
     assert jaxpr.count("pooled_conv_winograd") == 1 and jaxpr.count("pooled_conv_chwn") == 1
 

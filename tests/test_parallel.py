@@ -42,16 +42,16 @@ from cnn_jax import data, train
 dataset = data.load(base)
 for loop in loops:
     config = config_lib.replace(base, loop=loop)
-    params, _, history = train.fit(config, dataset)
+    final, history = train.fit(config, dataset)
+    params = final.params
     if jax.process_index() == 0:
         np.savez(f"{prefix}_{loop}.npz", **{f"{k}/{n}": np.asarray(v) for k, layer in params.items()
                                             for n, v in layer.items()})
-from cnn_jax import model
+from cnn_jax import state
 config = config_lib.replace(base, loop="step")
 optimizer, runner = train.compiled_runner(config, len(dataset.train_labels) // base.batch_size, "step")
-params = model.init(jax.random.key(0), config)
 args = parallel.data_parallel(config).replicate(
-    (params, optimizer.init(params), dataset.train_images, dataset.train_labels,
+    (state.create(config, optimizer), dataset.train_images, dataset.train_labels,
      np.arange(len(dataset.train_labels), dtype=np.int32)))
 hlo = runner.lower(*args, np.int32(0)).compile().as_text()
 print("gradient all-reduce:", "all-reduce" in hlo)
@@ -71,7 +71,7 @@ def _run(args, env_extra=None, timeout=300):
 
 def _one_device_params(mnist_dir, loop, overrides=None):
     config = config_lib.replace(Config(), data_dir=mnist_dir, loop=loop, **{**SUBSET, **(overrides or {})})
-    params, _, _ = train.fit(config, data.load(config))
+    params = train.fit(config, data.load(config))[0].params
     return {f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()}
 
 

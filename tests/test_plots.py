@@ -82,12 +82,12 @@ def test_misclassified_grid_titles_true_and_predicted_names():
 
 def test_write_run_plots_writes_four_real_pngs(tmp_path):
     rng = np.random.default_rng(0)
-    params = {"conv1": {"w": rng.normal(size=(3, 3, 1, 8)).astype(np.float32)}}
+    filters = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
     labels = np.arange(50) % 10
     predictions = (labels + (np.arange(50) % 7 == 0)) % 10
     confusion = np.zeros((10, 10), int)
     np.add.at(confusion, (labels, predictions), 1)
-    paths = plots.write_run_plots(str(tmp_path / "plots"), Config(), records(), params, rng.random((50, 28, 28, 1)),
+    paths = plots.write_run_plots(str(tmp_path / "plots"), Config(), records(), filters, rng.random((50, 28, 28, 1)),
                                   labels, predictions, confusion, [str(i) for i in range(10)])
     assert sorted(os.path.basename(p) for p in paths) == sorted(plots.PLOT_FILES.values())
     for path in paths:

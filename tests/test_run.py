@@ -47,13 +47,13 @@ TINY = config_lib.replace(Config(), epochs=2, log_every=3, loop="step", train_ev
 
 def test_nothing_is_written_without_a_workdir(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), dataset=tiny)
+    history = run.train_and_evaluate(config_lib.replace(TINY, epochs=1), dataset=tiny)
     assert len(history) == 1 and os.listdir(tmp_path) == []
 
 
 def test_workdir_holds_config_metrics_checkpoints_results_plots(tiny, tmp_path):
     workdir = str(tmp_path / "run")
-    history = train.train_and_evaluate(TINY, workdir, dataset=tiny, tensorboard=True)
+    history = run.train_and_evaluate(TINY, workdir, dataset=tiny, tensorboard=True)
     assert workdir_lib.read_config(workdir) == TINY
     records = workdir_lib.read_metrics(workdir)
     train_records = [r for r in records if r["kind"] == "train"]
@@ -94,7 +94,7 @@ def read_scalars(folder):
 
 def test_tensorboard_event_file_holds_the_scalars(tiny, tmp_path):
     workdir = str(tmp_path / "run")
-    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, tensorboard=True)
+    history = run.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, tensorboard=True)
     scalars = read_scalars(os.path.join(workdir, "tensorboard"))
     assert [step for step, _ in scalars["epoch/test_accuracy"]] == [10]
     assert scalars["epoch/test_accuracy"][0][1] == pytest.approx(history[0]["test_accuracy"])
@@ -104,16 +104,16 @@ def test_tensorboard_event_file_holds_the_scalars(tiny, tmp_path):
 def test_a_mid_epoch_stop_resumes_to_identical_params(tiny):
     saved = []
 
-    def on_stop(state):
-        saved.append(dataclasses.replace(state, params=jax.device_get(state.params),
-                                         opt_state=jax.device_get(state.opt_state)))
+    def on_stop(state, log):
+        saved.append((jax.device_get(state), dataclasses.replace(log, epoch_losses=list(log.epoch_losses))))
 
-    whole_params, whole_opt, whole_history = train.fit(TINY, tiny)
+    whole, whole_history = train.fit(TINY, tiny)
     with pytest.raises(train.Stopped) as stopped:
         train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 14, on_stop=on_stop))
-    assert stopped.value.step == 14 and saved[0].step == 14 and len(saved[0].epoch_losses) == 4
-    params, opt_state, history = train.fit(TINY, tiny, start=saved[0])
-    assert leaves_equal(params, whole_params) and leaves_equal(opt_state, whole_opt)
+    state, log = saved[0]
+    assert stopped.value.step == 14 and log.step == int(state.step) == 14 and len(log.epoch_losses) == 4
+    final, history = train.fit(TINY, tiny, start=saved[0])
+    assert leaves_equal(final, whole)
     assert [h["moving_loss"] for h in history] == [h["moving_loss"] for h in whole_history]
     assert [h["train_accuracy"] for h in history] == [h["train_accuracy"] for h in whole_history]
     assert [h["test_accuracy"] for h in history] == [h["test_accuracy"] for h in whole_history]
@@ -122,43 +122,43 @@ def test_a_mid_epoch_stop_resumes_to_identical_params(tiny):
 def test_checkpoint_meta_round_trips_a_mid_epoch_state(tiny, tmp_path):
     """What the SIGTERM hook saves restores to a state that finishes like an uninterrupted run."""
     workdir = str(tmp_path / "run")
-    whole_params, _, _ = train.fit(TINY, tiny)
+    whole, _ = train.fit(TINY, tiny)
     manager = checkpoint.open_manager(workdir)
 
-    def on_stop(state):
-        checkpoint.save(manager, state.step, state.params, state.opt_state, run.checkpoint_meta(state, TINY, 10))
+    def on_stop(state, log):
+        checkpoint.save(manager, state, run.checkpoint_meta(log, TINY, 10))
 
     with pytest.raises(train.Stopped):
         train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 7, on_stop=on_stop))
     manager.close()
     start = run.restore_state(workdir, TINY, 10)
-    assert start.step == 7 and len(start.epoch_losses) == 7
-    params, _, _ = train.fit(TINY, tiny, start=start)
-    assert leaves_equal(params, whole_params)
+    assert start[1].step == int(start[0].step) == 7 and len(start[1].epoch_losses) == 7
+    final, _ = train.fit(TINY, tiny, start=start)
+    assert leaves_equal(final, whole)
     with pytest.raises(ConfigError, match="steps per epoch"):
         run.restore_state(workdir, TINY, 20)
 
 
 def test_a_foreign_workdir_is_refused_and_left_untouched(tiny, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    run.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
     before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
     with pytest.raises(ConfigError, match="already holds a run.*--resume.*--overwrite"):
-        train.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny)
+        run.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny)
     with pytest.raises(ConfigError, match="--pool=avg"):
-        train.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny, resume=True)
+        run.train_and_evaluate(config_lib.replace(TINY, pool="avg"), workdir, dataset=tiny, resume=True)
     assert {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)} == before
     open(os.path.join(workdir, "results.json"), "w").write("{}")
-    history = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, overwrite=True)
+    history = run.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny, overwrite=True)
     assert len(history) == 1 and len(workdir_lib.read_metrics(workdir)) == 4   # a fresh run's records only
     assert json.load(open(os.path.join(workdir, "results.json")))["test_accuracy"] == history[0]["test_accuracy"]
 
 
 def test_resume_extends_a_finished_run_and_keeps_its_history(tiny, tmp_path):
     workdir = str(tmp_path / "run")
-    first = train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
-    both = train.train_and_evaluate(TINY, workdir, dataset=tiny, resume=True)
-    whole = train.fit(TINY, tiny)[2]
+    first = run.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    both = run.train_and_evaluate(TINY, workdir, dataset=tiny, resume=True)
+    whole = train.fit(TINY, tiny)[1]
     assert both[0] == first[0] and len(both) == 2
     assert [h["test_accuracy"] for h in both] == [h["test_accuracy"] for h in whole]
     assert [r["step"] for r in workdir_lib.read_metrics(workdir) if r["kind"] == "epoch"] == [10, 20]
@@ -169,18 +169,18 @@ def test_bad_data_writes_nothing(tmp_path):
     config = config_lib.replace(TINY, data_dir=str(tmp_path / "missing"))
     from cnn_jax.data import DataError
     with pytest.raises(DataError):
-        train.train_and_evaluate(config, workdir)
+        run.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
+    run.train_and_evaluate(config_lib.replace(TINY, epochs=1), workdir, dataset=tiny)
     good = checkpoint.restore(workdir, TINY)[0]
     poisoned = dataclasses.replace(tiny, train_images=np.full_like(tiny.train_images, np.nan))
     with pytest.raises(FloatingPointError, match=r"became (nan|non-finite) at step 11 \(epoch 1\).*"
                                                  r"last good checkpoint \(step 10\) is kept"):
-        train.train_and_evaluate(TINY, workdir, dataset=poisoned, resume=True)
+        run.train_and_evaluate(TINY, workdir, dataset=poisoned, resume=True)
     assert checkpoint.latest_step(workdir) == 10
     assert leaves_equal(checkpoint.restore(workdir, TINY)[0], good)
     assert checkpoint.all_finite(good)
@@ -257,10 +257,10 @@ def test_cli_run_killed_in_epoch_2_and_terminated_in_epoch_3_resumes_bit_identic
     assert f"at step {stopped}" in result.stdout and "Epoch 2." in result.stdout
 
     config = workdir_lib.read_config(reference)
-    params, opt_state, meta = checkpoint.restore(reference, config)
-    resumed_params, resumed_opt, resumed_meta = checkpoint.restore(workdir, config)
+    state, meta = checkpoint.restore(reference, config)
+    resumed, resumed_meta = checkpoint.restore(workdir, config)
     assert meta["step"] == resumed_meta["step"] == 3 * STEPS_PER_EPOCH
-    assert leaves_equal(params, resumed_params) and leaves_equal(opt_state, resumed_opt)
+    assert leaves_equal(state, resumed)
     assert meta["moving_loss"] == resumed_meta["moving_loss"]
     strip = ("epoch_time", "images_per_second")
     assert ([{k: v for k, v in h.items() if k not in strip} for h in meta["history"]]
@@ -404,4 +404,4 @@ def test_cli_sigint_saves_a_mid_epoch_checkpoint(mnist_dir, tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted by SIGINT: checkpoint of step ")
     stopped = checkpoint.latest_step(workdir)
     assert 0 < stopped < STEPS_PER_EPOCH and f"checkpoint of step {stopped} saved" in err
-    assert checkpoint.restore(workdir, workdir_lib.read_config(workdir))[2]["step"] == stopped
+    assert checkpoint.restore(workdir, workdir_lib.read_config(workdir))[1]["step"] == stopped

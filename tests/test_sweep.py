@@ -172,7 +172,8 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
     assert result.histories[2] == []
     assert [r["step"] for r in logs[0]] == [4, 8, 12, 16]
     for i in (0, 1):
-        params, _, alone = train.fit(configs[i], small_dataset)
+        final, alone = train.fit(configs[i], small_dataset)
+        params = final.params
         assert len(alone) == len(result.histories[i]) == 2
         for mine, theirs in zip(result.histories[i], alone):
             for key in ("moving_loss", "train_loss", "test_loss"):
@@ -182,7 +183,7 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
             assert mine["step"] == theirs["step"]
         for layer in params:
             for name in params[layer]:
-                np.testing.assert_allclose(np.asarray(result.params[layer][name][i]),
+                np.testing.assert_allclose(np.asarray(result.state.params[layer][name][i]),
                                            np.asarray(params[layer][name]), rtol=1e-4, atol=1e-6)
     # The two good runs really differ (different seeds and hyperparameters).
     assert result.histories[0][-1]["train_loss"] != result.histories[1][-1]["train_loss"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data, lowering, model, optim, train
+from cnn_jax import data, evaluation, lowering, model, optim, state, step, train
 from cnn_jax.config import Config
 
 
@@ -26,19 +26,21 @@ def leaves_equal(a, b):
 def test_same_seed_gives_bit_identical_params(small):
     config = config_lib.replace(Config(), train_eval="running", loop="step")
     cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
-    p1, _, h1 = train.fit(config, cut)
-    p2, _, h2 = train.fit(config, cut)
-    assert leaves_equal(p1, p2)
+    s1, h1 = train.fit(config, cut)
+    s2, h2 = train.fit(config, cut)
+    assert leaves_equal(s1, s2)
     assert h1[0]["moving_loss"] == h2[0]["moving_loss"]
-    p3, _, _ = train.fit(config_lib.replace(config, seed=1), cut)
-    assert not leaves_equal(p1, p3)
+    s3, _ = train.fit(config_lib.replace(config, seed=1), cut)
+    assert not leaves_equal(s1.params, s3.params)
 
 
 def test_short_real_run_learns(small):
     config = config_lib.replace(Config(), epochs=2)
-    params0 = model.init(jax.random.key(config.seed), config)
-    before = train.evaluate(params0, jnp.asarray(small.test_images), jnp.asarray(small.test_labels), config)
-    params, _, history = train.fit(config, small)
+    params0, model_state = model.init(jax.random.key(config.seed), config)
+    before = evaluation.evaluate(params0, model_state, jnp.asarray(small.test_images),
+                                 jnp.asarray(small.test_labels), config)
+    final, history = train.fit(config, small)
+    assert int(final.step) == 2 * 32
     assert before["accuracy"] < 0.3
     assert history[-1]["test_accuracy"] > 0.85
     assert history[-1]["train_loss"] < history[0]["train_loss"] < before["loss"]
@@ -51,27 +53,29 @@ def test_step_and_scan_loops_agree(small):
     results = [train.fit(config_lib.replace(Config(), loop=loop, train_eval="running"), cut) for loop in ("step", "scan")]
     for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert abs(results[0][2][0]["moving_loss"] - results[1][2][0]["moving_loss"]) < 1e-4
+    assert abs(results[0][1][0]["moving_loss"] - results[1][1][0]["moving_loss"]) < 1e-4
 
 
 def test_train_step_is_pure_and_matches_a_manual_update(small):
     config = config_lib.replace(config_lib.PRESETS["seed"])
-    params = model.init(jax.random.key(0), config)
     opt = optim.make_optimizer(config, 1)
+    start = state.create(config, opt)
+    params = start.params
     images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
-    new, _, metrics = jax.jit(train.make_train_step(config, opt))(params, opt.init(params), images, labels)
-    grads = jax.grad(lambda p: train.loss_fn(p, images, labels, config)[0])(params)
-    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new)):
+    new, metrics = jax.jit(step.make_train_step(config, opt))(start, (images, labels))
+    grads = jax.grad(lambda p: step.loss_fn(p, {}, (images, labels), None, config)[0])(params)
+    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(n, p - 0.01 * g, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1 and np.array_equal(new.rng, start.rng)
     assert 2.0 < float(metrics["loss"]) < 2.6  # ~log(10) at a near-zero init
 
 
 def test_evaluate_pads_the_last_batch(small):
     config = config_lib.replace(Config(), eval_batch_size=300)
-    params = model.init(jax.random.key(0), config)
+    params, model_state = model.init(jax.random.key(0), config)
     x, y = jnp.asarray(small.test_images), jnp.asarray(small.test_labels)
-    batched = train.evaluate(params, x, y, config, return_predictions=True)
-    logits = model.apply(params, x, config)
+    batched = evaluation.evaluate(params, model_state, x, y, config, return_predictions=True)
+    logits, _ = model.apply(params, model_state, x, config)
     assert batched["accuracy"] == pytest.approx(float(jnp.mean(jnp.argmax(logits, -1) == y)))
     np.testing.assert_array_equal(batched["predictions"], np.asarray(jnp.argmax(logits, -1)))
 
@@ -92,16 +96,17 @@ def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
     checkpoint could hold; the step's `finite` flag reports it (tests/test_sweep.py trains into it)."""
     config = config_lib.replace(Config(), conv_filters=(4,), conv_kernels=(3,), num_fc=16, learning_rate=1e6)
     optimizer = optim.make_optimizer(config, 10)
-    params = model.init(jax.random.key(0), config)
-    opt_state = optimizer.init(params)
-    adam = opt_state[0]
-    poisoned = (adam._replace(nu=jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adam.nu)), *opt_state[1:])
-    step = jax.jit(train.make_train_step(config, optimizer))
-    images, labels = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
-    assert bool(step(params, opt_state, images, labels)[2]["finite"])
-    new_params, _, metrics = step(params, poisoned, images, labels)
+    start = state.create(config, optimizer)
+    inner = start.opt_state.inner_state
+    adam = inner[0]
+    poisoned = start.replace(opt_state=start.opt_state._replace(inner_state=(
+        adam._replace(nu=jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adam.nu)), *inner[1:])))
+    train_step = jax.jit(step.make_train_step(config, optimizer))
+    batch = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
+    assert bool(train_step(start, batch)[1]["finite"])
+    new, metrics = train_step(poisoned, batch)
     assert not bool(metrics["finite"])
-    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new_params))   # the params alone look fine
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new.params))   # the params alone look fine
 
 
 @pytest.mark.parametrize("loop", ["step", "scan"])
@@ -112,22 +117,21 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
     num_steps = train.steps_per_epoch(config, len(cut.train_labels))
     optimizer, runner = train.compiled_runner(config, num_steps * config.epochs, loop)
     train.compile_ahead(config, cut, optimizer, runner, loop, num_steps)
-    params = model.init(jax.random.key(config.seed), config)
-    opt_state = optimizer.init(params)
+    start = state.create(config, optimizer)
     order = jnp.asarray(data.epoch_permutation(config.seed, 0, len(cut.train_labels)))
     images, labels = jnp.asarray(cut.train_images), jnp.asarray(cut.train_labels)
-    eval_batches = list(train.eval_batches(jnp.asarray(cut.test_images), jnp.asarray(cut.test_labels),
+    eval_batches = list(evaluation.eval_batches(jnp.asarray(cut.test_images), jnp.asarray(cut.test_labels),
                                            config.eval_batch_size))
     compiled = []
     listener = lambda event, duration, **kw: compiled.append(event)   # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         if loop == "step":
-            params, _, _ = runner(params, opt_state, images, labels, order, np.int32(0))
+            final, _ = runner(start, images, labels, order, np.int32(0))
         else:
-            params, _, _ = runner(params, opt_state, images, labels, order, np.int32(0), num_steps)
+            final, _ = runner(start, images, labels, order, np.int32(0), num_steps)
         for x, y, mask, _ in eval_batches:   # 300 + a padded 200: one shape
-            train._eval_batch(params, x, y, mask, lowering.inference_config(config))
+            step.eval_batch(final.params, final.model_state, x, y, mask, lowering.inference_config(config))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert "/jax/core/compile/backend_compile_duration" not in compiled, compiled

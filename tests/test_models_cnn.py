@@ -1,4 +1,5 @@
-"""Model: params layout, init schemes, the debug shape trace, derived sizes."""
+"""The tutorial's CNN family (cnn_jax/models/cnn.py): params layout, init schemes, the debug
+shape trace, derived sizes, FLOPs."""
 
 import math
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import model
+from cnn_jax.models import cnn
 from cnn_jax.config import Config
 
 SEED_TRACE = ["conv1    26x26x20", "pool1    13x13x20", "conv2    9x9x50", "pool2    4x4x50",
@@ -17,14 +18,14 @@ SEED_TRACE = ["conv1    26x26x20", "pool1    13x13x20", "conv2    9x9x50", "pool
 
 def test_debug_trace_of_the_seed_network(capsys):
     config = Config()
-    params = model.init(jax.random.key(0), config)
-    logits = model.apply(params, jnp.zeros((3, 28, 28, 1)), config, debug=True)
+    params = cnn.init(jax.random.key(0), config)[0]
+    logits = cnn.apply(params, {}, jnp.zeros((3, 28, 28, 1)), config, debug=True)[0]
     assert logits.shape == (3, 10)
     assert capsys.readouterr().out.splitlines() == SEED_TRACE
 
 
 def test_params_are_a_nested_dict_by_layer_name():
-    params = model.init(jax.random.key(0), Config())
+    params = cnn.init(jax.random.key(0), Config())[0]
     shapes = {name: {k: v.shape for k, v in layer.items()} for name, layer in params.items()}
     assert shapes == {"conv1": {"w": (3, 3, 1, 20), "b": (20,)}, "conv2": {"w": (5, 5, 20, 50), "b": (50,)},
                       "dense1": {"w": (800, 128), "b": (128,)}, "output": {"w": (128, 10), "b": (10,)}}
@@ -38,16 +39,16 @@ def test_params_are_a_nested_dict_by_layer_name():
 ])
 def test_flattened_size_is_derived(overrides, flat):
     config = config_lib.validate(config_lib.replace(Config(), **overrides))
-    assert dict(model.layer_shapes(config))["flatten"] == (flat,)
-    params = model.init(jax.random.key(1), config)
+    assert dict(cnn.layer_shapes(config))["flatten"] == (flat,)
+    params = cnn.init(jax.random.key(1), config)[0]
     assert params["dense1"]["w"].shape == (flat, config.num_fc)
-    logits = model.apply(params, jnp.ones((2,) + config.input_shape), config)
+    logits = cnn.apply(params, {}, jnp.ones((2,) + config.input_shape), config)[0]
     assert logits.shape == (2, config.num_classes)
 
 
 def test_seed_init_draws_every_weight_and_bias_from_n0_scale():
     config = config_lib.replace(Config(), init="seed", weight_scale=0.05)
-    params = model.init(jax.random.key(0), config)
+    params = cnn.init(jax.random.key(0), config)[0]
     w = np.asarray(params["dense1"]["w"])
     assert abs(w.std() - 0.05) < 0.002 and abs(w.mean()) < 0.002
     assert np.asarray(params["conv2"]["b"]).std() > 0.02  # biases are random too
@@ -55,16 +56,16 @@ def test_seed_init_draws_every_weight_and_bias_from_n0_scale():
 
 @pytest.mark.parametrize("init,gain", [("he", 2.0), ("lecun", 1.0)])
 def test_fan_in_init(init, gain):
-    params = model.init(jax.random.key(0), config_lib.replace(Config(), init=init))
+    params = cnn.init(jax.random.key(0), config_lib.replace(Config(), init=init))[0]
     w = np.asarray(params["conv2"]["w"])
     assert abs(w.std() - np.sqrt(gain / (5 * 5 * 20))) < 0.01 * np.sqrt(gain / 500)
     assert not np.any(params["conv2"]["b"])
 
 
 def test_init_is_deterministic_per_key():
-    a = model.init(jax.random.key(3), Config())
-    b = model.init(jax.random.key(3), Config())
-    c = model.init(jax.random.key(4), Config())
+    a = cnn.init(jax.random.key(3), Config())[0]
+    b = cnn.init(jax.random.key(3), Config())[0]
+    c = cnn.init(jax.random.key(4), Config())[0]
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     assert not np.array_equal(a["conv1"]["w"], c["conv1"]["w"])
 
@@ -75,12 +76,12 @@ def test_conv_lowerings_give_the_same_logits_and_gradients():
     results = []
     for impl in ("lax", "patches"):
         config = config_lib.replace(Config(), conv_impl=impl)
-        params = model.init(jax.random.key(0), config)
+        params = cnn.init(jax.random.key(0), config)[0]
 
         def loss(p):
-            logits = model.apply(p, images, config)
+            logits = cnn.apply(p, {}, images, config)[0]
             return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
-        results.append((model.apply(params, images, config), jax.grad(loss)(params)))
+        results.append((cnn.apply(params, {}, images, config)[0], jax.grad(loss)(params)))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for g1, g2 in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
@@ -93,8 +94,8 @@ def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
     """The shared-size sampler is an optimisation only: every tensor is what
     `jax.random.normal(its key, its shape)` gives, as documented results were drawn."""
     config = config_lib.replace(Config(), **overrides)
-    params = model.init(jax.random.key(11), config)
-    shapes = model.param_shapes(config)
+    params = cnn.init(jax.random.key(11), config)[0]
+    shapes = cnn.param_shapes(config)
     keys = jax.random.split(jax.random.key(11), 2 * len(shapes)).reshape(len(shapes), 2)
     for (name, layer), (kw, kb) in zip(shapes.items(), keys):
         if config.init == "seed":
@@ -106,3 +107,23 @@ def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
             expected_b = jnp.zeros(layer["b"], jnp.float32)
         np.testing.assert_array_equal(params[name]["w"], expected_w)
         np.testing.assert_array_equal(params[name]["b"], expected_b)
+
+
+def test_flops_of_the_seed_network_come_from_the_shape_walk():
+    forward, total = cnn.flops(Config())
+    conv1, conv2 = 2 * 26 * 26 * 9 * 20, 2 * 9 * 9 * 25 * 20 * 50
+    assert forward == conv1 + conv2 + 2 * 800 * 128 + 2 * 128 * 10
+    assert total == 3 * forward - conv1       # no input gradient for the first layer
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"conv_kernels": (3, 30)}, "conv2 kernel 30 is larger than its 13x13 input"),
+    ({"pool_window": 30, "pool_stride": 30}, "pool1 window is larger"),
+    ({"conv_filters": ()}, "--conv_filters is empty"),
+    ({"conv_filters": (20,)}, "differ in length"),
+])
+def test_validate_walks_the_network_once(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        cnn.validate(config_lib.replace(Config(), **overrides))
+    with pytest.raises(config_lib.ConfigError, match=message):   # config.validate runs it
+        config_lib.validate(config_lib.replace(Config(), **overrides))
