@@ -1,4 +1,5 @@
-"""Data: the real IDX files, every kind of damaged file, the TFDS glue (mocked, offline), shuffling."""
+"""Data: the real IDX files, every kind of damaged file, the order of sources, the TFDS glue
+(mocked, and preparing MNIST for real from the official files, offline), shuffling."""
 
 import gzip
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data
+from cnn_jax import data, datasets
 from cnn_jax.config import Config
 from cnn_jax.data import DataError
 
@@ -25,7 +26,7 @@ def test_real_mnist_from_idx(mnist):
 
 
 def test_fashion_mnist_from_idx():
-    directory = data.KNOWN_IDX_DIRS["fashion_mnist"]
+    directory = datasets.get("fashion_mnist").system_dirs[0]
     if not os.path.isdir(directory):
         pytest.skip(f"{directory} missing: apt-get install dataset-fashion-mnist")
     ds = data.load_idx_dir(directory, "fashion_mnist")
@@ -113,6 +114,7 @@ def test_labels_outside_class_range(idx_copy):
 def test_tfds_glue_with_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "_reachable", lambda *a, **k: True)  # the mock stands in for the network
+    monkeypatch.setattr(data, "_can_prepare", lambda: True)        # and for preparing
     with tfds.testing.mock_data(num_examples=24):
         ds = data.load_tfds("mnist")
     assert ds.train_images.shape == (24, 28, 28, 1) and ds.train_images.dtype == np.float32
@@ -124,7 +126,10 @@ def test_tfds_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)
     with pytest.raises(DataError) as info:
         data.load_tfds("mnist", data_dir=str(tmp_path))
-    assert "--data_dir=../shared/data/mnist" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert message.startswith("TensorFlow Datasets has no copy of 'mnist' and storage.googleapis.com cannot "
+                              "be reached (offline?); pass --data_dir with the four IDX files "), message
+    assert "$CNN_JAX_MNIST_DIR" in message and "../shared/data/mnist" in message and "\n" not in message
 
 
 def test_epoch_permutation_is_deterministic_and_changes_per_epoch():
