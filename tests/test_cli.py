@@ -119,3 +119,18 @@ def test_a_batch_larger_than_the_data_is_refused_before_writing(mnist_dir, tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --batch_size=64 is larger than the 16 training images"]
     assert not workdir.exists()
+
+
+def test_cifar10_trains_through_the_command_line_on_a_synthetic_folder(tmp_path):
+    """CIFAR-10 shapes (32x32x3, from the registry) flow through the tutorial network: a few steps."""
+    from test_dataset_files import write_cifar10
+    write_cifar10(tmp_path / "cifar-10-batches-py", "py", sizes=(16, 16, 16, 16, 16, 20))
+    result = run("--dataset=cifar10", f"--data_dir={tmp_path}", "--batch_size=16", "--pool=max", "--debug")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"data: cifar10 from {tmp_path} (--data_dir)"
+    assert "flatten  1250" in result.stdout.splitlines()   # 32 -> 30 -> 15 -> 11 -> 5: 5 * 5 * 50
+    assert re.search(r"^Epoch 0\. Loss: [\d.]+, Train_acc [\d.]+, Test_acc [\d.]+", result.stdout, re.M)
+    contradiction = run("--dataset=cifar10", f"--data_dir={tmp_path}", "--num_classes=100")
+    assert contradiction.returncode == 2 and contradiction.stderr.strip().splitlines() == [
+        "error: cifar10 has 10 classes but --num_classes is 100; drop --num_classes (it follows --dataset) "
+        "or set --num_classes=10"]
