@@ -38,6 +38,7 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     normalize: Callable[[np.ndarray], np.ndarray] = to_unit_float   # uint8 images -> model input
     system_dirs: tuple[str, ...] = ()       # well-known system folders holding the offline files
+    flip_keeps_label: bool = False          # a left-right mirror image has the same class (not digits)
 
     @property
     def num_classes(self) -> int:
@@ -69,19 +70,19 @@ REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in (
     DatasetSpec("fashion_mnist", "fashion_mnist", IDX_FORMAT, dataset_files.read_idx_folder, (28, 28, 1),
                 ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-                system_dirs=("/usr/share/datasets/fashion-mnist",)),   # Debian's dataset-fashion-mnist
+                system_dirs=("/usr/share/datasets/fashion-mnist",), flip_keeps_label=True),   # Debian's dataset-fashion-mnist
     # Kuzushiji-MNIST: ten cursive hiragana, romanised.
     DatasetSpec("kmnist", "kmnist", IDX_FORMAT, dataset_files.read_idx_folder, (28, 28, 1),
                 ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
     DatasetSpec("cifar10", "cifar10",
                 "CIFAR-10's python batches (cifar-10-batches-py/) or binary batches (cifar-10-batches-bin/)",
                 lambda folder: dataset_files.read_cifar_folder(folder, "cifar10"), (32, 32, 3),
-                CIFAR10_CLASSES),
+                CIFAR10_CLASSES, flip_keeps_label=True),
     DatasetSpec("cifar100", "cifar100",
                 "CIFAR-100's python batches (cifar-100-python/) or binary batches (cifar-100-binary/); "
                 "fine labels",
                 lambda folder: dataset_files.read_cifar_folder(folder, "cifar100"), (32, 32, 3),
-                CIFAR100_CLASSES),
+                CIFAR100_CLASSES, flip_keeps_label=True),
 )}
 NAMES = tuple(REGISTRY)
 

@@ -19,6 +19,8 @@ def test_the_registered_datasets():
     assert datasets.get("cifar100").class_names[-1] == "worm"
     assert datasets.get("cifar10").class_names[9] == "truck"
     assert datasets.get("kmnist").env_var == "CNN_JAX_KMNIST_DIR"
+    flips = {name for name, spec in datasets.REGISTRY.items() if spec.flip_keeps_label}
+    assert flips == {"fashion_mnist", "cifar10", "cifar100"}   # not digits nor kana
 
 
 @pytest.mark.parametrize("name", datasets.NAMES)
