@@ -238,3 +238,34 @@ def test_a_flag_that_contradicts_the_data_is_one_line(mnist_dir):
                                 ({"input_shape": (32, 32, 3)}, "set --input_shape=28,28,1")):
         with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             data.load(config_lib.replace(Config(), data_dir=mnist_dir, test_subset=1, **overrides))
+
+
+def test_tfds_prepares_mnist_offline_from_the_official_files(tmp_path, monkeypatch, mnist_dir, mnist):
+    """TFDS prepares MNIST from the official files handed over as a manual download (no network),
+    into a temporary TFDS data dir; the arrays are the IDX reader's, exactly. TFDS shuffles the
+    examples when it prepares, so the (image, label) pairs are compared in a canonical order."""
+    pytest.importorskip("tensorflow", reason="preparing needs TensorFlow: pip install -r requirements-tfds.txt")
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)   # offline, for certain
+    tfds_dir = tmp_path / "tfds"
+    prepared = data.load_tfds("mnist", data_dir=str(tfds_dir), manual_dir=mnist_dir)
+
+    def canonical(images, labels):
+        pixels = np.rint(images.reshape(len(images), -1) * 255).astype(np.uint8)
+        rows = np.concatenate([pixels, labels[:, None].astype(np.uint8)], axis=1)
+        return rows[np.lexsort(rows.T[::-1])]
+
+    for split in ("train", "test"):
+        images, labels = getattr(prepared, f"{split}_images"), getattr(prepared, f"{split}_labels")
+        assert images.dtype == np.float32 and labels.dtype == np.int32
+        assert images.shape == getattr(mnist, f"{split}_images").shape
+        np.testing.assert_array_equal(canonical(images, labels),
+                                      canonical(getattr(mnist, f"{split}_images"), getattr(mnist, f"{split}_labels")))
+    # Once prepared, the copy is the default source before the shared folder, and reads back the same.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+    for name in list(os.environ):
+        if name.startswith("CNN_JAX_"):
+            monkeypatch.delenv(name)
+    again = data.load(Config())
+    assert again.source == f"mnist from {tfds_dir} (a prepared TensorFlow Datasets copy)"
+    np.testing.assert_array_equal(again.train_images, prepared.train_images)
+    np.testing.assert_array_equal(again.test_labels, prepared.test_labels)
