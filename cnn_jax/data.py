@@ -148,7 +148,8 @@ def _tfds_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A prepared split as (uint8 images, labels). With TensorFlow, the whole split in one batch
     (decoded by tf.data, no per-record Python); without it, TFDS's array_record data source."""
     import tensorflow_datasets as tfds
-    if _tensorflow_installed() and builder.info.file_format.value == "tfrecord":
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format) or "tfrecord"
+    if _tensorflow_installed() and file_format == "tfrecord":
         batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
         return np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int64)
     source = builder.as_data_source(split=split)   # decodes record by record: the slow fallback
