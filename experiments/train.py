@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, config as config_lib, data, parallel, signals, train
+from cnn_jax import cli, config as config_lib, parallel, signals, train
 from cnn_jax import workdir as workdir_lib
 
 cli.define_config_flags()
@@ -43,10 +43,8 @@ def main(argv):
                                          "keeps the config.json of its --workdir")
         present = [name for name in config_lib.field_names() if FLAGS[name].present]
         config = workdir_lib.resume_config(FLAGS.workdir, config, present)
-    dataset = data.load(config)
-    print(f"data: {dataset.source}", flush=True)
     try:
-        train.train_and_evaluate(config, FLAGS.workdir, dataset, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+        train.train_and_evaluate(config, FLAGS.workdir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                                  tensorboard=FLAGS.tensorboard)
     except signals.Interrupted as e:
         print(e, file=sys.stderr, flush=True)
