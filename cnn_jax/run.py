@@ -44,6 +44,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
                                 tensorboard=tensorboard)
     if dataset is None:
         dataset = data_lib.load(config)
+        print(f"data: {dataset.source}", flush=True)
     return train.fit(config, dataset)[1]
 
 
@@ -84,6 +85,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
     workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
     if dataset is None:
         dataset = data_lib.load(config)
+        print(f"data: {dataset.source}", flush=True)
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
     start = restore_state(workdir, config, steps_per_epoch) if resume else None
     start_step = start[1].step if start else None
