@@ -236,7 +236,10 @@ def test_summary_is_over_seeds_and_sorted_by_test_accuracy():
 
 
 def test_results_files_hold_every_run_the_summary_and_a_plot(tmp_path):
+    import matplotlib
+    backend = matplotlib.get_backend()
     sweep.write_results(str(tmp_path), ROWS)
+    assert matplotlib.get_backend() == backend   # library code leaves the process's backend alone
     with open(tmp_path / sweep.RESULTS_CSV) as f:
         table = list(csv.DictReader(f))
     assert len(table) == 8

@@ -1,0 +1,35 @@
+"""Hyperparameter sweeps: a grid or a list of runs, trained together with `jax.vmap` where shapes allow.
+
+A sweep is a list of *settings* (config overrides), one per run, from a grid
+
+    "learning_rate=0.003,0.01,0.03 pool=max,avg seed=0,1,2"        (every combination: 18 runs)
+
+or from a JSON/YAML file holding such a grid (a dict of lists) or a list of run dicts.
+Every run gets a run directory named after its settings
+(`learning_rate=0.01,pool=max,seed=0`) in the format of `experiments/train.py --workdir`
+(config.json, metrics.jsonl, results.json, a final checkpoint), plus `sweep_result.json`,
+written last, which marks the run finished.
+
+Runs whose configs differ only in `PER_RUN_FIELDS` (learning rate, weight scale, momentum,
+weight decay, seed, ...) compute with arrays of the same shapes, so they form one *group*
+trained as one jit-compiled program: the train step of `cnn_jax.step` is `jax.vmap`-ed
+over a leading run axis of the train state (params, optimiser state with the run's
+hyperparameters, model state, rng) and of the batches. Each run keeps its own initial state,
+rng and data order (`data.epoch_permutation(seed, epoch, n)`), so it computes what it
+computes alone.
+Fields that change shapes or the program (filters, kernels, batch size, pool, optimizer,
+...) split runs into separate groups.
+
+The package's modules, each importing only those before it: `spec` (grids, runs, shards),
+`group` (grouping, vmapped training), `rundirs` (run directories), `results` (tables, plot).
+"""
+
+from cnn_jax.sweep.group import (DATA_FIELDS, MEMORY_FRACTION, PER_RUN_FIELDS, GroupResult, auto_max_parallel,
+                                 compiled_group, data_key, default_max_parallel, group_key, group_runs,
+                                 group_state, memory_budget, resolve_loop, run_memory_bytes, train_group)
+from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, results_csv,
+                                   results_figure, results_markdown, summarize, swept_fields, write_results)
+from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, SWEEP_RESULT_FILE, is_finished, pending_runs, result_row,
+                                   run_dir, run_group)
+from cnn_jax.sweep.spec import (Run, coerce_value, field_kind, format_value, grid_settings, load_spec_file,
+                                make_runs, parse_shard, parse_spec, run_name, shard)

@@ -1,0 +1,115 @@
+"""The run directories of a sweep: one per run, in the format of `experiments/train.py --workdir`,
+plus `sweep_result.json`, written last, which marks the run finished."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+
+from cnn_jax import checkpoint, report, run as run_lib, train
+from cnn_jax import data as data_lib
+from cnn_jax import state as state_lib
+from cnn_jax import workdir as workdir_lib
+from cnn_jax.config import ConfigError
+from cnn_jax.sweep.group import train_group
+from cnn_jax.sweep.spec import Run
+
+SWEEP_RESULT_FILE = "sweep_result.json"
+
+
+def run_dir(sweep_dir: str, run: Run) -> str:
+    return os.path.join(sweep_dir, run.name)
+
+
+def is_finished(path: str) -> bool:
+    return os.path.exists(os.path.join(path, SWEEP_RESULT_FILE))
+
+
+# Fields that do not change what a run computes: a finished run counts as done whatever they are.
+IGNORED_WHEN_RESUMING = workdir_lib.RESUMABLE_FIELDS - {"epochs", "train_eval"}
+
+
+def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
+    """(runs still to train, runs already finished); refuses (ConfigError, before anything is
+    written) a run directory that holds a run with another config."""
+    if os.path.isfile(sweep_dir):
+        raise ConfigError(f"--workdir={sweep_dir} is a file, not a sweep directory")
+    if workdir_lib.holds_run(sweep_dir):
+        raise ConfigError(f"--workdir={sweep_dir} holds a training run ({workdir_lib.CONFIG_FILE}), not a "
+                          "sweep; choose another --workdir")
+    todo, done = [], []
+    for run in runs:
+        path = run_dir(sweep_dir, run)
+        if os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
+            differences = workdir_lib.config_differences(workdir_lib.read_config(path), run.config,
+                                                         ignore=IGNORED_WHEN_RESUMING)
+            if differences:
+                raise ConfigError(f"{path} holds a run with another config ({differences[0]}); "
+                                  "use another --workdir for a changed sweep")
+        (done if is_finished(path) else todo).append(run)
+    return todo, done
+
+
+def result_row(run: Run, history: list[dict[str, Any]], status: str, message: str,
+               seconds: float, group_size: int) -> dict[str, Any]:
+    """The run's line of the results table (what sweep_result.json holds)."""
+    last = history[-1] if history else {}
+    return {
+        "name": run.name, "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                                       for k, v in run.settings.items()},
+        "status": status, "message": message, "epochs": len(history),
+        **{k: last.get(k) for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                                    "moving_loss")},
+        "time_s": seconds, "group_size": group_size,
+    }
+
+
+def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
+              print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train one group and keep each run in its directory; return the runs' result rows.
+
+    Each run directory is (re)started first (a previous unfinished attempt is replaced);
+    metrics are written as training goes; at the end come results.json, a checkpoint of
+    the final state and, last, sweep_result.json (the run counts as finished from then on).
+    """
+    paths = [run_dir(sweep_dir, r) for r in runs]
+    for path, r in zip(paths, runs):
+        workdir_lib.start(path, r.config, overwrite=True)
+    logs = [workdir_lib.MetricsLog(path) for path in paths]
+
+    def on_log(i: int, record: dict[str, Any]) -> None:
+        logs[i].append(record)
+
+    def on_epoch(i: int, record: dict[str, Any]) -> None:
+        logs[i].append({"kind": "epoch", **record})
+        logs[i].flush()
+        print_fn(f"{runs[i].name}: {train.format_epoch(record)}")
+
+    result = train_group([r.config for r in runs], dataset, on_log, on_epoch)
+    rows = []
+    for i, (path, r) in enumerate(zip(paths, runs)):
+        logs[i].flush()
+        history = result.histories[i]
+        if result.diverged[i]:
+            status, message = "diverged", result.diverged[i]
+            print_fn(f"{r.name}: diverged: {message}")
+        else:
+            status, message = "ok", ""
+            test = {"loss": float(result.test["loss"][i]), "accuracy": float(result.test["accuracy"][i])}
+            confusion = report.confusion_matrix(dataset.test_labels, result.test["predictions"][i],
+                                                dataset.num_classes)
+            test.update(confusion=confusion, per_class_accuracy=report.per_class_accuracy(confusion))
+            workdir_lib.write_json(os.path.join(path, workdir_lib.RESULTS_FILE),
+                                   report.results_json(test, dataset.class_names, history[-1]["step"]))
+            manager = checkpoint.open_manager(path)
+            try:
+                checkpoint.save(manager, jax.device_get(state_lib.unstack(result.state, i)),
+                                run_lib.checkpoint_meta(result.logs[i], r.config, result.steps_per_epoch))
+            finally:
+                manager.close()
+        row = result_row(r, history, status, message, result.seconds, len(runs))
+        workdir_lib.write_json(os.path.join(path, SWEEP_RESULT_FILE), row)
+        rows.append(row)
+    return rows
