@@ -1,0 +1,50 @@
+"""The train step: pure, the manual update, the divergence flag, the model state and rng it carries."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import optim, state, step
+from cnn_jax.config import Config
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    """64 real training images."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:64], train_labels=mnist.train_labels[:64])
+
+
+def test_train_step_is_pure_and_matches_a_manual_update(small):
+    config = config_lib.replace(config_lib.PRESETS["seed"])
+    opt = optim.make_optimizer(config, 1)
+    start = state.create(config, opt)
+    params = start.params
+    images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
+    new, metrics = jax.jit(step.make_train_step(config, opt))(start, (images, labels))
+    grads = jax.grad(lambda p: step.loss_fn(p, {}, (images, labels), None, config)[0])(params)
+    for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
+        np.testing.assert_allclose(n, p - 0.01 * g, rtol=1e-5, atol=1e-7)
+    assert int(new.step) == 1 and np.array_equal(new.rng, start.rng)
+    assert 2.0 < float(metrics["loss"]) < 2.6  # ~log(10) at a near-zero init
+
+
+def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
+    """Adam at lr 1e6: the params stay finite but the squared-gradient state overflows, which no
+    checkpoint could hold; the step's `finite` flag reports it (tests/test_sweep.py trains into it)."""
+    config = config_lib.replace(Config(), conv_filters=(4,), conv_kernels=(3,), num_fc=16, learning_rate=1e6)
+    optimizer = optim.make_optimizer(config, 10)
+    start = state.create(config, optimizer)
+    inner = start.opt_state.inner_state
+    adam = inner[0]
+    poisoned = start.replace(opt_state=start.opt_state._replace(inner_state=(
+        adam._replace(nu=jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adam.nu)), *inner[1:])))
+    train_step = jax.jit(step.make_train_step(config, optimizer))
+    batch = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
+    assert bool(train_step(start, batch)[1]["finite"])
+    new, metrics = train_step(poisoned, batch)
+    assert not bool(metrics["finite"])
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new.params))   # the params alone look fine
