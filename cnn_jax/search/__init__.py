@@ -1,0 +1,7 @@
+"""Hyperparameter search with Optuna: trials asked in batches and trained as vmapped groups.
+
+    space     the search space: `--space` text or a JSON/YAML file -> Optuna distributions
+    trials    train K trials of one shape as one vmapped program, evaluating and pruning as it goes
+    study     storages, samplers, pruners, and the worker loop that asks, trains and tells
+    results   the trials table, the best trial's command line and Optuna's figures
+"""
