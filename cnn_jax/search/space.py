@@ -216,3 +216,8 @@ def grid(space: Space) -> dict[str, list[Any]]:
             raise ConfigError(f"--sampler=grid: {name} is a float range; list its values instead "
                               f"(e.g. {name}={d.low!r},{d.high!r})")
     return out
+
+
+def describe_params(params: dict[str, Any]) -> str:
+    """A trial's params as `name=value` text, floats to 4 significant digits."""
+    return ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
