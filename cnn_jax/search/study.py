@@ -128,15 +128,20 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> optuna
         engine_kwargs["connect_args"] = {"timeout": 60}   # wait for other workers' writes
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with _quiet():
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                              heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                              heartbeat_stale_trial_callback=retry)
-    except Exception as e:   # sqlalchemy errors, missing drivers, bad URLs
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ConfigError(f"--storage={_redacted(url)} cannot be opened ({type(e).__name__}: {first})") from None
+    for attempt in range(3):   # workers starting together may race to create the tables: try again
+        try:
+            with _quiet():
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                  heartbeat_stale_trial_callback=retry)
+        except Exception as e:   # sqlalchemy errors, missing drivers, bad URLs
+            if attempt < 2 and "already exists" in str(e):
+                time.sleep(1.0)
+                continue
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ConfigError(f"--storage={_redacted(url)} cannot be opened ({type(e).__name__}: {first})") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(name: str, settings: Settings, seed: int) -> optuna.samplers.BaseSampler:
@@ -296,6 +301,13 @@ def ask_batch(study: optuna.Study, settings: Settings, total: int, batch: int,
             trial = study.ask(fixed_distributions=settings.space)
         heartbeats.add(trial._trial_id)
         asked.append(trial)
+    return drop_surplus(study, asked, total, heartbeats)
+
+
+def drop_surplus(study: optuna.Study, asked: Sequence[optuna.Trial], total: int,
+                 heartbeats: Heartbeats | None = None) -> list[optuna.Trial]:
+    """The asked trials that fewer than `total` non-failed trials precede; the others (asked in a
+    race with another worker) are told failed, with user attribute outcome=surplus, untrained."""
     if not asked:
         return []
     everything = study.get_trials(deepcopy=False)
@@ -307,7 +319,8 @@ def ask_batch(study: optuna.Study, settings: Settings, total: int, batch: int,
         else:
             trial.set_user_attr("outcome", "surplus")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            heartbeats.remove(trial._trial_id)
+            if heartbeats is not None:
+                heartbeats.remove(trial._trial_id)
     return kept
 
 
