@@ -116,6 +116,31 @@ def test_the_budget_counts_every_worker_and_surplus_trials_are_failed_untrained(
         beats.close()
 
 
+def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path, mnist_dir):
+    """Grid over two learning rates (one vmapped group); a pruner that stops every trial after its
+    first two evaluations: both trials are PRUNED in the study, trained 8 of 16 steps, and keep a
+    run directory with a checkpoint of the step they stopped at."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", epochs=2, log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01,0.05"), base, validation_size=64, eval_every=4)
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
+    study = study_lib.open_study(storage, "s", settings, study_lib.make_sampler("grid", settings, 0),
+                                 optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=2))
+    lines = []
+    report = study_lib.run_worker(study, storage, settings, str(tmp_path), 2, 2, data.load, 1, max_parallel=4,
+                                  print_fn=lines.append)
+    assert (report.trained, report.pruned, report.complete) == (2, 2, 0)
+    assert any(line.startswith("training trial(s) 0, 1 together") for line in lines)
+    assert sorted(t.params["learning_rate"] for t in study.trials) == [0.01, 0.05]   # the grid, once each
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.PRUNED and sorted(t.intermediate_values) == [1, 2]
+        run_dir = tmp_path / f"trial_{t.number:05d}"
+        result = json.load(open(run_dir / "trial_result.json"))
+        assert result["status"] == "pruned" and result["step"] == 8
+        assert os.listdir(run_dir / "checkpoints") == ["8"]
+        assert t.user_attrs["outcome"] == "pruned"
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

@@ -117,21 +117,26 @@ def trials_markdown(rows: Sequence[dict[str, Any]], objective: str, direction: s
 
 def write_figures(study: optuna.Study, folder: str) -> list[str]:
     """Optuna's history, importance and parallel-coordinate figures as PNGs; those that the trials
-    cannot give yet (too few completed trials, or one parameter) are skipped."""
+    cannot give yet (no completed trial; importances: fewer than two) are skipped."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
     from cnn_jax import plots
 
     makers = {"history": ovm.plot_optimization_history, "importances": ovm.plot_param_importances,
               "parallel": ovm.plot_parallel_coordinate}
+    complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    needs = {"history": 1, "importances": 2, "parallel": 1}   # completed trials each figure needs
     written = []
     for key, maker in makers.items():
+        if complete < needs[key]:
+            continue
         plt.close("all")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = maker(study)
-            figure = getattr(axes, "figure", None) or plt.gcf()
+                figure = getattr(axes, "figure", None) or plt.gcf()
+                figure.tight_layout()   # Optuna's layout cuts long parameter names off
             plots.save_figure(figure, os.path.join(folder, FIGURES[key]))
             written.append(FIGURES[key])
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError):

@@ -144,6 +144,15 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> optuna
     raise AssertionError("unreachable")
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, which stops `study.optimize` once the grid is visited by calling
+    `study.stop()` after each trial; with ask-and-tell that raises, and the worker's budget
+    (--trials capped at the grid's size) ends the search instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        del study, trial, state, values
+
+
 def make_sampler(name: str, settings: Settings, seed: int) -> optuna.samplers.BaseSampler:
     """tpe (told about running trials: constant_liar, so a batch's trials differ), random, or grid."""
     if name == "tpe":
@@ -152,7 +161,7 @@ def make_sampler(name: str, settings: Settings, seed: int) -> optuna.samplers.Ba
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        return optuna.samplers.GridSampler(space_lib.grid(settings.space), seed=seed)
+        return _AskTellGridSampler(space_lib.grid(settings.space), seed=seed)
     raise ConfigError(f"--sampler={name!r} is not allowed: use one of {', '.join(SAMPLERS)}")
 
 
