@@ -26,13 +26,12 @@ matplotlib.use("Agg")
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, data
+from cnn_jax import cli, data, sweep, train
 from cnn_jax.config import ConfigError
 from cnn_jax.search import results as results_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import trials as trials_lib
-from cnn_jax import sweep
 
 cli.define_config_flags()
 flags.DEFINE_string("space", None, "Search space: space-separated terms name=loguniform(a,b) | uniform(a,b) | "
@@ -114,12 +113,12 @@ def main(argv):
     storage = study_lib.open_storage(url, FLAGS.heartbeat_interval, FLAGS.grace_period)
     probe = data.load(base)   # a data error stops the search before any trial is asked
     train_part, _, _ = study_lib.split_validation(probe, settings)
-    steps = sweep.train.steps_per_epoch(base, len(train_part.train_labels))
+    steps = train.steps_per_epoch(base, len(train_part.train_labels))
     evaluations = len(trials_lib.eval_steps(max(steps, 1), base.epochs, FLAGS.eval_every))
     study = study_lib.open_study(storage, FLAGS.study_name, settings,
                                  study_lib.make_sampler(FLAGS.sampler, settings, base.seed),
                                  study_lib.make_pruner(FLAGS.pruner, settings, evaluations))
-    finished = study_lib._finished(study.get_trials(deepcopy=False))
+    finished = study_lib.finished_count(study.get_trials(deepcopy=False))
     print(f"study {FLAGS.study_name!r}: {finished}/{total} trials finished; space {space_lib.describe(space)}; "
           f"objective {FLAGS.objective} ({len(train_part.train_labels)} training images"
           + ("" if FLAGS.objective.startswith("test_") else

@@ -29,9 +29,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         attrs = t.user_attrs
-        outcome = attrs.get("outcome") or t.state.name.lower()
-        if t.state == optuna.trial.TrialState.FAIL and "retry_history" not in t.system_attrs and outcome == "fail":
-            outcome = "failed"
+        # A trial without an outcome was failed for its dead worker (and re-queued), or is still open.
+        outcome = attrs.get("outcome") or {"FAIL": "failed"}.get(t.state.name, t.state.name.lower())
         rows.append({
             "number": t.number, "state": t.state.name, "outcome": outcome, "value": t.value,
             "params": dict(t.params), "evaluations": len(t.intermediate_values),

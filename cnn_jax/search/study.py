@@ -293,7 +293,8 @@ def _active(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state != optuna.trial.TrialState.FAIL
 
 
-def _finished(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+def finished_count(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """How many of `trials` finished: complete or pruned (a diverged trial is told pruned)."""
     return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
 
 
@@ -363,14 +364,14 @@ def run_worker(study: optuna.Study, storage: optuna.storages.RDBStorage, setting
         while True:
             fail_stale(study)
             trials = study.get_trials(deepcopy=False)
-            if _finished(trials) >= total:
+            if finished_count(trials) >= total:
                 break
             asked = ask_batch(study, settings, total, batch, heartbeats)
             if not asked:
                 if not waiting_said:
                     running = sum(t.state == optuna.trial.TrialState.RUNNING for t in trials)
                     print_fn(f"waiting for {running} trial(s) that other workers are training "
-                             f"({_finished(trials)}/{total} finished)")
+                             f"({finished_count(trials)}/{total} finished)")
                     waiting_said = True
                 time.sleep(heartbeat_interval)
                 continue
@@ -472,8 +473,7 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
                 result.trained += 1
                 setattr(result, outcome.status, getattr(result, outcome.status) + 1)
                 last = outcome.evaluations[-1] if outcome.evaluations else None
-                shown = (f"{settings.objective.replace('test_', 'validation_')}="
-                         f"{_objective_value(settings, last):.4f}" if last else "")
+                shown = f"{settings.objective}={_objective_value(settings, last):.4f}" if last else ""
                 print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
                          + (f" ({outcome.message})" if outcome.message else ""))
 
