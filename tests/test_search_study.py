@@ -104,7 +104,8 @@ def test_the_budget_counts_every_worker_and_surplus_trials_are_failed_untrained(
         assert study_lib.ask_batch(one, settings, 3, 2, beats) == []
         # A worker that asked at the same time as another gets a trial numbered past the budget:
         # it is failed as surplus, untrained, while those within the budget are kept.
-        racing = two.ask()
+        with pytest.warns(UserWarning, match="Heartbeat"):   # Optuna's note on heartbeats with ask
+            racing = two.ask()
         assert study_lib.drop_surplus(two, [racing], 3) == []
         assert one.trials[racing.number].state == optuna.trial.TrialState.FAIL
         assert one.trials[racing.number].user_attrs == {"outcome": "surplus"}
@@ -282,6 +283,31 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_pa
     assert "this worker trained 3 trial(s)" in out, out[-3000:]
     done = glob.glob(os.path.join(workdir, "trial_*", "trial_result.json"))
     assert len(done) == 3
+
+
+def test_sigint_requeues_the_trials_in_training_and_a_rerun_trains_them(tmp_path, mnist_dir):
+    workdir = str(tmp_path / "w")
+    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=2", "--batch=2")
+    worker = _worker(args)
+    try:
+        _wait_for(worker, "training trial(s)")
+        worker.send_signal(signal.SIGINT)
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 130, out[-2000:]
+    study, states = _states(study_lib.default_storage(workdir))
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["outcome"] for t in interrupted] == ["interrupted"] * 2
+    assert sorted(t.user_attrs["requeued_from"] for t in waiting) == [t.number for t in interrupted]
+    rerun = _run(args)
+    assert rerun.returncode == 0 and "this worker trained 2 trial(s)" in rerun.stdout, rerun.stderr[-2000:]
+    study = optuna.load_study(study_name="search", storage=study_lib.default_storage(workdir))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in finished) == sorted(t.number for t in waiting)
+    assert sorted(str(t.params) for t in finished) == sorted(str(t.params) for t in interrupted)
 
 
 def _free_port():
