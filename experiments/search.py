@@ -16,8 +16,8 @@ Optuna's figures (history.png, importances.png, parallel_coordinate.png).
 The objective (default validation accuracy) is measured on the last --validation_size
 training images (default: a sixth of them), which the trials do not train on; the test
 set is used only with --objective=test_accuracy or test_loss. --seed seeds the sampler
-and pruner as well as every trial's init and data order: one worker with the same
-flags repeats a search.
+of the worker that creates the study as well as every trial's init and data order: one
+worker with the same flags repeats a search (workers that join mix in their process id).
 """
 
 import matplotlib
@@ -116,7 +116,7 @@ def main(argv):
     steps = train.steps_per_epoch(base, len(train_part.train_labels))
     evaluations = len(trials_lib.eval_steps(max(steps, 1), base.epochs, FLAGS.eval_every))
     study = study_lib.open_study(storage, FLAGS.study_name, settings,
-                                 study_lib.make_sampler(FLAGS.sampler, settings, base.seed),
+                                 FLAGS.sampler, base.seed,
                                  study_lib.make_pruner(FLAGS.pruner, settings, evaluations))
     finished = study_lib.finished_count(study.get_trials(deepcopy=False))
     print(f"study {FLAGS.study_name!r}: {finished}/{total} trials finished; space {space_lib.describe(space)}; "

@@ -77,30 +77,32 @@ def test_validation_is_the_last_training_images_and_test_objectives_use_the_test
 def test_a_study_of_that_name_with_another_space_or_base_config_is_refused(tmp_path):
     storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
     a = study_lib.Settings(space_lib.parse("learning_rate=loguniform(1e-3,1e-1)"), config_lib.Config())
-    sampler, pruner = optuna.samplers.RandomSampler(0), optuna.pruners.NopPruner()
-    study_lib.open_study(storage, "s", a, sampler, pruner)
-    study_lib.open_study(storage, "s", a, sampler, pruner)        # the same settings join it
+    sampler, pruner = "random", optuna.pruners.NopPruner()
+    study_lib.open_study(storage, "s", a, sampler, 0, pruner)
+    study_lib.open_study(storage, "s", a, sampler, 0, pruner)        # the same settings join it
     b = study_lib.Settings(space_lib.parse("learning_rate=loguniform(1e-3,1e-2)"), config_lib.Config())
     with pytest.raises(ConfigError, match="study 's' exists with another --space"):
-        study_lib.open_study(storage, "s", b, sampler, pruner)
+        study_lib.open_study(storage, "s", b, sampler, 0, pruner)
     c = study_lib.Settings(a.space, config_lib.Config(num_fc=64))
     with pytest.raises(ConfigError, match=r"exists with another --num_fc \(128 there, 64 here\)"):
-        study_lib.open_study(storage, "s", c, sampler, pruner)
+        study_lib.open_study(storage, "s", c, sampler, 0, pruner)
     # How a worker runs (data_dir, loop, ...) may differ between workers.
     study_lib.open_study(storage, "s", study_lib.Settings(a.space, config_lib.Config(data_dir="/elsewhere")),
-                         sampler, pruner)
+                         sampler, 0, pruner)
 
 
 def test_the_budget_counts_every_worker_and_surplus_trials_are_failed_untrained(tmp_path):
     storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
     settings = study_lib.Settings(space_lib.parse("learning_rate=loguniform(1e-3,1e-1)"), config_lib.Config())
-    one = study_lib.open_study(storage, "s", settings, optuna.samplers.RandomSampler(0), optuna.pruners.NopPruner())
-    two = study_lib.open_study(storage, "s", settings, optuna.samplers.RandomSampler(1), optuna.pruners.NopPruner())
+    one = study_lib.open_study(storage, "s", settings, "random", 0, optuna.pruners.NopPruner())
+    two = study_lib.open_study(storage, "s", settings, "random", 0, optuna.pruners.NopPruner())
     beats = study_lib.Heartbeats(storage, 1)
     try:
         first = study_lib.ask_batch(one, settings, 3, 2, beats)
         second = study_lib.ask_batch(two, settings, 3, 2, beats)     # only one left
         assert [len(first), len(second)] == [2, 1]
+        # A worker that joins with the same --seed does not repeat the first worker's proposals.
+        assert second[0].params not in [t.params for t in first]
         assert study_lib.ask_batch(one, settings, 3, 2, beats) == []
         # A worker that asked at the same time as another gets a trial numbered past the budget:
         # it is failed as surplus, untrained, while those within the budget are kept.
@@ -125,7 +127,7 @@ def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path,
                              conv_filters=(8, 16), num_fc=32, optimizer="momentum", epochs=2, log_every=4)
     settings = study_lib.Settings(space_lib.parse("learning_rate=0.01,0.05"), base, validation_size=64, eval_every=4)
     storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
-    study = study_lib.open_study(storage, "s", settings, study_lib.make_sampler("grid", settings, 0),
+    study = study_lib.open_study(storage, "s", settings, "grid", 0,
                                  optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=2))
     lines = []
     report = study_lib.run_worker(study, storage, settings, str(tmp_path), 2, 2, data.load, 1, max_parallel=4,
@@ -210,7 +212,7 @@ def test_a_changed_space_in_the_same_search_directory_is_refused(tmp_path, mnist
     workdir.mkdir()
     storage = study_lib.open_storage(study_lib.default_storage(str(workdir)), 10, 60)
     settings = study_lib.Settings(space_lib.parse("learning_rate=loguniform(1e-3,1e-2)"), config_lib.Config())
-    study_lib.open_study(storage, "search", settings, optuna.samplers.RandomSampler(0), optuna.pruners.NopPruner())
+    study_lib.open_study(storage, "search", settings, "random", 0, optuna.pruners.NopPruner())
     result = _run(_flags(mnist_dir, f"--workdir={workdir}"), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -369,6 +371,7 @@ def test_two_workers_complete_exactly_n_trials_on_postgresql(tmp_path, mnist_dir
                 w.kill()
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     study = _check_exactly(postgres_url, 4)
+    assert len({str(t.params) for t in study.trials}) == len(study.trials)   # the workers' proposals differ
     trained = [int(o.split("this worker trained ")[1].split(" ")[0]) for o in outputs]
     assert sum(trained) == 4
     # Each machine keeps the run directories of the trials it trained.

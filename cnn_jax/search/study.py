@@ -181,20 +181,28 @@ def make_pruner(name: str, settings: Settings, evaluations: int) -> optuna.prune
     raise ConfigError(f"--pruner={name!r} is not allowed: use one of {', '.join(PRUNERS)}")
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, settings: Settings,
-               sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
-               wait_seconds: float = 60.0) -> optuna.Study:
-    """Create the study, or join it; a study of that name with another space, objective or base
-    config is a ConfigError."""
+def joiner_seed(seed: int) -> int:
+    """The sampler seed of a worker that joins an existing study: `seed` mixed with this process's
+    id and the time, so that two workers started with the same flags do not propose the same
+    trials (TPE's first trials, and the random sampler's, come from the seeded generator alone)."""
+    return int(np.random.SeedSequence([seed, os.getpid(), time.time_ns()]).generate_state(1)[0])
+
+
+def open_study(storage: optuna.storages.BaseStorage, name: str, settings: Settings, sampler: str, seed: int,
+               pruner: optuna.pruners.BasePruner, wait_seconds: float = 60.0) -> optuna.Study:
+    """Create the study, its sampler seeded with `seed` (so one worker repeats a search), or join
+    it with a sampler seeded by `joiner_seed(seed)`; a study of that name with another space,
+    objective or base config is a ConfigError."""
     direction = OBJECTIVES[settings.objective]
     fingerprint = json.loads(json.dumps(settings.fingerprint()))
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler,
-                                    pruner=pruner)
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction, pruner=pruner,
+                                    sampler=make_sampler(sampler, settings, seed))
         study.set_user_attr("settings", fingerprint)
         return study
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner,
+                                  sampler=make_sampler(sampler, settings, joiner_seed(seed)))
     deadline = time.monotonic() + wait_seconds
     while "settings" not in study.user_attrs:   # its creator is about to write them
         if time.monotonic() > deadline:
