@@ -32,6 +32,7 @@ from cnn_jax.search import results as results_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import trials as trials_lib
+from cnn_jax.search import worker as worker_lib
 
 cli.define_config_flags()
 flags.DEFINE_string("space", None, "Search space: space-separated terms name=loguniform(a,b) | uniform(a,b) | "
@@ -127,9 +128,9 @@ def main(argv):
     def load_dataset(config):
         return probe if sweep.data_key(config) == sweep.data_key(base) else data.load(config)
 
-    report = study_lib.run_worker(study, storage, settings, FLAGS.workdir, total, FLAGS.batch, load_dataset,
-                                  FLAGS.heartbeat_interval, FLAGS.max_parallel or sweep.default_max_parallel,
-                                  print_fn=lambda line: print(line, flush=True))
+    report = worker_lib.run_worker(study, storage, settings, FLAGS.workdir, total, FLAGS.batch, load_dataset,
+                                   FLAGS.heartbeat_interval, FLAGS.max_parallel or sweep.default_max_parallel,
+                                   print_fn=lambda line: print(line, flush=True))
     best = results_lib.best_trial(study)
     best_config = study_lib.trial_config(settings, best.params) if best is not None else None
     written = results_lib.write_results(study, FLAGS.workdir, best_config, FLAGS.objective)
