@@ -22,8 +22,9 @@ from cnn_jax.config import Config, ConfigError
 
 FLAGS = flags.FLAGS
 _HELP = {
-    "dataset": "Dataset: mnist or fashion_mnist.",
-    "data_dir": "Folder with the four IDX files (offline source); empty: TensorFlow Datasets.",
+    "dataset": "Dataset: mnist, fashion_mnist, kmnist, cifar10 or cifar100 (input_shape and num_classes follow it).",
+    "data_dir": "Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
+                "empty: the first source found (docs/data.md).",
     "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
     "conv_kernels": "Kernel size per conv layer, comma-separated.",
     "pool": "Pooling: max or avg.",

@@ -65,6 +65,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
     workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
     if dataset is None:
         dataset = data_lib.load(config)
+        print(f"data: {dataset.source}", flush=True)
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
