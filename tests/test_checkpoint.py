@@ -140,11 +140,17 @@ def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(
     assert meta["step"] == 4 and leaves_equal(params, state_at(4)[0])
 
 
+def run_meta(step, steps_per_epoch=7):
+    """The meta of a training run's checkpoint at the end of an epoch (what `run.checkpoint_meta` writes)."""
+    return {"step": step, "steps_per_epoch": steps_per_epoch, "moving_loss": 0.5, "epoch_losses": [],
+            "epoch_correct": 0, "history": []}
+
+
 def test_restore_run_rebuilds_from_config_json_alone(tmp_path):
     workdir = str(tmp_path)
     workdir_lib.start(workdir, CONFIG)
     with closing(checkpoint.open_manager(workdir)) as manager:
-        checkpoint.save(manager, 7, *state_at(7), {"step": 7})
+        checkpoint.save(manager, 7, *state_at(7), run_meta(7))
     config, params, meta = checkpoint.restore_run(workdir, data_dir="/elsewhere/mnist")
     assert config == config_lib.replace(CONFIG, data_dir="/elsewhere/mnist")
     assert meta["step"] == 7 and leaves_equal(params, state_at(7)[0])

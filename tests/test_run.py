@@ -355,7 +355,7 @@ def test_cli_resume_refused_for_bad_data_metrics_or_checkpoint_leaves_the_run_by
         f.write('{"kind": "tra\n')
     before = snapshot(workdir)
     result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
-    one_line_error(result, "metrics.jsonl: line 100 is not valid JSON")
+    one_line_error(result, "metrics.jsonl: line 100: not valid JSON")
     assert snapshot(workdir) == before
 
     shutil.rmtree(workdir)

@@ -112,12 +112,13 @@ def test_metrics_log_rewrites_atomically_and_drops_records_after_the_resumed_ste
 
 def test_a_damaged_metrics_line_is_one_line_naming_file_and_line(tmp_path):
     workdir = str(tmp_path)
-    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n\n{"kind": "tra\n')
-    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 3 is not valid JSON .* delete that line") as error:
+    good = '{"kind": "train", "step": 1, "loss": 2.5}\n'
+    open(tmp_path / "metrics.jsonl", "w").write(good + '\n{"kind": "tra\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 3: not valid JSON .* delete that line") as error:
         workdir_lib.read_metrics(workdir)
     assert "\n" not in str(error.value)
-    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n[1, 2]\n')
-    with pytest.raises(ConfigError, match="line 2 is not a JSON object"):
+    open(tmp_path / "metrics.jsonl", "w").write(good + '[1, 2]\n')
+    with pytest.raises(ConfigError, match="line 2: expected a JSON object, found a list of 2 values"):
         workdir_lib.read_metrics(workdir)
 
 
