@@ -825,8 +825,10 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     numeric = x_field is not None and _field_kind(x_field) in (int, float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
     ok = [r for r in rows if r["status"] == "ok"]
+    # Runs of another sweep kept in the same folder may lack the x field: they are in the tables only.
+    plotted = [r for r in ok if x_field is None or x_field in r["settings"]]
     series: dict[str, dict[Any, list[float]]] = {}
-    for r in ok:
+    for r in plotted:
         label = ", ".join(t for t in _settings_text(r["settings"], fields) if t) or "all runs"
         x = r["settings"].get(x_field) if x_field else 0
         x = tuple(x) if isinstance(x, list) else x
@@ -856,7 +858,7 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     ax.set_xlabel(x_field or "")
     ax.set_ylabel("final test accuracy" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""))
     failed = len(rows) - len(ok)
-    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(ok)} runs"
+    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(plotted)} runs"
                  + (f", {failed} diverged" if failed else "") + ")")
     ax.grid(True, alpha=0.3)
     if series:
