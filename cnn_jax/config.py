@@ -112,11 +112,16 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
 
 
+def _names(names: list[str]) -> list[str]:
+    """Field names for messages: a name that is not an identifier is quoted (on one line)."""
+    return [n if n.isidentifier() else shown(n, 30) for n in names[:5]] + (["..."] if len(names) > 5 else [])
+
+
 def replace(config: Config, **overrides: Any) -> Config:
     """`dataclasses.replace` that names an unknown field in a ConfigError."""
     unknown = sorted(set(overrides) - set(field_names()))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+        raise ConfigError(f"unknown config field(s) {', '.join(_names(unknown))}; known: {', '.join(field_names())}")
     return dataclasses.replace(config, **overrides)
 
 
@@ -130,8 +135,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        raise ConfigError(f"unknown config field(s) {', '.join(_names(unknown))}")
+    lists = {f.name for f in fields.values() if isinstance(f.default, tuple)}
+    return Config(**{k: tuple(v) if k in lists and isinstance(v, list) else v for k, v in values.items()})
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -18,7 +18,7 @@ from cnn_jax.config import ConfigError
 FIX = "restore the file"
 
 # Fast and the same on every run: derandomized, no example database, no deadline (CI machines vary).
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+PROPERTY = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-3, 3)
