@@ -520,3 +520,35 @@ def test_any_json_in_sweep_results_gives_tables_or_one_line(tmp_path, changes, s
         value_or_one_line_error(lambda: sweep.write_results(str(tmp_path)))
     finally:
         plt.close("all")
+
+
+def test_command_line_undecodable_spec_results_and_run_configs_are_one_line(tmp_path):
+    """No training: each file is read, and refused, before any data is loaded."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes("learning_rate: [0.01, 0.1]\nseed: [0, 1]\n".encode("utf-16"))
+    sweep_dir = tmp_path / "sweep"
+    good = _row(0.01, "max", 0, 0.97)
+    (sweep_dir / good["name"]).mkdir(parents=True)
+    workdir_lib.write_json(str(sweep_dir / good["name"] / sweep.SWEEP_RESULT_FILE), good)
+    sweep.write_results(str(sweep_dir))
+    damaged_row = sweep_dir / "learning_rate=0.1,pool=max,seed=0" / sweep.SWEEP_RESULT_FILE
+    damaged_row.parent.mkdir()
+    damaged_row.write_bytes(b"\xff" + json.dumps({**good, "name": damaged_row.parent.name}).encode())
+    run_config = sweep_dir / "seed=5" / workdir_lib.CONFIG_FILE
+    run_config.parent.mkdir()
+    run_config.write_bytes(b'{"seed": "\xb5"}')
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    cases = [
+        ([f"--workdir={tmp_path}/new", f"--sweep_file={spec}"],
+         f"--sweep_file={spec}: not UTF-8 text (byte 0xff at offset 0); write a grid"),
+        ([f"--workdir={sweep_dir}", "--summarize"],
+         f"{damaged_row}: not UTF-8 text (byte 0xff at offset 0); delete it: the run then counts as unfinished"),
+        ([f"--workdir={sweep_dir}", "--sweep=seed=5", "--data_dir=/nowhere"],
+         f"{run_config}: not UTF-8 text (byte 0xb5 at offset 10); the run directory is damaged"),
+    ]
+    for args, fragment in cases:
+        result = _sweep_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and fragment in result.stderr, (args, result.stderr)
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before   # tables kept
+    assert not (tmp_path / "new").exists()
