@@ -586,7 +586,7 @@ IGNORED_WHEN_RESUMING = workdir_lib.RESUMABLE_FIELDS - {"epochs", "train_eval"}
 
 def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """(runs still to train, runs already finished); refuses (ConfigError, before anything is
-    written) a run directory that holds a run with another config."""
+    written) a run directory that holds a run with another config or a damaged sweep_result.json."""
     if os.path.isfile(sweep_dir):
         raise ConfigError(f"--workdir={sweep_dir} is a file, not a sweep directory")
     if workdir_lib.holds_run(sweep_dir):
@@ -601,6 +601,8 @@ def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[R
             if differences:
                 raise ConfigError(f"{path} holds a run with another config ({differences[0]}); "
                                   "use another --workdir for a changed sweep")
+        if is_finished(path):
+            read_row(os.path.join(path, SWEEP_RESULT_FILE))   # a damaged result fails before anything trains
         (done if is_finished(path) else todo).append(run)
     return todo, done
 

@@ -552,3 +552,15 @@ def test_command_line_undecodable_spec_results_and_run_configs_are_one_line(tmp_
         assert len(result.stderr.splitlines()) == 1 and fragment in result.stderr, (args, result.stderr)
     assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before   # tables kept
     assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_result_of_a_finished_run_stops_the_sweep_before_anything_trains(tmp_path):
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1")))
+    for run in runs:
+        workdir_lib.start(sweep.run_dir(str(tmp_path), run), run.config)
+    result = os.path.join(sweep.run_dir(str(tmp_path), runs[1]), sweep.SWEEP_RESULT_FILE)
+    open(result, "wb").write(b'{"name": "seed=1", "status": "o\xff"}')
+    with pytest.raises(ConfigError, match=f"^{re.escape(result)}: not UTF-8 text"):
+        sweep.pending_runs(str(tmp_path), runs)
+    workdir_lib.write_json(result, sweep.result_row(runs[1], [], "diverged", "loss became nan", 1.0, 2))
+    assert sweep.pending_runs(str(tmp_path), runs) == ([runs[0]], [runs[1]])
