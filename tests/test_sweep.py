@@ -197,7 +197,8 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
 def test_pending_runs_skip_finished_and_refuse_another_config(tmp_path):
     runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1,2")))
     workdir_lib.start(sweep.run_dir(str(tmp_path), runs[0]), runs[0].config)        # finished
-    workdir_lib.write_json(os.path.join(sweep.run_dir(str(tmp_path), runs[0]), sweep.SWEEP_RESULT_FILE), {})
+    workdir_lib.write_json(os.path.join(sweep.run_dir(str(tmp_path), runs[0]), sweep.SWEEP_RESULT_FILE),
+                           sweep.result_row(runs[0], [], "diverged", "loss became nan", 1.0, 3))
     workdir_lib.start(sweep.run_dir(str(tmp_path), runs[1]), runs[1].config)        # interrupted
     todo, done = sweep.pending_runs(str(tmp_path), runs)
     assert [r.name for r in done] == ["seed=0"] and [r.name for r in todo] == ["seed=1", "seed=2"]
