@@ -1,7 +1,7 @@
 """Reading the files the project reads back: any bytes give a checked value or one line of ConfigError.
 
-config.json, metrics.jsonl, a sweep's `sweep_result.json`, a checkpoint's metadata and
-`--sweep_file` specs are read with these functions. Each step can fail, and each failure
+config.json, metrics.jsonl, a sweep's `sweep_result.json` and `--sweep_file` specs are read
+with these functions, and a checkpoint's meta item (read by orbax) is checked with them. Each step can fail, and each failure
 is a `ConfigError` whose message is one line naming the file, what is wrong with it and
 how to fix it (`fix`, given by the caller, who knows what the file is for):
 
@@ -30,7 +30,7 @@ MAX_NODES = 100_000
 
 def fail(where: str, what: str, fix: str) -> ConfigError:
     """The one-line error for file `where`: what is wrong, then how to fix it."""
-    return ConfigError(f"{where}: {what}; {fix}")
+    return ConfigError(f"{where}: {what}; {fix}" if fix else f"{where}: {what}")
 
 
 def read_bytes(path: str, where: str, fix: str) -> bytes:
@@ -71,7 +71,8 @@ def parse_json(text: str, where: str, fix: str) -> Any:
         at = f"column {e.colno}" if "\n" not in text else f"line {e.lineno} column {e.colno}"
         raise fail(where, f"not valid JSON ({e.msg}: {at})", fix) from None
     except ValueError as e:   # NaN/Infinity, an integer of more digits than Python converts
-        raise fail(where, f"not valid JSON ({_first_line(e)})", fix) from None
+        what = _first_line(e).split("; use sys.set_int_max_str_digits")[0]
+        raise fail(where, f"not valid JSON ({what})", fix) from None
     except RecursionError:
         raise fail(where, "not valid JSON (nested too deeply)", fix) from None
 

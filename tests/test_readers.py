@@ -74,7 +74,7 @@ def write(path, data):
     (b'{"a": NaN}', "NaN is not a JSON number"),
     (b"[-Infinity]", "-Infinity is not a JSON number"),
     (b"[" * 100_000, "nested too deeply"),
-    (b"1" * 5000, "not valid JSON"),
+    (b"1" * 5000 + b"x", "not valid JSON ("),   # Python >= 3.11 refuses the digits, any other the "x"
     (b"\x00", "not valid JSON"),
 ], ids=["empty", "blank", "truncated", "two_values", "utf16", "latin1", "bom", "nan", "infinity", "deep",
         "long_int", "nul"])
