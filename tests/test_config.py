@@ -1,12 +1,12 @@
 """Config: defaults, presets, round trip, and the one place where values are validated."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
-from test_readers import json_values, value_or_one_line_error
+from test_readers import PROPERTY, json_values, value_or_one_line_error
 
 
 def test_defaults_are_the_seed_network():
@@ -122,7 +122,7 @@ def test_from_dict_then_validate_refuses_json_of_the_wrong_shape(values, fragmen
     assert fragment in str(info.value)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@PROPERTY
 @given(changes=st.dictionaries(st.sampled_from(config_lib.field_names()), json_values, min_size=1, max_size=3))
 def test_any_json_values_for_config_fields_give_a_valid_config_or_one_line(changes):
     """What `workdir.read_config` does with a config.json whose values were edited."""

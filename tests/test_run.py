@@ -410,10 +410,8 @@ def test_cli_sigint_saves_a_mid_epoch_checkpoint(mnist_dir, tmp_path):
 @pytest.mark.parametrize("damaged_file, damage, fragment", [
     ("config.json", lambda good: good.replace(b'"pool": "max"', b'"pool": "m\xe4x"'),
      "config.json: not UTF-8 text (byte 0xe4 at offset"),
-    ("config.json", lambda good: good.replace(b'"learning_rate": 0.001', b'"learning_rate": [0.001]'),
-     "config.json: --learning_rate=[0.001] is not allowed: it must be a number; correct the file"),
     ("metrics.jsonl", lambda good: b"\xff" + good, "metrics.jsonl: not UTF-8 text (byte 0xff at offset 0)"),
-], ids=["config_latin1", "config_rate_list", "metrics_latin1"])
+], ids=["config_latin1", "metrics_latin1"])
 def test_cli_resume_of_a_run_with_an_undecodable_file_is_one_line_and_changes_nothing(
         mnist_dir, reference_run, tmp_path, damaged_file, damage, fragment):
     import shutil
