@@ -505,11 +505,14 @@ def test_any_bytes_as_a_sweep_result_give_a_row_or_one_line(tmp_path, data):
     value_or_one_line_error(lambda: sweep.collect_rows(str(tmp_path)), tmp_path / "run" / sweep.SWEEP_RESULT_FILE)
 
 
-@settings(PROPERTY, max_examples=30)   # the tables and a figure per example: fewer
-@given(changes=st.lists(st.dictionaries(st.sampled_from(sorted(_row(0.1, "max", 0, 0.9))),
-                                        json_values | st.sampled_from(["ok", "diverged"]), max_size=3),
+@settings(PROPERTY, max_examples=50)   # the tables and a figure per example: fewer
+@given(changes=st.lists(st.dictionaries(st.sampled_from(sorted(_row(0.1, "max", 0, 0.9)))
+                                        | st.sampled_from(["status", "test_accuracy", "test_loss", "train_accuracy"]),
+                                        st.none() | json_values | st.sampled_from(["ok", "diverged"]), max_size=3),
                         min_size=1, max_size=3),
-       settings_values=st.lists(st.dictionaries(SPEC_FIELDS, json_values, max_size=2), min_size=3, max_size=3))
+       settings_values=st.lists(st.dictionaries(SPEC_FIELDS, json_values, max_size=2)
+                                | st.sampled_from([{}, {"seed": 1}, {"learning_rate": 0.1, "pool": "avg"}]),
+                                min_size=3, max_size=3))
 def test_any_json_in_sweep_results_gives_tables_or_one_line(tmp_path, changes, settings_values):
     """What --summarize does: read every finished run's row, then write the tables and the plot."""
     for i, change in enumerate(changes):
