@@ -26,12 +26,19 @@ import jax
 import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import model, optim
+from cnn_jax import model, optim, readers
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.config import Config
+from cnn_jax.config import Config, ConfigError
 from cnn_jax.data import DataError
 
 KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
+
+# The fields of a training run's meta item that resuming and evaluating read (`run.checkpoint_meta`
+# writes them); `history` holds the epoch records of metrics.jsonl.
+RUN_META_FIELDS = {"step": readers.COUNT, "steps_per_epoch": readers.POSITIVE,
+                   "moving_loss": readers.NUMBER_OR_NULL, "epoch_losses": readers.list_of(readers.NUMBER),
+                   "epoch_correct": readers.COUNT,
+                   "history": readers.list_of(readers.record_of(workdir_lib.EPOCH_FIELDS, "epoch record"))}
 
 
 class CheckpointError(DataError):
@@ -98,8 +105,13 @@ def abstract_state(config: Config) -> tuple[Any, Any]:
     return params, jax.eval_shape(optimizer.init, params)
 
 
-def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """(params, opt_state, meta) of checkpoint `step` (default: the latest), as NumPy arrays."""
+def restore(workdir: str, config: Config, step: int | None = None,
+            meta_fields: dict[str, readers.Kind] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """(params, opt_state, meta) of checkpoint `step` (default: the latest), as NumPy arrays.
+
+    The meta item must be a JSON object; with `meta_fields` (e.g. `RUN_META_FIELDS`) those
+    fields must be there and of their kinds. Any other meta is a one-line CheckpointError.
+    """
     import orbax.checkpoint as ocp
 
     where = checkpoint_dir(workdir)
@@ -124,17 +136,35 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[Any,
     except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
         _drop_closed_loop_reports()
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        others = sorted(s for s in steps if s != step)
-        hint = (f"; other checkpoints here: {', '.join(map(str, others))} (choose one with --step; "
-                f"--resume takes the newest, so move {step} out of {where} first)" if others else "")
         raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
-                              f"the checkpoint is damaged or was written with another config{hint}") from None
+                              "the checkpoint is damaged or was written with another config"
+                              f"{_older_checkpoints_hint(where, steps, step)}") from None
     finally:
         manager.close()
     state = jax.tree.map(np.asarray, restored["state"])
     _check_matches(state, target, f"{where}/{step}")
+    meta = _check_meta(restored["meta"], f"{where}/{step}/meta", step, meta_fields,
+                       "the checkpoint is damaged" + _older_checkpoints_hint(where, steps, step))
     opt_state = jax.tree.unflatten(opt_treedef, state["opt_state"])
-    return state["params"], opt_state, dict(restored["meta"])
+    return state["params"], opt_state, meta
+
+
+def _older_checkpoints_hint(where: str, steps: list[int], step: int) -> str:
+    others = sorted(s for s in steps if s != step)
+    return (f"; other checkpoints here: {', '.join(map(str, others))} (choose one with --step; "
+            f"--resume takes the newest, so move {step} out of {where} first)" if others else "")
+
+
+def _check_meta(meta: Any, where: str, step: int, fields: dict[str, readers.Kind] | None,
+                fix: str) -> dict[str, Any]:
+    """The meta item as a dict, its `fields` checked (and its step equal to the checkpoint's)."""
+    try:
+        meta = readers.check_fields(meta, fields or {}, where, fix)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if fields and "step" in fields and meta["step"] != step:
+        raise CheckpointError(f"{where}: \"step\" is {meta['step']}, not the checkpoint's step {step}; {fix}")
+    return dict(meta)
 
 
 def _is_closed_loop_report(error: BaseException | None) -> bool:
@@ -188,5 +218,5 @@ def restore_run(workdir: str, step: int | None = None,
     config = workdir_lib.read_config(workdir)
     if data_dir is not None:
         config = config_lib.replace(config, data_dir=data_dir)
-    params, _, meta = restore(workdir, config, step)
+    params, _, meta = restore(workdir, config, step, meta_fields=RUN_META_FIELDS)
     return config, params, meta

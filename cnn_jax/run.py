@@ -43,7 +43,7 @@ def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> train.T
     """The TrainState of the workdir's latest checkpoint, or None when it has none."""
     if checkpoint.latest_step(workdir) is None:
         return None
-    params, opt_state, meta = checkpoint.restore(workdir, config)
+    params, opt_state, meta = checkpoint.restore(workdir, config, meta_fields=checkpoint.RUN_META_FIELDS)
     if meta.get("steps_per_epoch") != steps_per_epoch:
         raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
                           f"but this config gives {steps_per_epoch}: the data or --batch_size differ")

@@ -40,9 +40,9 @@ import numpy as np
 
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
-from cnn_jax import lowering, model, optim, progress, report, train
+from cnn_jax import lowering, model, optim, progress, readers, report, train
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.config import Config, ConfigError
+from cnn_jax.config import Config, ConfigError, shown
 
 # Float fields that are traced per-run values inside the vmapped step.
 VECTORISED_FIELDS = ("learning_rate", "weight_scale", "momentum", "weight_decay")
@@ -53,6 +53,11 @@ PER_RUN_FIELDS = VECTORISED_FIELDS + ("seed", "loss_smoothing", "log_every")
 DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
 SWEEP_RESULT_FILE = "sweep_result.json"
 RESULTS_CSV, RESULTS_MD, RESULTS_PLOT = "results.csv", "results.md", "results.png"
+# The most runs one sweep may hold (a mistyped grid would otherwise fill the memory).
+MAX_RUNS = 100_000
+# How to mend a spec file that cannot be used (the end of its one-line error).
+FIX_SPEC = ("write a grid (a mapping of flag to list of values) or a list of runs (mappings of flag "
+            "to value), e.g. {\"learning_rate\": [0.01, 0.1], \"seed\": [0, 1]}")
 # Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
 MEMORY_FRACTION = 0.25
 
@@ -74,7 +79,7 @@ def _field_kind(name: str) -> type:
 
 
 def _unknown(name: str, where: str) -> ConfigError:
-    return ConfigError(f"{where}: unknown flag {name!r}; sweepable flags are the config fields: "
+    return ConfigError(f"{where}: unknown flag {shown(name)}; sweepable flags are the config fields: "
                        f"{', '.join(config_lib.field_names())}")
 
 
@@ -83,7 +88,7 @@ def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
     if name not in config_lib.field_names():
         raise _unknown(name, where)
     kind = _field_kind(name)
-    bad = ConfigError(f"{where}: {name}={value!r} is not a valid {kind.__name__ if kind is not tuple else 'list of integers'}"
+    bad = ConfigError(f"{where}: {name}={shown(value)} is not a valid {kind.__name__ if kind is not tuple else 'list of integers'}"
                       + {tuple: " (write one value's entries joined by ':', e.g. conv_filters=20:50,32:64)",
                          bool: " (use true or false)"}.get(kind, ""))
     if kind is tuple:
@@ -123,10 +128,10 @@ def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
             raise bad
         try:
             out = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad from None
         if not math.isfinite(out):
-            raise ConfigError(f"{where}: {name}={value!r} is not a finite number")
+            raise ConfigError(f"{where}: {name}={shown(value)} is not a finite number")
         return out
     if not isinstance(value, str) or not value:
         raise bad
@@ -140,6 +145,8 @@ def _check_grid(grid: dict[str, Sequence[Any]], where: str) -> dict[str, list[An
             raise _unknown(name, where)
         if isinstance(values, (str, int, float, bool)) or values is None:
             values = [values]
+        elif not isinstance(values, (list, tuple)):
+            raise ConfigError(f"{where}: {name} is {shown(values)}; give a value or a list of values")
         values = [coerce_value(name, v, where) for v in values]
         if not values:
             raise ConfigError(f"{where}: {name} has no values; give at least one, e.g. {name}=a,b")
@@ -176,8 +183,12 @@ def parse_spec(spec: str) -> dict[str, list[Any]]:
     return _check_grid(grid, "--sweep")
 
 
-def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, the last flag varying fastest."""
+def grid_settings(grid: dict[str, list[Any]], where: str = "--sweep") -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the last flag varying fastest (at most `MAX_RUNS`)."""
+    count = math.prod(len(values) for values in grid.values())
+    if count > MAX_RUNS:
+        raise ConfigError(f"{where}: the grid has {count} runs, more than {MAX_RUNS}; "
+                          "sweep fewer values, or split the sweep into several")
     names = list(grid)
     return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
 
@@ -185,33 +196,22 @@ def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def load_spec_file(path: str) -> list[dict[str, Any]]:
     """Settings from a JSON or YAML file: a grid (a dict of lists) or a list of run dicts."""
     where = f"--sweep_file={path}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            value = yaml.safe_load(text)
-        else:
-            value = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{where}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
-                          f"({first})") from None
+    if path.endswith((".yaml", ".yml")):
+        value = readers.read_yaml(path, where, FIX_SPEC)
+    else:
+        value = readers.read_json(path, where, FIX_SPEC)
     if isinstance(value, dict):
-        return grid_settings(_check_grid(value, where))
-    if isinstance(value, list) and value:
+        return grid_settings(_check_grid(value, where), where)
+    if isinstance(value, list) and 0 < len(value) <= MAX_RUNS:
         runs = []
         for i, entry in enumerate(value):
             if not isinstance(entry, dict) or not entry:
                 raise ConfigError(f"{where}: run {i} must be a non-empty mapping of flag to value, "
-                                  f"got {entry!r}")
+                                  f"got {shown(entry)}")
             runs.append({name: coerce_value(name, v, f"{where}: run {i}") for name, v in entry.items()})
         return runs
-    raise ConfigError(f"{where}: expected a grid (a mapping of flag to list of values) or a non-empty "
-                      "list of runs (mappings of flag to value)")
+    raise readers.fail(where, f"expected a grid or a non-empty list of at most {MAX_RUNS} runs, found "
+                              f"{readers.describe(value)}", FIX_SPEC)
 
 
 def format_value(value: Any) -> str:
@@ -586,7 +586,7 @@ IGNORED_WHEN_RESUMING = workdir_lib.RESUMABLE_FIELDS - {"epochs", "train_eval"}
 
 def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """(runs still to train, runs already finished); refuses (ConfigError, before anything is
-    written) a run directory that holds a run with another config."""
+    written) a run directory that holds a run with another config or a damaged sweep_result.json."""
     if os.path.isfile(sweep_dir):
         raise ConfigError(f"--workdir={sweep_dir} is a file, not a sweep directory")
     if workdir_lib.holds_run(sweep_dir):
@@ -601,6 +601,8 @@ def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[R
             if differences:
                 raise ConfigError(f"{path} holds a run with another config ({differences[0]}); "
                                   "use another --workdir for a changed sweep")
+        if is_finished(path):
+            read_row(os.path.join(path, SWEEP_RESULT_FILE))   # a damaged result fails before anything trains
         (done if is_finished(path) else todo).append(run)
     return todo, done
 
@@ -676,6 +678,34 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
 # ----------------------------------------------------------------------------- results
 
 
+# The fields of sweep_result.json that the tables and the plot read (`result_row` writes them).
+ROW_FIELDS = {"name": readers.TEXT, "settings": readers.OBJECT, "status": readers.one_of("ok", "diverged"),
+              "message": readers.TEXT, "epochs": readers.COUNT, "time_s": readers.NUMBER,
+              "group_size": readers.POSITIVE,
+              **{k: readers.NUMBER_OR_NULL for k in ("train_loss", "train_accuracy", "test_loss",
+                                                     "test_accuracy", "moving_loss")}}
+# A finished run ("ok") has its final metrics.
+OK_ROW_FIELDS = {k: readers.NUMBER for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+
+
+def read_row(path: str) -> dict[str, Any]:
+    """A run's sweep_result.json, checked: the fields of `ROW_FIELDS`, settings that are config
+    values (normalised to their types, lists for list-valued flags)."""
+    fix = (f"delete it: the run then counts as unfinished and running the sweep again trains it "
+           f"(or delete its folder {os.path.dirname(path)})")
+    row = readers.check_fields(workdir_lib.read_json(path, fix), ROW_FIELDS, path, fix)
+    if row["status"] == "ok":
+        readers.check_fields(row, OK_ROW_FIELDS, path, fix)
+    settings = {}
+    for name, value in row["settings"].items():
+        try:
+            value = coerce_value(name, value, "settings")
+        except ConfigError as e:
+            raise readers.fail(path, str(e), fix) from None
+        settings[name] = list(value) if isinstance(value, tuple) else value
+    return {**row, "settings": settings}
+
+
 def collect_rows(sweep_dir: str) -> list[dict[str, Any]]:
     """The result rows of every finished run directory in `sweep_dir` (all shards), by name."""
     rows = []
@@ -684,7 +714,7 @@ def collect_rows(sweep_dir: str) -> list[dict[str, Any]]:
     for name in sorted(os.listdir(sweep_dir)):
         path = os.path.join(sweep_dir, name, SWEEP_RESULT_FILE)
         if os.path.isfile(path):
-            rows.append(workdir_lib.read_json(path))
+            rows.append(read_row(path))
     return rows
 
 
@@ -797,8 +827,10 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     numeric = x_field is not None and _field_kind(x_field) in (int, float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
     ok = [r for r in rows if r["status"] == "ok"]
+    # Runs of another sweep kept in the same folder may lack the x field: they are in the tables only.
+    plotted = [r for r in ok if x_field is None or x_field in r["settings"]]
     series: dict[str, dict[Any, list[float]]] = {}
-    for r in ok:
+    for r in plotted:
         label = ", ".join(t for t in _settings_text(r["settings"], fields) if t) or "all runs"
         x = r["settings"].get(x_field) if x_field else 0
         x = tuple(x) if isinstance(x, list) else x
@@ -828,7 +860,7 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     ax.set_xlabel(x_field or "")
     ax.set_ylabel("final test accuracy" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""))
     failed = len(rows) - len(ok)
-    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(ok)} runs"
+    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(plotted)} runs"
                  + (f", {failed} diverged" if failed else "") + ")")
     ax.grid(True, alpha=0.3)
     if series:

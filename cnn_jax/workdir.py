@@ -25,6 +25,7 @@ import time
 from typing import Any, Iterable
 
 from cnn_jax import config as config_lib
+from cnn_jax import readers
 from cnn_jax.config import Config, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -64,16 +65,20 @@ def write_json(path: str, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str) -> Any:
-    """Read a JSON file; a damaged file is a one-line ConfigError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                          "the file is damaged: restore it or start a new --workdir") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+# How to mend a damaged file of a run directory (the end of its one-line error).
+DAMAGED_RUN_FILE = "the run directory is damaged: restore the file from a copy, or start a new --workdir"
+DAMAGED_METRICS = "the file is damaged: delete that line (or the file, losing the curves)"
+
+# The fields of metrics.jsonl's records that their readers use (plots, resume), by kind.
+TRAIN_FIELDS = {"step": readers.COUNT, "loss": readers.NUMBER}
+EPOCH_FIELDS = {"epoch": readers.COUNT, "step": readers.COUNT, "train_loss": readers.NUMBER,
+                "train_accuracy": readers.NUMBER, "test_loss": readers.NUMBER, "test_accuracy": readers.NUMBER}
+RECORD_FIELDS = {"train": TRAIN_FIELDS, "epoch": EPOCH_FIELDS}
+
+
+def read_json(path: str, fix: str = DAMAGED_RUN_FILE) -> Any:
+    """Read a JSON file; any damage (unreadable, empty, not UTF-8, not JSON) is a one-line ConfigError."""
+    return readers.read_json(path, fix=fix)
 
 
 def read_config(workdir: str) -> Config:
@@ -84,15 +89,11 @@ def read_config(workdir: str) -> Config:
     if not os.path.exists(path):
         raise ConfigError(f"--workdir={workdir} holds no run ({CONFIG_FILE} not found); "
                           "give the folder a training run wrote with --workdir")
-    values = read_json(path)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    values = readers.check_object(read_json(path), path, DAMAGED_RUN_FILE, "a JSON object of config fields")
     try:
         return config_lib.validate(config_lib.from_dict(values))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"{path}: does not describe a Config ({e})") from None
+        raise readers.fail(path, str(e), "correct the file, or start a new --workdir") from None
 
 
 def holds_run(workdir: str) -> bool:
@@ -165,24 +166,16 @@ def start(workdir: str, config: Config, overwrite: bool = False) -> None:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl (an empty list when there is none)."""
+    """The records of metrics.jsonl (an empty list when there is none), each checked to be a
+    "train" or "epoch" record holding the fields its readers use (`RECORD_FIELDS`)."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {number} is not valid JSON ({e.msg}); the file is "
-                                  "damaged: delete that line (or the file, losing the curves)") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}: line {number} is not a JSON object; the file is damaged: "
-                                  "delete that line (or the file, losing the curves)")
-            records.append(record)
+    for number, value in readers.read_json_lines(path, DAMAGED_METRICS):
+        where = f"{path}: line {number}"
+        record = readers.check_fields(value, {"kind": readers.one_of(*RECORD_FIELDS)}, where, DAMAGED_METRICS)
+        records.append(readers.check_fields(record, RECORD_FIELDS[record["kind"]], where, DAMAGED_METRICS))
     return records
 
 

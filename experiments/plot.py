@@ -27,12 +27,12 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     config, params, _ = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    records = workdir_lib.read_metrics(FLAGS.workdir)   # a damaged file fails before the evaluation
     dataset = data.load(config)
     result = report.evaluate_test(params, dataset, config)
     paths = plots.write_run_plots(
-        os.path.join(FLAGS.workdir, workdir_lib.PLOTS_DIR), config, workdir_lib.read_metrics(FLAGS.workdir),
-        params, dataset.test_images, dataset.test_labels, result["predictions"], result["confusion"],
-        dataset.class_names)
+        os.path.join(FLAGS.workdir, workdir_lib.PLOTS_DIR), config, records, params, dataset.test_images,
+        dataset.test_labels, result["predictions"], result["confusion"], dataset.class_names)
     for path in paths:
         print(path)
 

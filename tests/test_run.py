@@ -355,7 +355,7 @@ def test_cli_resume_refused_for_bad_data_metrics_or_checkpoint_leaves_the_run_by
         f.write('{"kind": "tra\n')
     before = snapshot(workdir)
     result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
-    one_line_error(result, "metrics.jsonl: line 100 is not valid JSON")
+    one_line_error(result, "metrics.jsonl: line 100: not valid JSON")
     assert snapshot(workdir) == before
 
     shutil.rmtree(workdir)
@@ -405,3 +405,23 @@ def test_cli_sigint_saves_a_mid_epoch_checkpoint(mnist_dir, tmp_path):
     stopped = checkpoint.latest_step(workdir)
     assert 0 < stopped < STEPS_PER_EPOCH and f"checkpoint of step {stopped} saved" in err
     assert checkpoint.restore(workdir, workdir_lib.read_config(workdir))[2]["step"] == stopped
+
+
+@pytest.mark.parametrize("damaged_file, damage, fragment", [
+    ("config.json", lambda good: good.replace(b'"pool": "max"', b'"pool": "m\xe4x"'),
+     "config.json: not UTF-8 text (byte 0xe4 at offset"),
+    ("metrics.jsonl", lambda good: b"\xff" + good, "metrics.jsonl: not UTF-8 text (byte 0xff at offset 0)"),
+], ids=["config_latin1", "metrics_latin1"])
+def test_cli_resume_of_a_run_with_an_undecodable_file_is_one_line_and_changes_nothing(
+        mnist_dir, reference_run, tmp_path, damaged_file, damage, fragment):
+    import shutil
+    reference, _ = reference_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    path = os.path.join(workdir, damaged_file)
+    good = open(path, "rb").read()
+    open(path, "wb").write(damage(good))
+    before = snapshot(workdir)
+    result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
+    one_line_error(result, fragment)
+    assert snapshot(workdir) == before
