@@ -70,7 +70,9 @@ def _missing_folders(folder: str) -> list[str]:
 def _acquire(path: str) -> int:
     """An open descriptor of `path` holding its exclusive flock; RunDirInUse when another holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Read-only: a descriptor open for writing would keep the filesystem from being
+        # remounted read-only; a flock needs none.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,8 +115,8 @@ def hold(folder: str, create: bool = True) -> Iterator[None]:
         raise
     try:
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder_record()).encode(), 0)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(holder_record()))
         except OSError:
             pass   # a full disk: the lock holds all the same, the refusal just names no process
         yield

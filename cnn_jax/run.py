@@ -87,11 +87,12 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
                      resume: bool = False, overwrite: bool = False,
                      tensorboard: bool = False) -> list[dict[str, Any]]:
     """Train `config` keeping everything in `workdir`; return the per-epoch history (all epochs)."""
-    workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+    if not os.path.isdir(workdir):   # a file as workdir, or a fresh one: refused before the lock creates it
+        workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
     # In a multi-host run only process 0 writes files; every process takes part in checkpoints.
     primary = jax.process_index() == 0
     with lock.hold(workdir) if primary else contextlib.nullcontext():
-        # Again under the lock: another process may have written here since the first check.
+        # Under the lock: a run another process is writing is refused as in use, not as foreign.
         workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
         try:
             return _train_locked(config, workdir, dataset, resume=resume, overwrite=overwrite,
