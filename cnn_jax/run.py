@@ -72,7 +72,7 @@ def kept_after_failed_write(workdir: str) -> str:
     except Exception:  # noqa: BLE001 - an unreadable checkpoints folder keeps nothing usable
         last = None
     if last is None:
-        return "no checkpoint was written"
+        return "no checkpoint was written yet: free some space and start again with --resume"
     return (f"the last complete checkpoint (step {last}) is kept: free some space (or make {workdir} "
             "writable) and continue with --resume")
 
