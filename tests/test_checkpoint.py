@@ -125,6 +125,7 @@ def test_a_failed_restore_names_the_older_checkpoints(tmp_path):
     assert meta["step"] == 4 and leaves_equal(params, state_at(4)[0])
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_library_code_leaves_the_process_hooks_alone(tmp_path):
     """Process-wide hooks are the scripts' (cli.main_guard); a failed restore or save changes none."""
     hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
@@ -148,6 +149,7 @@ def test_write_failure_reason_reads_orbax_and_tensorstore_errors():
     assert checkpoint.write_failure_reason(ValueError("shapes differ")) is None   # not a write failure
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_save_into_a_deleted_run_directory_is_refused_without_recreating_it(tmp_path):
     workdir = str(tmp_path / "run")
     manager = checkpoint.open_manager(workdir)
