@@ -88,9 +88,11 @@ def atomic_write_text(path: str, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         remove_quietly(tmp)
-        raise write_error(path, e) from None
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
 
 
 def clear_leftovers(workdir: str) -> list[str]:
