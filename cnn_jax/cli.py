@@ -20,13 +20,15 @@ from typing import Any, Callable
 
 from absl import flags
 
+from cnn_jax import compile_cache
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
 
 FLAGS = flags.FLAGS
 _HELP = {
-    "dataset": "Dataset: mnist or fashion_mnist.",
-    "data_dir": "Folder with the four IDX files (offline source); empty: TensorFlow Datasets.",
+    "dataset": "Dataset: mnist, fashion_mnist, kmnist, cifar10 or cifar100 (input_shape and num_classes follow it).",
+    "data_dir": "Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
+                "empty: the first source found (docs/data.md).",
     "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
     "conv_kernels": "Kernel size per conv layer, comma-separated.",
     "pool": "Pooling: max or avg.",
@@ -66,6 +68,10 @@ def define_config_flags() -> None:
             flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
         else:
             flags.DEFINE_string(field.name, default, help_text)
+    flags.DEFINE_boolean("compilation_cache", True, "Keep compiled programs on disk (JAX's persistent "
+                         "compilation cache), so a second run of the same config compiles almost nothing.")
+    flags.DEFINE_string("compilation_cache_dir", "", "Folder of the compilation cache; empty: "
+                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax.")
 
 
 def _parse_int_list(name: str, values: list[str]) -> tuple[int, ...]:
@@ -172,7 +178,10 @@ def end_now(status: int) -> None:
 def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     """Wrap an absl main: user errors become one line on stderr and exit status 2; a file that
     cannot be written (disk full, read-only, folder gone) one line and 2; SIGINT one line and
-    130; a reader that closes stdout early (`| head`) ends the script quietly with 141."""
+    130; a reader that closes stdout early (`| head`) ends the script quietly with 141.
+
+    In a script that defines the config flags, the persistent compilation cache is turned on
+    first (unless --nocompilation_cache) and a last line says whether it was hit."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str]) -> Any:
@@ -182,8 +191,13 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
             sys.exit(2)
         quiet_background_reports()
         from cnn_jax.workdir import WriteError
+        cache = None
+        if "compilation_cache" in FLAGS and FLAGS.compilation_cache:
+            cache = compile_cache.enable(FLAGS.compilation_cache_dir or None)
         try:
             result = main(argv)
+            if cache is not None:
+                print(cache.describe(), flush=True)
             sys.stdout.flush()   # here, not at exit, so a closed pipe is caught below
             return result
         except user_errors() as e:

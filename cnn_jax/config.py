@@ -12,9 +12,10 @@ import dataclasses
 import math
 from typing import Any
 
+from cnn_jax import datasets
 from cnn_jax.layers import PADDINGS, conv_output_size
 
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = datasets.NAMES
 INITS = ("he", "lecun", "seed")
 OPTIMIZERS = ("seed_sgd", "sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
@@ -36,8 +37,8 @@ class Config:
     """Every knob of an experiment; `experiments/train.py` has one flag per field."""
 
     # Data.
-    dataset: str = "mnist"            # mnist | fashion_mnist
-    data_dir: str = ""                # folder with the four IDX files; empty: TensorFlow Datasets
+    dataset: str = "mnist"            # mnist | fashion_mnist | kmnist | cifar10 | cifar100 (cnn_jax.datasets)
+    data_dir: str = ""                # folder with the dataset's offline files; empty: searched (cnn_jax.data)
     train_subset: int = 0             # train on the first N images only (0: all)
     test_subset: int = 0              # evaluate on the first N test images only (0: all)
     # Model.
@@ -49,8 +50,8 @@ class Config:
     pool_window: int = 2
     pool_stride: int = 2
     num_fc: int = 128                 # width of the hidden dense layer
-    num_classes: int = 10
-    input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C
+    num_classes: int = 10             # follows `dataset` in `replace` unless given
+    input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C; follows `dataset` in `replace` unless given
     init: str = "he"                  # he | lecun | seed (every weight and bias ~ N(0, weight_scale))
     weight_scale: float = 0.01        # std of the seed init
     # Optimisation.
@@ -100,10 +101,17 @@ def field_names() -> tuple[str, ...]:
 
 
 def replace(config: Config, **overrides: Any) -> Config:
-    """`dataclasses.replace` that names an unknown field in a ConfigError."""
+    """`dataclasses.replace` that names an unknown field in a ConfigError.
+
+    A new `dataset` brings its image shape and class count from the registry, unless
+    `input_shape` or `num_classes` are given too."""
     unknown = sorted(set(overrides) - set(field_names()))
     if unknown:
         raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+    name = overrides.get("dataset", config.dataset)
+    if name != config.dataset and name in datasets.REGISTRY:
+        spec = datasets.get(name)
+        overrides = {"input_shape": spec.image_shape, "num_classes": spec.num_classes, **overrides}
     return dataclasses.replace(config, **overrides)
 
 

@@ -1,48 +1,43 @@
-"""MNIST and Fashion-MNIST in memory: from a folder of IDX files, or TensorFlow Datasets.
+"""The datasets of the registry in memory, from the first source that has them.
 
-`load(config)` returns a `Dataset` whose images are float32 in [0, 1], shaped
-(N, 28, 28, 1), and labels int32. With `config.data_dir` set, the four IDX
-files there are read (offline; `.gz` or raw). Otherwise TFDS is used: it
-downloads and caches when online, and is read through `tfds.data_source`
-(its TensorFlow-free path). Every failure is a `DataError` with a one-line
+`load(config)` returns a `Dataset` whose images are the registry's normalisation of the
+uint8 pixels (float32 in [0, 1]), shaped (N, H, W, C), and labels int32. Where the data
+comes from, in this order (`find_source`; the first that applies is used, and
+`Dataset.source` says which):
+
+1. `--data_dir` (`Config.data_dir`): a folder with the dataset's offline files;
+2. `$CNN_JAX_<DATASET>_DIR` (e.g. `CNN_JAX_MNIST_DIR`): the same, from the environment;
+3. `$CNN_JAX_DATA_DIR/<dataset>`: a folder of datasets, one subfolder each;
+4. a prepared TensorFlow Datasets copy in `$TFDS_DATA_DIR` (default `~/tensorflow_datasets`);
+5. `../shared/data/<dataset>` beside the repository (this project's machines), found from
+   the package's location, not the current directory;
+6. the dataset's well-known system folders (e.g. Debian's `/usr/share/datasets/fashion-mnist`);
+7. a TensorFlow Datasets download, when its server can be reached.
+
+Sources 1-3 and 5-6 need no TensorFlow. Every failure is a `DataError` with a one-line
 message naming the file and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
+import glob
 import logging
 import os
 import socket
-import zlib
 
 import numpy as np
 
+from cnn_jax import datasets
 from cnn_jax.config import Config
+from cnn_jax.dataset_files import IDX_FILES, DataError, read_idx  # noqa: F401 - part of this module's API
 
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-CLASS_NAMES = {
-    "mnist": tuple(str(d) for d in range(10)),
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-}
-# Where the offline copies live on the machines of this project.
-KNOWN_IDX_DIRS = {
-    "mnist": "../shared/data/mnist",
-    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
-}
-_IDX_DTYPES = {0x08: np.uint8}
-TFDS_HOST = "storage.googleapis.com"  # where TFDS downloads MNIST and Fashion-MNIST from
-
-
-class DataError(RuntimeError):
-    """The data could not be loaded; the message is one line meant for the user."""
+CLASS_NAMES = {name: spec.class_names for name, spec in datasets.REGISTRY.items()}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The project machines keep one folder per dataset here (relative to the repository).
+SHARED_DATA_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
+DATA_ROOT_ENV = "CNN_JAX_DATA_DIR"
+TFDS_HOST = "storage.googleapis.com"  # where TFDS downloads the registry's datasets from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,60 +48,22 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     class_names: tuple[str, ...]
+    source: str = ""           # where the data came from, in words
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (gzip-compressed or raw) into a uint8 array, checking its header."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip ({e}); download the file again") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number "
-                        f"{raw[:4].hex() or 'empty'}); point --data_dir at the original IDX files")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: IDX header is truncated; download the file again")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: holds {len(raw) - header} data bytes but its header says "
-                        f"{'x'.join(map(str, shape))} = {expected}; the file is truncated or damaged, "
-                        "download it again")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+@dataclasses.dataclass(frozen=True)
+class Source:
+    kind: str       # "folder" (offline files) or "tfds"
+    location: str   # the folder, or the TFDS data dir ("" for TFDS's default)
+    reason: str     # how it was found, e.g. "--data_dir" or "$CNN_JAX_MNIST_DIR"
 
-
-def _find(data_dir: str, stem: str) -> str:
-    for name in (stem + ".gz", stem):
-        path = os.path.join(data_dir, name)
-        if os.path.exists(path):
-            return path
-    raise DataError(f"{os.path.join(data_dir, stem)}(.gz): file not found; --data_dir must hold the four "
-                    f"IDX files {', '.join(IDX_FILES.values())} (.gz or raw)")
-
-
-def _to_unit_float(images: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [0, 1]: exactly `images.astype(np.float32) / 255`, through a 256-entry
-    table (one pass, no float temporary: ~7x faster on MNIST's 47M pixels)."""
-    if images.dtype != np.uint8:
-        return images.astype(np.float32) / 255.0
-    return _UNIT_FLOAT[images]
-
-
-_UNIT_FLOAT = np.arange(256, dtype=np.float32) / 255.0
+    def describe(self, name: str) -> str:
+        where = self.location or "TFDS's default data dir"
+        return f"{name} from {where} ({self.reason})"
 
 
 def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray,
@@ -114,6 +71,7 @@ def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray,
                 class_names: tuple[str, ...], source: str = "") -> Dataset:
     """Build a checked Dataset from uint8 images (N, H, W[, C]) and integer labels."""
     where = f"{source}: " if source else ""
+    normalize = datasets.get(name).normalize if name in datasets.REGISTRY else datasets.to_unit_float
     parts = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
     out = {}
     for split, (images, labels) in parts.items():
@@ -125,21 +83,23 @@ def from_arrays(name: str, train_images: np.ndarray, train_labels: np.ndarray,
                             f"{len(class_names)} classes of {name}; check --dataset and the label file")
         if images.ndim == 3:
             images = images[..., None]
-        out[split] = (_to_unit_float(images), labels.astype(np.int32))
-    return Dataset(name, *out["train"], *out["test"], class_names)
+        out[split] = (normalize(images), labels.astype(np.int32))
+    if out["train"][0].shape[1:] != out["test"][0].shape[1:]:
+        raise DataError(f"{where}train images are {out['train'][0].shape[1:]} but test images "
+                        f"{out['test'][0].shape[1:]}; the files do not belong together")
+    return Dataset(name, *out["train"], *out["test"], class_names, source)
 
 
-def load_idx_dir(data_dir: str, name: str = "mnist") -> Dataset:
-    """Load a dataset from a folder holding its four IDX files."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"--data_dir={data_dir}: no such directory; give the folder that holds "
-                        f"the four IDX files of {name}")
-    arrays = {key: read_idx(_find(data_dir, stem)) for key, stem in IDX_FILES.items()}
-    for key in ("train_images", "test_images"):
-        if arrays[key].ndim != 3:
-            raise DataError(f"{_find(data_dir, IDX_FILES[key])}: expected N x H x W images, "
-                            f"found shape {arrays[key].shape}")
-    return from_arrays(name, class_names=CLASS_NAMES[name], source=data_dir, **arrays)
+def load_folder(folder: str, name: str = "mnist", source: str = "") -> Dataset:
+    """Load dataset `name` from a folder holding its offline files (format: the registry's)."""
+    spec = datasets.get(name)
+    if not os.path.isdir(folder):
+        raise DataError(f"--data_dir={folder}: no such directory; give the folder that holds "
+                        f"{spec.file_format} of {name}")
+    return from_arrays(name, class_names=spec.class_names, source=source or folder, **spec.reader(folder))
+
+
+load_idx_dir = load_folder   # the MNIST-family name of `load_folder`
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
@@ -163,50 +123,125 @@ def _without_warnings(fn):
         logger.setLevel(level)
 
 
-def load_tfds(name: str = "mnist", data_dir: str | None = None) -> Dataset:
-    """Load through TensorFlow Datasets' TensorFlow-free `data_source` (downloads when online)."""
+def tfds_data_dir() -> str:
+    """Where TensorFlow Datasets keeps prepared datasets: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def tfds_prepared(name: str, data_dir: str | None = None) -> bool:
+    """Whether a prepared TFDS copy of `name` is in `data_dir` (checked on disk, without importing TFDS)."""
+    tfds_name = datasets.get(name).tfds_name
+    return bool(glob.glob(os.path.join(data_dir or tfds_data_dir(), tfds_name, "*", "dataset_info.json")))
+
+
+def _tensorflow_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _can_prepare() -> bool:
+    """Whether TFDS can prepare a dataset here: TFDS extracts downloads with TensorFlow's gfile."""
+    return _tensorflow_installed()
+
+
+def _tfds_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared split as (uint8 images, labels). With TensorFlow, the whole split in one batch
+    (decoded by tf.data, no per-record Python); without it, TFDS's array_record data source."""
+    import tensorflow_datasets as tfds
+    file_format = getattr(builder.info.file_format, "value", builder.info.file_format) or "tfrecord"
+    if _tensorflow_installed() and file_format == "tfrecord":
+        batch = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+        return np.asarray(batch["image"], np.uint8), np.asarray(batch["label"], np.int64)
+    source = builder.as_data_source(split=split)   # decodes record by record: the slow fallback
+    records = [source[i] for i in range(len(source))]
+    return (np.stack([r["image"] for r in records]).astype(np.uint8),
+            np.array([r["label"] for r in records], np.int64))
+
+
+def load_tfds(name: str = "mnist", data_dir: str | None = None, manual_dir: str | None = None) -> Dataset:
+    """Load through TensorFlow Datasets: a prepared copy in `data_dir`, else download and prepare it
+    (preparing needs TensorFlow: requirements-tfds.txt). `manual_dir` holds already downloaded
+    official files (TFDS's manual download), so preparing needs no network."""
+    spec = datasets.get(name)
+    offline_hint = (f"pass --data_dir with {spec.file_format} (or set ${spec.env_var}); on this "
+                    f"project's machines MNIST is in ../shared/data/mnist")
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError("tensorflow-datasets is not installed; pip install -r requirements.txt, "
-                        "or pass --data_dir with the four IDX files") from None
+        raise DataError(f"tensorflow-datasets is not installed; pip install -r requirements.txt, "
+                        f"or {offline_hint}") from None
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        if not _without_warnings(builder.is_prepared) and not _reachable(TFDS_HOST):
-            raise DataError(f"TensorFlow Datasets has no copy of {name!r} and {TFDS_HOST} cannot be "
-                            f"reached (offline?); pass --data_dir with the four IDX files (on this "
-                            f"project's machines: --data_dir={KNOWN_IDX_DIRS[name]})")
-        builder.download_and_prepare(file_format="array_record")
-        splits = {}
-        for split in ("train", "test"):
-            source = builder.as_data_source(split=split)
-            records = [source[i] for i in range(len(source))]
-            splits[split] = (np.stack([r["image"] for r in records]).astype(np.uint8),
-                             np.array([r["label"] for r in records], np.int64))
+        if tfds_prepared(name, data_dir):
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir or tfds_data_dir())
+        else:
+            if manual_dir is None and not _reachable(TFDS_HOST):
+                raise DataError(f"TensorFlow Datasets has no copy of {name!r} and {TFDS_HOST} cannot be "
+                                f"reached (offline?); {offline_hint}")
+            if not _can_prepare():
+                raise DataError(f"TensorFlow Datasets needs TensorFlow to prepare {name!r}: "
+                                f"pip install -r requirements-tfds.txt, or {offline_hint}")
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+            config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+            _without_warnings(lambda: builder.download_and_prepare(download_config=config))
+        splits = {split: _tfds_arrays(builder, split) for split in ("train", "test")}
     except DataError:
         raise
     except Exception as e:  # TFDS raises many types offline (network, checksum, missing TF, ...)
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(
-            f"TensorFlow Datasets could not provide {name!r} ({type(e).__name__}: {first_line}); "
-            f"offline, pass --data_dir with the four IDX files (on this project's machines: "
-            f"--data_dir={KNOWN_IDX_DIRS[name]})") from None
-    return from_arrays(name, *splits["train"], *splits["test"], class_names=CLASS_NAMES[name],
-                       source=f"tfds:{name}")
+        raise DataError(f"TensorFlow Datasets could not provide {name!r} ({type(e).__name__}: "
+                        f"{first_line}); {offline_hint}") from None
+    return from_arrays(name, *splits["train"], *splits["test"], class_names=spec.class_names,
+                       source=f"tfds:{spec.tfds_name}")
+
+
+def find_source(name: str, data_dir: str = "") -> Source:
+    """The first source of dataset `name` in the documented order (module docstring)."""
+    spec = datasets.get(name)
+    if data_dir:
+        return Source("folder", data_dir, "--data_dir")
+    if os.environ.get(spec.env_var):
+        return Source("folder", os.environ[spec.env_var], f"${spec.env_var}")
+    root = os.environ.get(DATA_ROOT_ENV)
+    if root and os.path.isdir(os.path.join(root, name)):
+        return Source("folder", os.path.join(root, name), f"${DATA_ROOT_ENV}/{name}")
+    if tfds_prepared(name):
+        return Source("tfds", tfds_data_dir(), "a prepared TensorFlow Datasets copy")
+    shared = os.path.join(SHARED_DATA_DIR, name)
+    if os.path.isdir(shared):
+        return Source("folder", shared, "the project machines' shared copy beside the repository")
+    for folder in spec.system_dirs:
+        if os.path.isdir(folder):
+            return Source("folder", folder, "a system-wide copy")
+    if _reachable(TFDS_HOST):
+        return Source("tfds", "", "a TensorFlow Datasets download")
+    looked = [f"${spec.env_var}", f"${DATA_ROOT_ENV}/{name}", os.path.join(tfds_data_dir(), spec.tfds_name),
+              shared, *spec.system_dirs]
+    raise DataError(f"no copy of {name} found (looked in {', '.join(looked)}) and {TFDS_HOST} cannot be "
+                    f"reached (offline?); pass --data_dir=FOLDER holding {spec.file_format}, or set "
+                    f"${spec.env_var}=FOLDER")
+
+
+def load_source(name: str, source: Source) -> Dataset:
+    """Dataset `name` from `source` (see `find_source`)."""
+    if source.kind == "tfds":
+        dataset = load_tfds(name, data_dir=source.location or None)
+    else:
+        dataset = load_folder(source.location, name)
+    return dataclasses.replace(dataset, source=source.describe(name))
 
 
 def load(config: Config) -> Dataset:
-    """The dataset `config` names, from `config.data_dir` or TFDS, cut to the configured subsets."""
-    if config.data_dir:
-        dataset = load_idx_dir(config.data_dir, config.dataset)
-    else:
-        dataset = load_tfds(config.dataset)
+    """The dataset `config` names, from its first source, cut to the configured subsets."""
+    dataset = load_source(config.dataset, find_source(config.dataset, config.data_dir))
     if dataset.train_images.shape[1:] != tuple(config.input_shape):
+        shape = ",".join(map(str, dataset.train_images.shape[1:]))
         raise DataError(f"{config.dataset} images are {dataset.train_images.shape[1:]} but "
-                        f"--input_shape is {tuple(config.input_shape)}; set --input_shape to match")
+                        f"--input_shape is {tuple(config.input_shape)}; drop --input_shape (it follows "
+                        f"--dataset) or set --input_shape={shape}")
     if dataset.num_classes != config.num_classes:
         raise DataError(f"{config.dataset} has {dataset.num_classes} classes but --num_classes is "
-                        f"{config.num_classes}; set --num_classes={dataset.num_classes}")
+                        f"{config.num_classes}; drop --num_classes (it follows --dataset) or set "
+                        f"--num_classes={dataset.num_classes}")
     if config.train_subset or config.test_subset:
         n_train = config.train_subset or len(dataset.train_labels)
         n_test = config.test_subset or len(dataset.test_labels)

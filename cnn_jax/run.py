@@ -107,6 +107,7 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
                   overwrite: bool, tensorboard: bool, primary: bool) -> list[dict[str, Any]]:
     if dataset is None:
         dataset = data_lib.load(config)
+        print(f"data: {dataset.source}", flush=True)
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={config.batch_size} is larger than the "

@@ -215,6 +215,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
                                     tensorboard=tensorboard)
     if dataset is None:
         dataset = data_lib.load(config)
+        print(f"data: {dataset.source}", flush=True)
     return fit(config, dataset)[2]
 
 

@@ -1,5 +1,6 @@
-"""Train a CNN on MNIST / Fashion-MNIST.
+"""Train a CNN on a dataset of the registry (MNIST by default; cnn_jax/datasets.py).
 
+    python experiments/train.py --pool=max            # data: the first source found (cnn_jax/data.py)
     python experiments/train.py --pool=max --data_dir=../shared/data/mnist
     python experiments/train.py --preset=seed          # the MXNet tutorial exactly
     python experiments/train.py --workdir=runs/max --epochs=2        # keep the run (see WORKSPACE.md)

@@ -63,28 +63,53 @@ def test_bad_input_gets_one_clear_line(args, fragment):
                                                        if fragment in line)]
 
 
-# Runs experiments/train.py as `python train.py ...` does, with every network connection refused.
+# Runs experiments/train.py as `python train.py ...` does, with every network connection refused
+# and the project machines' shared data folder pointed elsewhere (argv[1]).
 OFFLINE = """
 import runpy, socket, sys
 def refuse(*args, **kwargs):
     raise OSError("network is unreachable")
 socket.create_connection = refuse
+import cnn_jax.data
+cnn_jax.data.SHARED_DATA_DIR = sys.argv.pop(1)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def clean_env(tmp_path):
+    """The environment without any data source: no CNN_JAX_* folder variables, an empty TFDS dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_JAX_")}
+    return {**env, "TFDS_DATA_DIR": str(tmp_path / "tfds"), "PYTHONPATH": REPO_ROOT}
+
+
+def test_no_data_flag_trains_on_the_shared_copy_from_any_directory(tmp_path, mnist_dir):
+    """The main job needs no data flag: the shared copy beside the repository is found from the
+    package's location, whatever the current directory, and the source is named in one line."""
+    shared = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
+    if not os.path.isdir(shared):
+        pytest.skip(f"{shared} missing (the project machines' copy)")
+    result = subprocess.run([sys.executable, TRAIN, "--pool=max", "--train_subset=640", "--test_subset=200"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"data: mnist from {shared} (the project machines' shared copy beside the repository)"
+    assert re.search(r"^Epoch 0\. Loss: ", result.stdout, re.M)
+
+
 def test_no_data_source_offline_is_one_line_and_writes_nothing(tmp_path):
-    """No --data_dir, no TFDS copy, no network: one line naming --data_dir, no workdir created."""
+    """No --data_dir, no copy anywhere, no network: one line saying what to do, no workdir created."""
     workdir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", OFFLINE, TRAIN, f"--workdir={workdir}", "--train_subset=256"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-                            env={**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds")})
+    result = subprocess.run([sys.executable, "-c", OFFLINE, str(tmp_path / "no_shared"), TRAIN,
+                             f"--workdir={workdir}", "--train_subset=256"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=clean_env(tmp_path))
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        "error: TensorFlow Datasets has no copy of 'mnist' and storage.googleapis.com cannot be reached "
-        "(offline?); pass --data_dir with the four IDX files (on this project's machines: "
-        "--data_dir=../shared/data/mnist)"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no copy of mnist found (looked in $CNN_JAX_MNIST_DIR, "
+                                                   "$CNN_JAX_DATA_DIR/mnist, "), lines
+    assert lines[0].endswith("cannot be reached (offline?); pass --data_dir=FOLDER holding the four IDX files "
+                             "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+                             "t10k-labels-idx1-ubyte.gz (.gz or raw), or set $CNN_JAX_MNIST_DIR=FOLDER"), lines
     assert not workdir.exists()
 
 
@@ -130,3 +155,18 @@ def test_quiet_background_reports_drops_only_the_closed_loop_echoes(monkeypatch)
     assert absl_logger.filter(record(future, logging.WARNING, "_SignalingThread.run() raised an exception: X"))
     assert absl_logger.filter(record("/site-packages/other/module.py", logging.ERROR, "raised an exception"))
     assert absl_logger.filter(record(future, logging.ERROR, "something else failed"))
+
+
+def test_cifar10_trains_through_the_command_line_on_a_synthetic_folder(tmp_path):
+    """CIFAR-10 shapes (32x32x3, from the registry) flow through the tutorial network: a few steps."""
+    from test_dataset_files import write_cifar10
+    write_cifar10(tmp_path / "cifar-10-batches-py", "py", sizes=(16, 16, 16, 16, 16, 20))
+    result = run("--dataset=cifar10", f"--data_dir={tmp_path}", "--batch_size=16", "--pool=max", "--debug")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"data: cifar10 from {tmp_path} (--data_dir)"
+    assert "flatten  1250" in result.stdout.splitlines()   # 32 -> 30 -> 15 -> 11 -> 5: 5 * 5 * 50
+    assert re.search(r"^Epoch 0\. Loss: [\d.]+, Train_acc [\d.]+, Test_acc [\d.]+", result.stdout, re.M)
+    contradiction = run("--dataset=cifar10", f"--data_dir={tmp_path}", "--num_classes=100")
+    assert contradiction.returncode == 2 and contradiction.stderr.strip().splitlines() == [
+        "error: cifar10 has 10 classes but --num_classes is 100; drop --num_classes (it follows --dataset) "
+        "or set --num_classes=10"]

@@ -32,7 +32,7 @@ def test_dict_round_trip():
 @pytest.mark.parametrize("overrides,fragment", [
     ({"pool": "min"}, "--pool='min' is not allowed: use one of max, avg"),
     ({"optimizer": "rmsprop"}, "--optimizer='rmsprop'"),
-    ({"dataset": "cifar10"}, "--dataset='cifar10'"),
+    ({"dataset": "svhn"}, "--dataset='svhn' is not allowed: use one of mnist, fashion_mnist, kmnist, cifar10, cifar100"),
     ({"init": "xavier"}, "--init='xavier'"),
     ({"batch_size": 0}, "--batch_size=0"),
     ({"epochs": -1}, "--epochs=-1"),

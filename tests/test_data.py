@@ -1,5 +1,7 @@
-"""Data: the real IDX files, every kind of damaged file, the TFDS glue (mocked, offline), shuffling."""
+"""Data: the real IDX files, every kind of damaged file, the order of sources, the TFDS glue
+(mocked, and preparing MNIST for real from the official files, offline), shuffling."""
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data
+from cnn_jax import data, datasets
 from cnn_jax.config import Config
 from cnn_jax.data import DataError
 
@@ -25,7 +27,7 @@ def test_real_mnist_from_idx(mnist):
 
 
 def test_fashion_mnist_from_idx():
-    directory = data.KNOWN_IDX_DIRS["fashion_mnist"]
+    directory = datasets.get("fashion_mnist").system_dirs[0]
     if not os.path.isdir(directory):
         pytest.skip(f"{directory} missing: apt-get install dataset-fashion-mnist")
     ds = data.load_idx_dir(directory, "fashion_mnist")
@@ -113,6 +115,10 @@ def test_labels_outside_class_range(idx_copy):
 def test_tfds_glue_with_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     monkeypatch.setattr(data, "_reachable", lambda *a, **k: True)  # the mock stands in for the network
+    monkeypatch.setattr(data, "_can_prepare", lambda: True)        # and for preparing
+    # The TensorFlow-free reading path (TFDS's mock of as_dataset(batch_size=-1) aborts TensorFlow
+    # 2.21 with std::length_error; the real as_dataset path is tested on real MNIST below).
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
     with tfds.testing.mock_data(num_examples=24):
         ds = data.load_tfds("mnist")
     assert ds.train_images.shape == (24, 28, 28, 1) and ds.train_images.dtype == np.float32
@@ -124,7 +130,10 @@ def test_tfds_offline_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)
     with pytest.raises(DataError) as info:
         data.load_tfds("mnist", data_dir=str(tmp_path))
-    assert "--data_dir=../shared/data/mnist" in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert message.startswith("TensorFlow Datasets has no copy of 'mnist' and storage.googleapis.com cannot "
+                              "be reached (offline?); pass --data_dir with the four IDX files "), message
+    assert "$CNN_JAX_MNIST_DIR" in message and "../shared/data/mnist" in message and "\n" not in message
 
 
 def test_epoch_permutation_is_deterministic_and_changes_per_epoch():
@@ -141,3 +150,125 @@ def test_unit_float_conversion_is_exactly_divide_by_255():
                                  np.zeros(1, np.int64), data.CLASS_NAMES["mnist"]).train_images
     assert converted.dtype == np.float32 and converted.shape == (4, 8, 8, 1)
     np.testing.assert_array_equal(converted[..., 0], every_value.astype(np.float32) / 255.0)
+
+
+# --- where the data comes from -------------------------------------------------------------------
+
+@pytest.fixture
+def no_sources(tmp_path, monkeypatch):
+    """No source at all: no CNN_JAX_* variables, an empty TFDS dir, no shared copy, offline."""
+    for name in list(os.environ):
+        if name.startswith("CNN_JAX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(data, "SHARED_DATA_DIR", str(tmp_path / "shared"))
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)
+    return tmp_path
+
+
+def test_sources_in_their_documented_order(no_sources, monkeypatch):
+    """Each source is used when those before it are absent, and named."""
+    tmp = no_sources
+    with pytest.raises(DataError):
+        data.find_source("kmnist")
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: True)
+    assert data.find_source("mnist") == data.Source("tfds", "", "a TensorFlow Datasets download")
+    (tmp / "shared" / "mnist").mkdir(parents=True)
+    assert data.find_source("mnist").location == str(tmp / "shared" / "mnist")
+    (tmp / "tfds" / "mnist" / "3.0.1").mkdir(parents=True)
+    (tmp / "tfds" / "mnist" / "3.0.1" / "dataset_info.json").write_text("{}")
+    assert data.find_source("mnist") == data.Source("tfds", str(tmp / "tfds"), "a prepared TensorFlow Datasets copy")
+    (tmp / "root" / "mnist").mkdir(parents=True)
+    monkeypatch.setenv("CNN_JAX_DATA_DIR", str(tmp / "root"))
+    assert data.find_source("mnist") == data.Source("folder", str(tmp / "root" / "mnist"), "$CNN_JAX_DATA_DIR/mnist")
+    assert data.find_source("kmnist").kind == "tfds"   # $CNN_JAX_DATA_DIR has no kmnist folder
+    monkeypatch.setenv("CNN_JAX_MNIST_DIR", "/somewhere/mnist")
+    assert data.find_source("mnist") == data.Source("folder", "/somewhere/mnist", "$CNN_JAX_MNIST_DIR")
+    assert data.find_source("mnist", "/given") == data.Source("folder", "/given", "--data_dir")
+
+
+def test_a_system_folder_comes_after_the_shared_copy(no_sources, monkeypatch):
+    monkeypatch.setitem(datasets.REGISTRY, "fashion_mnist", dataclasses.replace(
+        datasets.get("fashion_mnist"), system_dirs=(str(no_sources / "system"),)))
+    (no_sources / "system").mkdir()
+    assert data.find_source("fashion_mnist") == data.Source("folder", str(no_sources / "system"), "a system-wide copy")
+    (no_sources / "shared" / "fashion_mnist").mkdir(parents=True)
+    assert data.find_source("fashion_mnist").location == str(no_sources / "shared" / "fashion_mnist")
+
+
+def test_nothing_found_says_what_to_do(no_sources):
+    with pytest.raises(DataError) as info:
+        data.load(Config())
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("no copy of mnist found (looked in $CNN_JAX_MNIST_DIR, $CNN_JAX_DATA_DIR/mnist, "
+                              f"{no_sources / 'tfds' / 'mnist'}, {no_sources / 'shared' / 'mnist'})")
+    assert "pass --data_dir=FOLDER holding the four IDX files" in message
+    assert message.endswith("or set $CNN_JAX_MNIST_DIR=FOLDER")
+
+
+def test_the_source_is_named_and_the_shared_copy_is_found_from_the_package(no_sources, monkeypatch, mnist_dir):
+    monkeypatch.setattr(data, "SHARED_DATA_DIR", os.path.dirname(os.path.abspath(mnist_dir)))
+    ds = data.load(config_lib.replace(Config(), train_subset=10, test_subset=10))
+    assert ds.source == f"mnist from {os.path.abspath(mnist_dir)} (the project machines' shared copy beside the repository)"
+
+
+def test_shared_data_dir_is_relative_to_the_repository_not_the_cwd():
+    assert data.SHARED_DATA_DIR == os.path.normpath(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(data.__file__))), "..", "shared", "data"))
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    write_gz(path, header + array.astype(np.uint8).tobytes())
+
+
+def test_kmnist_from_idx_files_written_here(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (12, 28, 28)), "train_labels": np.arange(12) % 10,
+              "test_images": rng.integers(0, 256, (5, 28, 28)), "test_labels": np.arange(5)}
+    for key, stem in data.IDX_FILES.items():
+        write_idx(tmp_path / (stem + ".gz"), arrays[key])
+    ds = data.load(config_lib.replace(Config(), dataset="kmnist", data_dir=str(tmp_path)))
+    assert ds.class_names[0] == "o" and ds.train_images.shape == (12, 28, 28, 1)
+    np.testing.assert_array_equal(ds.train_images[..., 0], arrays["train_images"].astype(np.float32) / 255)
+    np.testing.assert_array_equal(ds.test_labels, arrays["test_labels"])
+
+
+def test_a_flag_that_contradicts_the_data_is_one_line(mnist_dir):
+    for overrides, fragment in (({"num_classes": 5}, "mnist has 10 classes but --num_classes is 5; drop "
+                                                     "--num_classes (it follows --dataset) or set --num_classes=10"),
+                                ({"input_shape": (32, 32, 3)}, "set --input_shape=28,28,1")):
+        with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            data.load(config_lib.replace(Config(), data_dir=mnist_dir, test_subset=1, **overrides))
+
+
+def test_tfds_prepares_mnist_offline_from_the_official_files(tmp_path, monkeypatch, mnist_dir, mnist):
+    """TFDS prepares MNIST from the official files handed over as a manual download (no network),
+    into a temporary TFDS data dir; the arrays are the IDX reader's, exactly. TFDS shuffles the
+    examples when it prepares, so the (image, label) pairs are compared in a canonical order."""
+    pytest.importorskip("tensorflow", reason="preparing needs TensorFlow: pip install -r requirements-tfds.txt")
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)   # offline, for certain
+    tfds_dir = tmp_path / "tfds"
+    prepared = data.load_tfds("mnist", data_dir=str(tfds_dir), manual_dir=mnist_dir)
+
+    def canonical(images, labels):
+        pixels = np.rint(images.reshape(len(images), -1) * 255).astype(np.uint8)
+        rows = np.concatenate([pixels, labels[:, None].astype(np.uint8)], axis=1)
+        return rows[np.lexsort(rows.T[::-1])]
+
+    for split in ("train", "test"):
+        images, labels = getattr(prepared, f"{split}_images"), getattr(prepared, f"{split}_labels")
+        assert images.dtype == np.float32 and labels.dtype == np.int32
+        assert images.shape == getattr(mnist, f"{split}_images").shape
+        np.testing.assert_array_equal(canonical(images, labels),
+                                      canonical(getattr(mnist, f"{split}_images"), getattr(mnist, f"{split}_labels")))
+    # Once prepared, the copy is the default source before the shared folder, and reads back the same.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
+    for name in list(os.environ):
+        if name.startswith("CNN_JAX_"):
+            monkeypatch.delenv(name)
+    again = data.load(Config())
+    assert again.source == f"mnist from {tfds_dir} (a prepared TensorFlow Datasets copy)"
+    np.testing.assert_array_equal(again.train_images, prepared.train_images)
+    np.testing.assert_array_equal(again.test_labels, prepared.test_labels)
