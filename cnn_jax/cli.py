@@ -23,6 +23,7 @@ from absl import flags
 from cnn_jax import compile_cache
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.workdir import WriteError
 
 FLAGS = flags.FLAGS
 _HELP = {
@@ -190,7 +191,6 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
                   file=sys.stderr)
             sys.exit(2)
         quiet_background_reports()
-        from cnn_jax.workdir import WriteError
         cache = None
         if "compilation_cache" in FLAGS and FLAGS.compilation_cache:
             cache = compile_cache.enable(FLAGS.compilation_cache_dir or None)

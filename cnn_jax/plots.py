@@ -158,12 +158,14 @@ def save_figure(fig: Figure, path: str, dpi: int = 150) -> str:
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
-            pass   # the next start clears it (workdir.clear_leftovers)
-        raise OSError(e.errno, e.strerror or str(e), path) from None
+            pass   # not written, or the next start clears it (workdir.clear_leftovers)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
     return path
 
 

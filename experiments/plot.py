@@ -5,8 +5,8 @@
 
 Learning curves come from metrics.jsonl; the conv1 filters, the test confusion matrix
 and the misclassified test images from the latest (or --step) checkpoint. The run
-directory's lock is held throughout (cnn_jax.lock): a training still writing there, or
-another plot.py, is waited for by refusing with one line.
+directory's lock is held throughout (cnn_jax.lock): while a training or another plot.py
+writes there, it stops with one line naming that process.
 """
 
 import os
