@@ -458,9 +458,9 @@ def test_cli_a_second_writer_is_refused_in_one_line_and_a_killed_holder_blocks_n
         holder.kill()   # SIGKILL, while stopped: the lock dies with it
         holder.communicate()
     assert os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
-    result = run_cli(small_args(mnist_dir, workdir, "--overwrite", "--epochs=1"))
+    result = run_cli(slow_args(mnist_dir, workdir, "--resume", "--epochs=1"))   # the holder's compiled programs
     assert result.returncode == 0, result.stderr
-    assert checkpoint.latest_step(workdir) == 10 and not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
+    assert checkpoint.latest_step(workdir) == 128 and not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
 
 
 @pytest.fixture
