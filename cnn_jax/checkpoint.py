@@ -11,6 +11,9 @@ steps done. It has two items:
 Saving is synchronous. Orbax writes a step into a temporary folder and renames it into
 place when complete, so a process killed mid-write leaves only a temporary folder,
 which `latest_step` ignores: the previous checkpoint stays the latest readable one.
+A save that fails (disk full, read-only filesystem, run directory deleted) raises
+`workdir.WriteError` in one line and removes what it had written; whatever it could not
+remove is cleared by the next writer (`open_manager`).
 Restoring builds the target structure from the config (`jax.eval_shape` of the model
 and optimiser init) and reads plain NumPy arrays, so a checkpoint written on a GPU
 machine restores on a CPU-only one.
@@ -19,7 +22,8 @@ machine restores on a CPU-only one.
 from __future__ import annotations
 
 import os
-import sys
+import re
+import shutil
 from typing import Any
 
 import jax
@@ -80,11 +84,42 @@ def save(manager, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) 
                                  "checkpoint not written")
     if step in manager.all_steps():
         return False
+    where = os.fspath(manager.directory)
+    if not os.path.isdir(os.path.dirname(where)):   # orbax would recreate a deleted run directory
+        raise workdir_lib.WriteError(f"cannot write checkpoint {step}: the run directory "
+                                     f"{os.path.dirname(where)} no longer exists")
     state = {"params": params, "opt_state": list(jax.tree.leaves(opt_state))}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)))
-    manager.wait_until_finished()
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore report write failures as several types
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise
+        for partial in os.listdir(where) if os.path.isdir(where) else []:
+            if partial.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(where, partial), ignore_errors=True)
+        raise workdir_lib.WriteError(f"cannot write checkpoint {step} in {where} ({reason})") from None
     return True
+
+
+# Tensorstore's status codes for a failed write, and the errno it appends to the message.
+_WRITE_STATUS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "NOT_FOUND", "UNAVAILABLE", "FAILED_PRECONDITION")
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def write_failure_reason(error: BaseException) -> str | None:
+    """`No space left on device` for an error orbax raised while writing to disk; None for any other."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    if text.startswith(_WRITE_STATUS):
+        return (text.splitlines() or [text])[0][:200]
+    return None
 
 
 def latest_step(workdir: str) -> int | None:
@@ -134,7 +169,6 @@ def restore(workdir: str, config: Config, step: int | None = None,
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
-        _drop_closed_loop_reports()
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
                               "the checkpoint is damaged or was written with another config"
@@ -165,33 +199,6 @@ def _check_meta(meta: Any, where: str, step: int, fields: dict[str, readers.Kind
     if fields and "step" in fields and meta["step"] != step:
         raise CheckpointError(f"{where}: \"step\" is {meta['step']}, not the checkpoint's step {step}; {fix}")
     return dict(meta)
-
-
-def _is_closed_loop_report(error: BaseException | None) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-def _drop_closed_loop_reports() -> None:
-    """Silence the echoes of a failed restore: orbax closes its event loop on the first failed
-    read while tensorstore still finishes the others, and each of those calls back into the
-    closed loop. Python reports every such `RuntimeError('Event loop is closed')` as a
-    traceback on stderr (at random moments, often at exit): through `sys.unraisablehook`, or,
-    when tensorstore's callback thread prints the error itself, through `sys.excepthook`.
-    Only those reports are dropped; every other one reaches the previous hook."""
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-    if getattr(previous_unraisable, "drops_closed_loop_reports", False):
-        return
-
-    def unraisable_hook(unraisable: Any) -> None:
-        if not _is_closed_loop_report(unraisable.exc_value):
-            previous_unraisable(unraisable)
-
-    def except_hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
-        if not _is_closed_loop_report(error):
-            previous_except(kind, error, tb)
-
-    unraisable_hook.drops_closed_loop_reports = True
-    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def _check_matches(state: Any, target: Any, where: str) -> None:

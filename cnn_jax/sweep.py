@@ -22,6 +22,7 @@ Fields that change shapes or the program (filters, kernels, batch size, pool, op
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -40,7 +41,7 @@ import numpy as np
 
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
-from cnn_jax import lowering, model, optim, progress, readers, report, train
+from cnn_jax import lock, lowering, model, optim, progress, readers, report, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError, shown
 
@@ -625,13 +626,36 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
               print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train one group and keep each run in its directory; return the runs' result rows.
 
-    Each run directory is (re)started first (a previous unfinished attempt is replaced);
+    Each run directory is locked for the group's whole training (`cnn_jax.lock`: another
+    process training the same run is refused; the sweep directory itself is shared by every
+    worker and never locked), then (re)started (a previous unfinished attempt is replaced);
     metrics are written as training goes; at the end come results.json, a checkpoint of
     the final state and, last, sweep_result.json (the run counts as finished from then on).
+    A write that fails raises `workdir.WriteError` saying that the finished runs are kept.
     """
+    paths = [run_dir(sweep_dir, r) for r in runs]
+    with contextlib.ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(lock.hold(path))
+        for path in paths:
+            if is_finished(path):
+                raise ConfigError(f"{path} was finished by another process meanwhile; run the command "
+                                  "again to train the runs still missing")
+        try:
+            return _run_group_locked(runs, paths, dataset, print_fn)
+        except (BrokenPipeError, InterruptedError):
+            raise
+        except OSError as e:
+            failed = workdir_lib.write_error(e.filename or sweep_dir, e)
+            raise workdir_lib.WriteError(f"{failed}; the runs finished before are kept: make room (or make "
+                                         f"{sweep_dir} writable) and run the command again to train the "
+                                         "rest") from None
+
+
+def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.Dataset,
+                      print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
     from cnn_jax import checkpoint, run as run_lib   # orbax is only needed here
 
-    paths = [run_dir(sweep_dir, r) for r in runs]
     for path, r in zip(paths, runs):
         workdir_lib.start(path, r.config, overwrite=True)
     logs = [workdir_lib.MetricsLog(path) for path in paths]
@@ -876,13 +900,18 @@ def write_results(sweep_dir: str, rows: Sequence[dict[str, Any]] | None = None) 
     rows = collect_rows(sweep_dir) if rows is None else list(rows)
     if not rows:
         return rows
-    workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_CSV), results_csv(rows))
-    workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_MD), results_markdown(rows))
     import matplotlib.pyplot as plt
 
-    fig = results_figure(rows)
     try:
-        plots.save_figure(fig, os.path.join(sweep_dir, RESULTS_PLOT))
-    finally:
-        plt.close(fig)
+        workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_CSV), results_csv(rows))
+        workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_MD), results_markdown(rows))
+        fig = results_figure(rows)
+        try:
+            plots.save_figure(fig, os.path.join(sweep_dir, RESULTS_PLOT))
+        finally:
+            plt.close(fig)
+    except OSError as e:
+        failed = workdir_lib.write_error(e.filename or sweep_dir, e)
+        raise workdir_lib.WriteError(f"{failed}; every finished run's own files are kept: make room and "
+                                     "write the tables again with --summarize") from None
     return rows

@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-import types
 from contextlib import closing
 
 import jax
@@ -114,32 +114,17 @@ def damage(workdir, step):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(tmp_path, monkeypatch):
-    """Orbax's abandoned reads report `RuntimeError('Event loop is closed')` through
-    sys.unraisablehook, or tensorstore's PyErr_Print through sys.excepthook (tracebacks on
-    stderr after the one-line error); only those are dropped, on both hooks."""
+def test_a_failed_restore_names_the_older_checkpoints(tmp_path):
+    """(The echoes orbax's abandoned reads print are dropped by the scripts: test_cli.)"""
     workdir = str(tmp_path)
     with closing(checkpoint.open_manager(workdir)) as manager:
         for step in (4, 8):
             checkpoint.save(manager, step, *state_at(step), {"step": step})
     damage(workdir, 8)
-    reported, excepted = [], []
-    monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: excepted.append(error))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/8: cannot restore .* damaged .*"
                                                          r"other checkpoints here: 4 \(choose one with --step"):
         checkpoint.restore(workdir, CONFIG)
     gc.collect()
-    reported.clear()
-    echo = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
-    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-    sys.unraisablehook(echo)
-    sys.unraisablehook(other)
-    assert reported == [other]
-    excepted.clear()
-    for error in (echo.exc_value, other.exc_value):
-        sys.excepthook(RuntimeError, error, None)
-    assert excepted == [other.exc_value]
     params, _, meta = checkpoint.restore(workdir, CONFIG, step=4)          # the older one is intact
     assert meta["step"] == 4 and leaves_equal(params, state_at(4)[0])
 
@@ -148,6 +133,44 @@ def run_meta(step, steps_per_epoch=7):
     """The meta of a training run's checkpoint at the end of an epoch (what `run.checkpoint_meta` writes)."""
     return {"step": step, "steps_per_epoch": steps_per_epoch, "moving_loss": 0.5, "epoch_losses": [],
             "epoch_correct": 0, "history": []}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_library_code_leaves_the_process_hooks_alone(tmp_path):
+    """Process-wide hooks are the scripts' (cli.main_guard); a failed restore or save changes none."""
+    hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+    workdir = str(tmp_path)
+    with closing(checkpoint.open_manager(workdir)) as manager:
+        checkpoint.save(manager, 8, *state_at(8), {"step": 8})
+    damage(workdir, 8)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.restore(workdir, CONFIG)
+    gc.collect()
+    assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks
+
+
+def test_write_failure_reason_reads_orbax_and_tensorstore_errors():
+    assert checkpoint.write_failure_reason(OSError(30, "Read-only file system", "/x")) == "Read-only file system"
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.1/0" in OCDBT database ...: '
+                             "Failed to write 43504 bytes to file 17: No space left on device [os_error_code='28']")
+    assert checkpoint.write_failure_reason(tensorstore) == os.strerror(28)
+    assert checkpoint.write_failure_reason(ValueError("PERMISSION_DENIED: Error writing x\nmore")) == (
+        "PERMISSION_DENIED: Error writing x")
+    assert checkpoint.write_failure_reason(ValueError("shapes differ")) is None   # not a write failure
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_save_into_a_deleted_run_directory_is_refused_without_recreating_it(tmp_path):
+    workdir = str(tmp_path / "run")
+    manager = checkpoint.open_manager(workdir)
+    checkpoint.save(manager, 1, *state_at(1), {"step": 1})
+    import shutil
+    shutil.rmtree(workdir)
+    with pytest.raises(workdir_lib.WriteError, match=r"cannot write checkpoint 2: the run directory .*run "
+                                                     r"no longer exists"):
+        checkpoint.save(manager, 2, *state_at(2), {"step": 2})
+    manager.close()
+    assert not os.path.exists(workdir)
 
 
 def test_restore_run_rebuilds_from_config_json_alone(tmp_path):

@@ -568,3 +568,23 @@ def test_a_damaged_result_of_a_finished_run_stops_the_sweep_before_anything_trai
         sweep.pending_runs(str(tmp_path), runs)
     workdir_lib.write_json(result, sweep.result_row(runs[1], [], "diverged", "loss became nan", 1.0, 2))
     assert sweep.pending_runs(str(tmp_path), runs) == ([runs[0]], [runs[1]])
+
+
+def test_a_run_directory_another_process_holds_is_refused_and_nothing_written(small_dataset, tmp_path):
+    """Each run directory is locked for its group's training; the sweep directory is not (workers share it)."""
+    from cnn_jax import lock
+    from test_lock import start_holder
+    runs = sweep.make_runs(config_lib.replace(Config(), batch_size=32, train_eval="running"),
+                           [{"seed": 0}, {"seed": 1}])
+    held = sweep.run_dir(str(tmp_path), runs[1])
+    holder = start_holder(held)
+    try:
+        with pytest.raises(lock.RunDirInUse, match=f"{held} is in use by process {holder.pid} "):
+            sweep.run_group(str(tmp_path), runs, small_dataset, print_fn=lambda line: None)
+        # seed=0's directory, made for its lock, is gone again; seed=1 holds only its holder's lock.
+        assert os.listdir(tmp_path) == [runs[1].name] and os.listdir(held) == [lock.LOCK_FILE]
+        with lock.hold(str(tmp_path)):   # a worker does not hold the shared sweep directory
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
