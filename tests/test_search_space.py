@@ -76,3 +76,57 @@ def test_the_space_text_for_a_study_is_canonical():
     b = space.parse("pool=max,avg learning_rate=loguniform(0.0001,0.1)")
     assert space.to_json(a) == space.to_json(b)
     assert space.to_json(a) != space.to_json(space.parse("pool=max,avg learning_rate=loguniform(1e-4,1e-2)"))
+
+
+# ----------------------------------------------------------------------------- --space_file on any bytes
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("name, data, fragment", [
+    ("space.json", b"", "empty"),
+    ("space.yaml", b"\n", "empty"),
+    ("space.json", b'{"learning_rate": "loguniform(1e-4', "not valid JSON"),
+    ("space.json", b'{"pool": "m\xe4x"}', "not UTF-8 text (byte 0xe4 at offset 11)"),
+    ("space.yaml", "pool: [max]\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+    ("space.json", b"[1, 2]", "expected a non-empty mapping of field to distribution"),
+    ("space.json", b'{"learning_rate": {"type": "uniform", "low": [1], "high": 2}}', "learning_rate"),
+    ("space.json", b'{"no_such_field": [1]}', "no_such_field"),
+])
+def test_a_bad_space_file_is_one_line_naming_it(tmp_path, name, data, fragment):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as error:
+        space.load_file(str(path))
+    message = str(error.value)
+    assert message.startswith(f"--space_file={path}") and fragment in message and "\n" not in message
+
+
+def load_or_one_line(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    try:
+        return space.load_file(str(path))
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return None
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(data=st.binary(max_size=200), yaml=st.booleans())
+def test_any_bytes_as_a_space_file_give_a_space_or_one_line(tmp_path_factory, data, yaml):
+    load_or_one_line(tmp_path_factory.mktemp("space"), "space.yaml" if yaml else "space.json", data)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=12)
+space_fields = st.sampled_from(["learning_rate", "momentum", "pool", "seed", "conv_filters", "epochs", "x"])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(value=st.dictionaries(space_fields, json_values | st.fixed_dictionaries(
+    {"type": st.sampled_from(["uniform", "loguniform", "int", "logint", "other"]), "low": json_values,
+     "high": json_values}), max_size=3))
+def test_any_json_value_as_a_space_file_gives_a_space_or_one_line(tmp_path_factory, value):
+    load_or_one_line(tmp_path_factory.mktemp("space"), "space.json", json.dumps(value).encode())

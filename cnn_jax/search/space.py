@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 
 from cnn_jax import config as config_lib
-from cnn_jax import sweep
+from cnn_jax import readers, sweep
 from cnn_jax.config import Config, ConfigError
 
 RANGE_KINDS = ("uniform", "loguniform", "int", "logint")
@@ -125,21 +125,9 @@ def parse(text: str) -> Space:
 def load_file(path: str) -> Space:
     """A space from a JSON or YAML file (see the module docstring)."""
     where = f"--space_file={path}"
-    is_yaml = path.endswith((".yaml", ".yml"))
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        if is_yaml:
-            import yaml
-            value = yaml.safe_load(text)
-        else:
-            value = json.loads(text)
-    except Exception as e:   # json.JSONDecodeError, yaml.YAMLError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{where}: not valid {'YAML' if is_yaml else 'JSON'} ({first})") from None
+    fix = "write a mapping of field to distribution, e.g. {\"learning_rate\": \"loguniform(1e-4,1e-1)\"}"
+    read = readers.read_yaml if path.endswith((".yaml", ".yml")) else readers.read_json
+    value = read(path, where, fix)
     if not isinstance(value, dict) or not value:
         raise ConfigError(f"{where}: expected a non-empty mapping of field to distribution")
     space: Space = {}
