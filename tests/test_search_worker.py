@@ -80,6 +80,32 @@ def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path,
         assert t.user_attrs["outcome"] == "pruned"
 
 
+def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requeued(tmp_path, mnist_dir):
+    """One writer per trial directory: a held one stops the worker with the one-line lock error
+    before anything is written there, and the asked trial goes back to the queue."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01"), base, validation_size=64)
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
+    study = study_lib.open_study(storage, "s", settings, "grid", 0, optuna.pruners.NopPruner())
+    held = tmp_path / "trial_00000"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cnn_jax import lock\n"
+                               "with lock.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+                               str(held)], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(os.listdir(held))
+        with pytest.raises(config_lib.ConfigError, match=rf"{held} is in use by process {holder.pid} "):
+            worker_lib.run_worker(study, storage, settings, str(tmp_path), 1, 1, data.load, 1, max_parallel=4,
+                                  print_fn=lambda line: None)
+        assert sorted(os.listdir(held)) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

@@ -14,6 +14,7 @@ trained it, in the layout of `experiments/train.py --workdir` plus `trial_result
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -24,7 +25,7 @@ import numpy as np
 import optuna
 
 from cnn_jax import data as data_lib
-from cnn_jax import report, sweep, train
+from cnn_jax import lock, report, sweep, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config
 from cnn_jax.search import space as space_lib
@@ -136,66 +137,69 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
             train_data, val_images, val_labels = datasets[key]
             group_trials = [by_name[r.name] for r in group]
             paths = [_trial_dir(search_dir, t.number) for t in group_trials]
-            for path, r in zip(paths, group):
-                workdir_lib.start(path, r.config, overwrite=True)
-            logs = [workdir_lib.MetricsLog(path) for path in paths]
-            abandoned: set[int] = set()
-            print_fn(f"training trial(s) {', '.join(str(t.number) for t in group_trials)} together: "
-                     + "  ".join(f"#{t.number} " + space_lib.describe_params(t.params) for t in group_trials))
+            with contextlib.ExitStack() as locks:   # one writer per trial directory
+                for path in paths:
+                    locks.enter_context(lock.hold(path))
+                for path, r in zip(paths, group):
+                    workdir_lib.start(path, r.config, overwrite=True)
+                logs = [workdir_lib.MetricsLog(path) for path in paths]
+                abandoned: set[int] = set()
+                print_fn(f"training trial(s) {', '.join(str(t.number) for t in group_trials)} together: "
+                         + "  ".join(f"#{t.number} " + space_lib.describe_params(t.params) for t in group_trials))
 
-            def decide(members: list[int], evaluations: list[dict[str, Any]]) -> list[bool]:
-                stop = []
-                for i, ev in zip(members, evaluations):
-                    trial = group_trials[i]
+                def decide(members: list[int], evaluations: list[dict[str, Any]]) -> list[bool]:
+                    stop = []
+                    for i, ev in zip(members, evaluations):
+                        trial = group_trials[i]
+                        try:
+                            trial.report(_objective_value(settings, ev), ev["evaluation"])
+                            stop.append(trial.should_prune())
+                        except optuna.exceptions.UpdateFinishedTrialError:
+                            abandoned.add(i)   # failed as stale by another worker, who re-queued it
+                            stop.append(True)
+                    return stop
+
+                def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
+                    trial, run, path = group_trials[i], group[i], paths[i]
+                    logs[i].flush()
+                    row = {"number": trial.number, "params": trial.params, "status": outcome.status,
+                           "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
+                           "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
+                    test = save_trial(path, run.config, outcome, train_data, row)
+                    untold.discard(trial.number)
+                    heartbeats.remove(trial._trial_id)
+                    if i in abandoned:
+                        result.lost += 1
+                        print_fn(f"trial {trial.number}: another worker marked it failed (no heartbeat within the "
+                                 "grace period) and re-queued it; dropped here")
+                        return
                     try:
-                        trial.report(_objective_value(settings, ev), ev["evaluation"])
-                        stop.append(trial.should_prune())
+                        for key, value in (("outcome", outcome.status), ("run_dir", os.path.abspath(path)),
+                                           ("worker", row["worker"]), ("seconds", outcome.seconds),
+                                           ("group_size", len(group))):
+                            trial.set_user_attr(key, value)
+                        if test is not None:
+                            trial.set_user_attr("test_accuracy", test["accuracy"])
+                            trial.set_user_attr("test_loss", test["loss"])
+                        if outcome.status == trials_lib.COMPLETE:
+                            study.tell(trial, _objective_value(settings, outcome.evaluations[-1]))
+                        else:   # pruned, or diverged: worse than any trial that finished
+                            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     except optuna.exceptions.UpdateFinishedTrialError:
-                        abandoned.add(i)   # failed as stale by another worker, who re-queued it
-                        stop.append(True)
-                return stop
+                        result.lost += 1
+                        return
+                    result.trained += 1
+                    setattr(result, outcome.status, getattr(result, outcome.status) + 1)
+                    last = outcome.evaluations[-1] if outcome.evaluations else None
+                    shown = f"{settings.objective}={_objective_value(settings, last):.4f}" if last else ""
+                    print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
+                             + (f" ({outcome.message})" if outcome.message else ""))
 
-            def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
-                trial, run, path = group_trials[i], group[i], paths[i]
-                logs[i].flush()
-                row = {"number": trial.number, "params": trial.params, "status": outcome.status,
-                       "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
-                       "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
-                test = save_trial(path, run.config, outcome, train_data, row)
-                untold.discard(trial.number)
-                heartbeats.remove(trial._trial_id)
-                if i in abandoned:
-                    result.lost += 1
-                    print_fn(f"trial {trial.number}: another worker marked it failed (no heartbeat within the "
-                             "grace period) and re-queued it; dropped here")
-                    return
-                try:
-                    for key, value in (("outcome", outcome.status), ("run_dir", os.path.abspath(path)),
-                                       ("worker", row["worker"]), ("seconds", outcome.seconds),
-                                       ("group_size", len(group))):
-                        trial.set_user_attr(key, value)
-                    if test is not None:
-                        trial.set_user_attr("test_accuracy", test["accuracy"])
-                        trial.set_user_attr("test_loss", test["loss"])
-                    if outcome.status == trials_lib.COMPLETE:
-                        study.tell(trial, _objective_value(settings, outcome.evaluations[-1]))
-                    else:   # pruned, or diverged: worse than any trial that finished
-                        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    result.lost += 1
-                    return
-                result.trained += 1
-                setattr(result, outcome.status, getattr(result, outcome.status) + 1)
-                last = outcome.evaluations[-1] if outcome.evaluations else None
-                shown = f"{settings.objective}={_objective_value(settings, last):.4f}" if last else ""
-                print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
-                         + (f" ({outcome.message})" if outcome.message else ""))
+                def on_record(i: int, record: dict[str, Any]) -> None:
+                    logs[i].append(record)
 
-            def on_record(i: int, record: dict[str, Any]) -> None:
-                logs[i].append(record)
-
-            trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
-                                    settings.eval_every, decide, on_record, on_stop)
+                trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
+                                        settings.eval_every, decide, on_record, on_stop)
     except BaseException:
         # SIGINT or an error: nothing asked may be lost; re-queue what was not told.
         for trial in asked:
