@@ -19,6 +19,9 @@ such a run evaluates and resumes bit-exactly.
 Saving is synchronous. Orbax writes a step into a temporary folder and renames it into
 place when complete, so a process killed mid-write leaves only a temporary folder,
 which `latest_step` ignores: the previous checkpoint stays the latest readable one.
+A save that fails (disk full, read-only filesystem, run directory deleted) raises
+`workdir.WriteError` in one line and removes what it had written; whatever it could not
+remove is cleared by the next writer (`open_manager`).
 Restoring builds the target structure from the config (`jax.eval_shape` of the model
 and optimiser init) and reads plain NumPy arrays, so a checkpoint written on a GPU
 machine restores on a CPU-only one.
@@ -27,20 +30,28 @@ machine restores on a CPU-only one.
 from __future__ import annotations
 
 import os
-import sys
+import re
+import shutil
 from typing import Any
 
 import jax
 import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import optim, state as state_lib
+from cnn_jax import optim, readers, state as state_lib
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.config import Config
+from cnn_jax.config import Config, ConfigError
 from cnn_jax.data import DataError
 
 KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
 FORMAT = 2             # meta["format"] of checkpoints holding a whole TrainState; none before
+
+# The fields of a training run's meta item that resuming and evaluating read (`run.checkpoint_meta`
+# writes them); `history` holds the epoch records of metrics.jsonl.
+RUN_META_FIELDS = {"step": readers.COUNT, "steps_per_epoch": readers.POSITIVE,
+                   "moving_loss": readers.NUMBER_OR_NULL, "epoch_losses": readers.list_of(readers.NUMBER),
+                   "epoch_correct": readers.COUNT,
+                   "history": readers.list_of(readers.record_of(workdir_lib.EPOCH_FIELDS, "epoch record"))}
 
 
 class CheckpointError(DataError):
@@ -92,10 +103,41 @@ def save(manager, state: state_lib.TrainState, meta: dict[str, Any]) -> bool:
                                  "checkpoint not written")
     if step in manager.all_steps():
         return False
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
-                                               meta=ocp.args.JsonSave({"format": FORMAT, **meta})))
-    manager.wait_until_finished()
+    where = os.fspath(manager.directory)
+    if not os.path.isdir(os.path.dirname(where)):   # orbax would recreate a deleted run directory
+        raise workdir_lib.WriteError(f"cannot write checkpoint {step}: the run directory "
+                                     f"{os.path.dirname(where)} no longer exists")
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
+                                                   meta=ocp.args.JsonSave({"format": FORMAT, **meta})))
+        manager.wait_until_finished()
+    except Exception as e:  # orbax and tensorstore report write failures as several types
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise
+        for partial in os.listdir(where) if os.path.isdir(where) else []:
+            if partial.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(where, partial), ignore_errors=True)
+        raise workdir_lib.WriteError(f"cannot write checkpoint {step} in {where} ({reason})") from None
     return True
+
+
+# Tensorstore's status codes for a failed write, and the errno it appends to the message.
+_WRITE_STATUS = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "NOT_FOUND", "UNAVAILABLE", "FAILED_PRECONDITION")
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def write_failure_reason(error: BaseException) -> str | None:
+    """`No space left on device` for an error orbax raised while writing to disk; None for any other."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    code = _OS_ERROR_CODE.search(text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    if text.startswith(_WRITE_STATUS):
+        return (text.splitlines() or [text])[0][:200]
+    return None
 
 
 def latest_step(workdir: str) -> int | None:
@@ -145,8 +187,13 @@ def _state_from(arrays: dict[str, Any], shapes: state_lib.TrainState, config: Co
     return state_lib.TrainState(arrays["params"], opt_state, model_state, arrays["rng"], arrays["step"])
 
 
-def restore(workdir: str, config: Config, step: int | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
-    """(TrainState, meta) of checkpoint `step` (default: the latest), as NumPy arrays."""
+def restore(workdir: str, config: Config, step: int | None = None,
+            meta_fields: dict[str, readers.Kind] | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+    """(TrainState, meta) of checkpoint `step` (default: the latest), as NumPy arrays.
+
+    The meta item must be a JSON object; with `meta_fields` (e.g. `RUN_META_FIELDS`) those
+    fields must be there and of their kinds. Any other meta is a one-line CheckpointError.
+    """
     import orbax.checkpoint as ocp
 
     where = checkpoint_dir(workdir)
@@ -161,53 +208,51 @@ def restore(workdir: str, config: Config, step: int | None = None) -> tuple[stat
                               f"available: {', '.join(map(str, sorted(steps)))}")
     if step is None:
         step = manager.latest_step()
-    try:
-        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        target, shapes = _targets(config, meta)
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
-        _drop_closed_loop_reports()
+    def cannot_restore(e: Exception) -> CheckpointError:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        others = sorted(s for s in steps if s != step)
-        hint = (f"; other checkpoints here: {', '.join(map(str, others))} (choose one with --step; "
-                f"--resume takes the newest, so move {step} out of {where} first)" if others else "")
-        raise CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
-                              f"the checkpoint is damaged or was written with another config{hint}") from None
+        return CheckpointError(f"{where}/{step}: cannot restore ({type(e).__name__}: {first_line}); "
+                               "the checkpoint is damaged or was written with another config"
+                               f"{_older_checkpoints_hint(where, steps, step)}")
+
+    try:
+        try:   # the meta item first: it says which layout the arrays have
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types for damaged checkpoints
+            raise cannot_restore(e) from None
+        meta = _check_meta(meta, f"{where}/{step}/meta", step, meta_fields,
+                           "the checkpoint is damaged" + _older_checkpoints_hint(where, steps, step))
+        if meta.get("format", FORMAT) != FORMAT:
+            raise CheckpointError(f"{where}/{step}: checkpoint format {meta['format']!r} is not known to this "
+                                  f"version (it reads {FORMAT} and the format before it); use the version "
+                                  "that wrote it")
+        target, shapes = _targets(config, meta)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
+            raise cannot_restore(e) from None
     finally:
         manager.close()
-    if meta.get("format", FORMAT) != FORMAT:
-        raise CheckpointError(f"{where}/{step}: checkpoint format {meta['format']} is not known to this "
-                              f"version (it reads {FORMAT} and the format before it); use the version that wrote it")
     arrays = jax.tree.map(np.asarray, restored["state"])
     _check_matches(arrays, target, f"{where}/{step}")
     return _state_from(arrays, shapes, config, meta), meta
 
 
-def _is_closed_loop_report(error: BaseException | None) -> bool:
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+def _older_checkpoints_hint(where: str, steps: list[int], step: int) -> str:
+    others = sorted(s for s in steps if s != step)
+    return (f"; other checkpoints here: {', '.join(map(str, others))} (choose one with --step; "
+            f"--resume takes the newest, so move {step} out of {where} first)" if others else "")
 
 
-def _drop_closed_loop_reports() -> None:
-    """Silence the echoes of a failed restore: orbax closes its event loop on the first failed
-    read while tensorstore still finishes the others, and each of those calls back into the
-    closed loop. Python reports every such `RuntimeError('Event loop is closed')` as a
-    traceback on stderr (at random moments, often at exit): through `sys.unraisablehook`, or,
-    when tensorstore's callback thread prints the error itself, through `sys.excepthook`.
-    Only those reports are dropped; every other one reaches the previous hook."""
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-    if getattr(previous_unraisable, "drops_closed_loop_reports", False):
-        return
-
-    def unraisable_hook(unraisable: Any) -> None:
-        if not _is_closed_loop_report(unraisable.exc_value):
-            previous_unraisable(unraisable)
-
-    def except_hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
-        if not _is_closed_loop_report(error):
-            previous_except(kind, error, tb)
-
-    unraisable_hook.drops_closed_loop_reports = True
-    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+def _check_meta(meta: Any, where: str, step: int, fields: dict[str, readers.Kind] | None,
+                fix: str) -> dict[str, Any]:
+    """The meta item as a dict, its `fields` checked (and its step equal to the checkpoint's)."""
+    try:
+        meta = readers.check_fields(meta, fields or {}, where, fix)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    if fields and "step" in fields and meta["step"] != step:
+        raise CheckpointError(f"{where}: \"step\" is {meta['step']}, not the checkpoint's step {step}; {fix}")
+    return dict(meta)
 
 
 def _check_matches(state: Any, target: Any, where: str) -> None:
@@ -234,5 +279,5 @@ def restore_run(workdir: str, step: int | None = None,
     config = workdir_lib.read_config(workdir)
     if data_dir is not None:
         config = config_lib.replace(config, data_dir=data_dir)
-    state, meta = restore(workdir, config, step)
+    state, meta = restore(workdir, config, step, meta_fields=RUN_META_FIELDS)
     return config, state, meta

@@ -2,13 +2,17 @@
 
 A flag given on the command line overrides the preset's value; a flag left out
 keeps it. `main_guard` turns the errors meant for users (bad config, bad data,
-divergence) into one line on stderr and a non-zero exit, with no traceback.
+divergence, a file that cannot be written) into one line on stderr and a non-zero
+exit, with no traceback; it also keeps the echoes of orbax's and tensorstore's
+background threads off stderr (`quiet_background_reports`), a process-wide setting
+that belongs to the scripts, not to the library.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import signal
 import sys
@@ -20,6 +24,7 @@ from cnn_jax import compile_cache
 from cnn_jax import config as config_lib
 from cnn_jax import models
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.workdir import WriteError
 
 FLAGS = flags.FLAGS
 _HELP = {
@@ -118,9 +123,68 @@ def user_errors() -> tuple[type[BaseException], ...]:
 BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
 
 
+def is_closed_loop_report(error: BaseException | None) -> bool:
+    """Whether `error` is an echo of a failed orbax read or write: `RuntimeError('Event loop is closed')`."""
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _DropThreadEchoes(logging.Filter):
+    """Drops the ERROR records orbax's worker threads log for an exception they hand on to the
+    thread that waits for them, which raises it again (and main_guard reports it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("orbax" in record.pathname and record.levelno >= logging.ERROR
+                    and "raised an exception" in record.getMessage())
+
+
+def quiet_background_reports() -> None:
+    """Keep the echoes of orbax's and tensorstore's background threads off stderr.
+
+    When a checkpoint read or write fails, orbax closes its event loop while tensorstore
+    still finishes the other reads or writes, and each of those calls back into the closed
+    loop. Python reports every such `RuntimeError('Event loop is closed')` as a traceback
+    (at random moments, often at exit): through `sys.unraisablehook`, or, when tensorstore's
+    callback thread prints the error itself, through `sys.excepthook`. Orbax's worker threads
+    also log the error that the waiting thread raises. Only those reports are dropped; every
+    other one reaches the previous hook. Process-wide: scripts call it (`main_guard` does).
+    """
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if not getattr(previous_unraisable, "drops_closed_loop_reports", False):
+        def unraisable_hook(unraisable: Any) -> None:
+            if not is_closed_loop_report(unraisable.exc_value):
+                previous_unraisable(unraisable)
+
+        def except_hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+            if not is_closed_loop_report(error):
+                previous_except(kind, error, tb)
+
+        unraisable_hook.drops_closed_loop_reports = True
+        sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropThreadEchoes) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropThreadEchoes())
+
+
+def end_now(status: int) -> None:
+    """Flush stdout and stderr and end the process at once with `status`.
+
+    After a failed write, orbax's and tensorstore's threads may still be finishing (and
+    failing) the other parts of it; ending at once, rather than through the interpreter's
+    shutdown, keeps their reports (and those of their abandoned coroutines) off stderr.
+    Every file of a run is complete or absent at any moment, so nothing is lost.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-    """Wrap an absl main: user errors become one line on stderr and exit status 2; SIGINT one
-    line and 130; a reader that closes stdout early (`| head`) ends the script quietly with 141.
+    """Wrap an absl main: user errors become one line on stderr and exit status 2; a file that
+    cannot be written (disk full, read-only, folder gone) one line and 2; SIGINT one line and
+    130; a reader that closes stdout early (`| head`) ends the script quietly with 141.
 
     In a script that defines the config flags, the persistent compilation cache is turned on
     first (unless --nocompilation_cache) and a last line says whether it was hit."""
@@ -131,6 +195,7 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
             print(f"error: unexpected arguments {' '.join(argv[1:])}; flags look like --name=value",
                   file=sys.stderr)
             sys.exit(2)
+        quiet_background_reports()
         cache = None
         if "compilation_cache" in FLAGS and FLAGS.compilation_cache:
             cache = compile_cache.enable(FLAGS.compilation_cache_dir or None)
@@ -143,6 +208,9 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except WriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            end_now(2)
         except KeyboardInterrupt:
             # SIGINT outside a training loop that checkpoints on it (data loading, compiling, a sweep):
             # every file is written atomically, so what is on disk is complete.

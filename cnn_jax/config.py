@@ -32,6 +32,19 @@ class ConfigError(ValueError):
     """A config value is invalid; the message is one line meant for the user."""
 
 
+# Integer fields and list entries stay below 2**31: JAX takes them as int32 (shapes, seeds).
+MAX_INT = 2**31 - 1
+
+
+def shown(value: Any, limit: int = 60, quote: bool = True) -> str:
+    """`repr(value)` (or `str` with `quote=False`) on one line, cut to `limit` characters: for messages."""
+    try:
+        text = repr(value) if quote else " ".join(str(value).split())
+    except (ValueError, RecursionError):   # an int of more digits than Python prints, a deep list
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every knob of an experiment; `experiments/train.py` has one flag per field."""
@@ -101,6 +114,11 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
 
 
+def _names(names: list[str]) -> list[str]:
+    """Field names for messages: a name that is not an identifier is quoted (on one line)."""
+    return [n if n.isidentifier() else shown(n, 30) for n in names[:5]] + (["..."] if len(names) > 5 else [])
+
+
 def replace(config: Config, **overrides: Any) -> Config:
     """`dataclasses.replace` that names an unknown field in a ConfigError.
 
@@ -108,7 +126,7 @@ def replace(config: Config, **overrides: Any) -> Config:
     `input_shape` or `num_classes` are given too."""
     unknown = sorted(set(overrides) - set(field_names()))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+        raise ConfigError(f"unknown config field(s) {', '.join(_names(unknown))}; known: {', '.join(field_names())}")
     name = overrides.get("dataset", config.dataset)
     if name != config.dataset and name in datasets.REGISTRY:
         spec = datasets.get(name)
@@ -126,13 +144,40 @@ def from_dict(values: dict[str, Any]) -> Config:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}")
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        raise ConfigError(f"unknown config field(s) {', '.join(_names(unknown))}")
+    lists = {f.name for f in fields.values() if isinstance(f.default, tuple)}
+    return Config(**{k: tuple(v) if k in lists and isinstance(v, list) else v for k, v in values.items()})
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"--{name}={value!r} is not allowed: use one of {', '.join(allowed)}")
+        raise ConfigError(f"--{name}={shown(value)} is not allowed: use one of {', '.join(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT
+
+
+def _check_types(config: Config) -> None:
+    """Every field holds its default's type (a float field also takes an int): a config read from
+    JSON or built in Python fails here in one line, not with a TypeError later."""
+    for field in dataclasses.fields(Config):
+        value, default = getattr(config, field.name), field.default
+        if isinstance(default, bool):
+            ok, need = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, need = _is_int(value), f"an integer of at most {MAX_INT}"
+        elif isinstance(default, float):
+            ok, need = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if ok and isinstance(value, int) and abs(value) > 2**53:
+                ok, need = False, "a number of at most 2**53 (as an integer)"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, tuple) and all(_is_int(v) for v in value)
+            need = f"a list of integers, each of at most {MAX_INT}"
+        else:
+            ok, need = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
+        if not ok:
+            raise ConfigError(f"--{field.name}={shown(value)} is not allowed: it must be {need}")
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -146,6 +191,7 @@ def validate(config: Config) -> Config:
     """Check every value; return the config unchanged or raise ConfigError (one line).
 
     The model family's own checks (its fields, the shape walk) are its `validate`, run last."""
+    _check_types(config)
     _choice("dataset", config.dataset, DATASETS)
     _choice("model", config.model, models.names())
     _choice("pool", config.pool, tuple(("max", "avg")))
@@ -168,7 +214,7 @@ def validate(config: Config) -> Config:
                           "--layout=CHWN (or auto) and reshape pooling (--pool_window == --pool_stride, "
                           "--pool_impl=reshape or auto); use --conv_impl=patches otherwise")
     if config.coordinator_address and ":" not in config.coordinator_address:
-        raise ConfigError(f"--coordinator_address={config.coordinator_address!r} is not allowed: "
+        raise ConfigError(f"--coordinator_address={shown(config.coordinator_address)} is not allowed: "
                           "give host:port of process 0")
     if isinstance(config.num_processes, bool) or not isinstance(config.num_processes, int) \
             or config.num_processes < 1:
@@ -190,7 +236,7 @@ def validate(config: Config) -> Config:
     for name in ("momentum", "weight_decay"):
         _positive(name, getattr(config, name), allow_zero=True)
     if not 0 < config.loss_smoothing <= 1:
-        raise ConfigError(f"--loss_smoothing={config.loss_smoothing!r} is not allowed: it must be in (0, 1]")
+        raise ConfigError(f"--loss_smoothing={shown(config.loss_smoothing)} is not allowed: it must be in (0, 1]")
     if config.optimizer == "seed_sgd" and config.schedule != "constant":
         raise ConfigError(f"--schedule={config.schedule!r} is not allowed with --optimizer=seed_sgd "
                           "(the tutorial's SGD has a constant rate): use --schedule=constant "

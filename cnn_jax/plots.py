@@ -151,14 +151,21 @@ def misclassified_figure(images: np.ndarray, labels: np.ndarray, predictions: np
 
 
 def save_figure(fig: Figure, path: str, dpi: int = 150) -> str:
-    """Save `fig` as PNG via a temporary file + `os.replace` (never a half-written PNG)."""
+    """Save `fig` as PNG via a temporary file + `os.replace` (never a half-written PNG).
+
+    A failed write raises an OSError naming `path` (not the temporary file)."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass   # not written, or the next start clears it (workdir.clear_leftovers)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
     return path
 
 

@@ -3,7 +3,8 @@
 `train_and_evaluate(config, workdir)` trains a config, keeping the run in `workdir` when one is
 given (`train_in_workdir`):
 
-1. check the workdir (only reads: a foreign run is refused unless resume/overwrite);
+1. take the workdir's lock (`cnn_jax.lock`: a second process on it is refused) and check
+   the workdir (only reads: a foreign run is refused unless resume/overwrite);
 2. load the data and, with `resume`, the latest checkpoint (a bad file fails here,
    before anything is written);
 3. write config.json, then train with hooks that append metrics, checkpoint after every
@@ -12,17 +13,21 @@ given (`train_in_workdir`):
 
 A diverging run (non-finite loss or parameter) raises FloatingPointError before any
 checkpoint of the bad state is written; the last good checkpoint stays the latest.
+A write that fails (disk full, read-only filesystem, workdir deleted) raises
+`workdir.WriteError` saying what failed and which checkpoint is kept; the next start
+clears what the failed write left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from typing import Any
 
 import jax
 
-from cnn_jax import checkpoint, model, plots, report, signals, train
+from cnn_jax import checkpoint, lock, model, plots, report, signals, train
 from cnn_jax import config as config_lib
 from cnn_jax import data as data_lib
 from cnn_jax import workdir as workdir_lib
@@ -63,7 +68,7 @@ def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> tuple[T
     """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none."""
     if checkpoint.latest_step(workdir) is None:
         return None
-    state, meta = checkpoint.restore(workdir, config)
+    state, meta = checkpoint.restore(workdir, config, meta_fields=checkpoint.RUN_META_FIELDS)
     if meta.get("steps_per_epoch") != steps_per_epoch:
         raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
                           f"but this config gives {steps_per_epoch}: the data or --batch_size differ")
@@ -78,11 +83,48 @@ def _tensorboard_writer(workdir: str, start_step: int | None):
     return SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD_DIR), purge_step=start_step)
 
 
+def kept_after_failed_write(workdir: str) -> str:
+    """What a run keeps after a write failed: its last complete checkpoint, and how to go on."""
+    if not os.path.isdir(workdir):
+        return f"{workdir} no longer exists, so nothing of the run is kept"
+    try:
+        last = checkpoint.latest_step(workdir)
+    except Exception:  # noqa: BLE001 - an unreadable checkpoints folder keeps nothing usable
+        last = None
+    if last is None:
+        return "no checkpoint was written yet: free some space and start again with --resume"
+    return (f"the last complete checkpoint (step {last}) is kept: free some space (or make {workdir} "
+            "writable) and continue with --resume")
+
+
+def write_failed(workdir: str, error: OSError) -> workdir_lib.WriteError:
+    """`error` as one line: what could not be written and what the run keeps."""
+    failed = workdir_lib.write_error(error.filename or workdir, error)
+    return workdir_lib.WriteError(f"{failed}; {kept_after_failed_write(workdir)}")
+
+
 def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | None = None, *,
                      resume: bool = False, overwrite: bool = False,
                      tensorboard: bool = False) -> list[dict[str, Any]]:
     """Train `config` keeping everything in `workdir`; return the per-epoch history (all epochs)."""
-    workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+    if not os.path.isdir(workdir):   # a file as workdir, or a fresh one: refused before the lock creates it
+        workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+    # In a multi-host run only process 0 writes files; every process takes part in checkpoints.
+    primary = jax.process_index() == 0
+    with lock.hold(workdir) if primary else contextlib.nullcontext():
+        # Under the lock: a run another process is writing is refused as in use, not as foreign.
+        workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+        try:
+            return _train_locked(config, workdir, dataset, resume=resume, overwrite=overwrite,
+                                 tensorboard=tensorboard, primary=primary)
+        except (BrokenPipeError, InterruptedError):
+            raise
+        except OSError as e:   # checkpoints, metrics, results, plots, TensorBoard events
+            raise write_failed(workdir, e) from None
+
+
+def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None, *, resume: bool,
+                  overwrite: bool, tensorboard: bool, primary: bool) -> list[dict[str, Any]]:
     if dataset is None:
         dataset = data_lib.load(config)
         print(f"data: {dataset.source}", flush=True)
@@ -94,9 +136,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
         print(f"resuming {workdir} at step {start_step} (epoch {start_step // steps_per_epoch}, "
               f"step {start_step % steps_per_epoch}/{steps_per_epoch})", flush=True)
 
-    # The data and the checkpoint are good: from here on the workdir is written. In a
-    # multi-host run only process 0 writes files; every process takes part in checkpoints.
-    primary = jax.process_index() == 0
+    # The data and the checkpoint are good: from here on the workdir is written.
     if primary:
         workdir_lib.start(workdir, config, overwrite=overwrite)
     metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start_step, write=primary)
@@ -121,6 +161,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
             writer.flush()
         save(state, log)
 
+    closers = [metrics.flush] + ([writer.close] if writer else []) + [manager.close]
     try:
         with signals.stop_on_signals() as stop:
             hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch,
@@ -135,11 +176,13 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
                 kept = (f"the last good checkpoint (step {last}) is kept" if last is not None
                         else "no checkpoint was written")
                 raise FloatingPointError(f"{e}; {kept}") from None
-    finally:
-        metrics.flush()
-        if writer:
-            writer.close()
-        manager.close()
+    except BaseException:
+        for close in closers:   # the error in flight is the one to report
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    for close in closers:
+        close()
 
     result = report.evaluate_test(state.params, state.model_state, dataset, config)
     if not primary:

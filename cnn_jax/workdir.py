@@ -13,11 +13,17 @@ A workdir holds one run:
 Every file is written to a temporary name in the same folder and moved into place
 with `os.replace`, which is atomic on POSIX: a reader sees the old file or the new
 one, never a torn one. `check` only reads; it runs before the data is loaded, and
-`start` (the first write) runs after.
+`start` (the first write) runs after, under the run directory's lock (`cnn_jax.lock`),
+and first clears the temporaries a failed or killed writer left behind.
+
+A write that fails (disk full, read-only filesystem, run directory deleted) raises
+`WriteError`, an OSError whose message is one line naming the file and the reason;
+the file it was replacing is untouched.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -25,6 +31,7 @@ import time
 from typing import Any, Iterable
 
 from cnn_jax import config as config_lib
+from cnn_jax import readers
 from cnn_jax.config import Config, ConfigError
 
 CONFIG_FILE = "config.json"
@@ -44,19 +51,65 @@ RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "log_every", "eval_batch_siz
                               "coordinator_address", "num_processes", "process_id"})
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` via a temporary file + fsync + `os.replace`."""
+# Temporaries of atomic writes (`.<name>.tmp-<pid>`): what a failed or killed writer can leave.
+TEMPORARY_PATTERN = ".*.tmp-*"
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only filesystem, folder gone); one line for the user."""
+
+
+def write_error(path: str, error: OSError) -> WriteError:
+    """`error` (raised writing `path`) as a one-line WriteError naming the file and the reason."""
+    if isinstance(error, WriteError):
+        return error
+    return WriteError(f"cannot write {path} ({error.strerror or error})")
+
+
+def temporary_path(path: str) -> str:
+    """Where an atomic write of `path` writes first: `.<name>.tmp-<pid>` beside it."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    return os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
+def remove_quietly(path: str) -> None:
+    """Remove a temporary file if it is there; a failure leaves it for the next start to clear."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` via a temporary file + fsync + `os.replace` (WriteError on failure)."""
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException as e:
+        remove_quietly(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise
+
+
+def clear_leftovers(workdir: str) -> list[str]:
+    """Delete the temporaries of failed or killed writes in `workdir` and its plots; return them.
+
+    Only call it while holding the run directory's lock: then no other writer is using them.
+    (Orbax's half-written `<step>.orbax-checkpoint-tmp` folders are cleared when a writer opens
+    the checkpoints, `checkpoint.open_manager`.)
+    """
+    found = []
+    for folder in (workdir, os.path.join(workdir, PLOTS_DIR)):
+        for path in glob.glob(os.path.join(glob.escape(folder), TEMPORARY_PATTERN)):
+            if os.path.isfile(path):
+                os.remove(path)
+                found.append(path)
+    return found
 
 
 def write_json(path: str, value: Any) -> None:
@@ -64,16 +117,20 @@ def write_json(path: str, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str) -> Any:
-    """Read a JSON file; a damaged file is a one-line ConfigError naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                          "the file is damaged: restore it or start a new --workdir") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+# How to mend a damaged file of a run directory (the end of its one-line error).
+DAMAGED_RUN_FILE = "the run directory is damaged: restore the file from a copy, or start a new --workdir"
+DAMAGED_METRICS = "the file is damaged: delete that line (or the file, losing the curves)"
+
+# The fields of metrics.jsonl's records that their readers use (plots, resume), by kind.
+TRAIN_FIELDS = {"step": readers.COUNT, "loss": readers.NUMBER}
+EPOCH_FIELDS = {"epoch": readers.COUNT, "step": readers.COUNT, "train_loss": readers.NUMBER,
+                "train_accuracy": readers.NUMBER, "test_loss": readers.NUMBER, "test_accuracy": readers.NUMBER}
+RECORD_FIELDS = {"train": TRAIN_FIELDS, "epoch": EPOCH_FIELDS}
+
+
+def read_json(path: str, fix: str = DAMAGED_RUN_FILE) -> Any:
+    """Read a JSON file; any damage (unreadable, empty, not UTF-8, not JSON) is a one-line ConfigError."""
+    return readers.read_json(path, fix=fix)
 
 
 def read_config(workdir: str) -> Config:
@@ -84,15 +141,11 @@ def read_config(workdir: str) -> Config:
     if not os.path.exists(path):
         raise ConfigError(f"--workdir={workdir} holds no run ({CONFIG_FILE} not found); "
                           "give the folder a training run wrote with --workdir")
-    values = read_json(path)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config fields")
+    values = readers.check_object(read_json(path), path, DAMAGED_RUN_FILE, "a JSON object of config fields")
     try:
         return config_lib.validate(config_lib.from_dict(values))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"{path}: does not describe a Config ({e})") from None
+        raise readers.fail(path, str(e), "correct the file, or start a new --workdir") from None
 
 
 def holds_run(workdir: str) -> bool:
@@ -152,37 +205,36 @@ def check(workdir: str, config: Config, resume: bool = False, overwrite: bool = 
 
 
 def start(workdir: str, config: Config, overwrite: bool = False) -> None:
-    """Create the workdir (deleting the previous run's files with `overwrite`) and write config.json."""
-    os.makedirs(workdir, exist_ok=True)
-    if overwrite:
-        for name in RUN_ENTRIES:
-            path = os.path.join(workdir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    """Create the workdir (deleting the previous run's files with `overwrite`) and write config.json.
+
+    Temporaries left by a failed or killed write are deleted first (the caller holds the lock).
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        clear_leftovers(workdir)
+        if overwrite:
+            for name in RUN_ENTRIES:
+                path = os.path.join(workdir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+    except OSError as e:
+        raise write_error(e.filename or workdir, e) from None
     write_json(os.path.join(workdir, CONFIG_FILE), config_lib.to_dict(config))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl (an empty list when there is none)."""
+    """The records of metrics.jsonl (an empty list when there is none), each checked to be a
+    "train" or "epoch" record holding the fields its readers use (`RECORD_FIELDS`)."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {number} is not valid JSON ({e.msg}); the file is "
-                                  "damaged: delete that line (or the file, losing the curves)") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}: line {number} is not a JSON object; the file is damaged: "
-                                  "delete that line (or the file, losing the curves)")
-            records.append(record)
+    for number, value in readers.read_json_lines(path, DAMAGED_METRICS):
+        where = f"{path}: line {number}"
+        record = readers.check_fields(value, {"kind": readers.one_of(*RECORD_FIELDS)}, where, DAMAGED_METRICS)
+        records.append(readers.check_fields(record, RECORD_FIELDS[record["kind"]], where, DAMAGED_METRICS))
     return records
 
 

@@ -1,23 +1,27 @@
 """Checkpoints: exact round trip, latest step, refusal of non-finite state, damage, SIGKILL mid-write."""
 
 import gc
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-import types
 from contextlib import closing
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnn_jax import checkpoint, model, optim, state
 from cnn_jax import config as config_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config
+from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
 CONFIG = config_lib.replace(Config(), optimizer="adam", schedule="cosine")
 
@@ -109,41 +113,70 @@ def damage(workdir, step):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_failed_restore_names_the_older_checkpoints_and_silences_orbax_echoes(tmp_path, monkeypatch):
-    """Orbax's abandoned reads report `RuntimeError('Event loop is closed')` through
-    sys.unraisablehook, or tensorstore's PyErr_Print through sys.excepthook (tracebacks on
-    stderr after the one-line error); only those are dropped, on both hooks."""
+def test_a_failed_restore_names_the_older_checkpoints(tmp_path):
+    """(The echoes orbax's abandoned reads print are dropped by the scripts: test_cli.)"""
     workdir = str(tmp_path)
     with closing(checkpoint.open_manager(workdir)) as manager:
         for step in (4, 8):
             checkpoint.save(manager, state_at(step), {"step": step})
     damage(workdir, 8)
-    reported, excepted = [], []
-    monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: excepted.append(error))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/8: cannot restore .* damaged .*"
                                                          r"other checkpoints here: 4 \(choose one with --step"):
         checkpoint.restore(workdir, CONFIG)
     gc.collect()
-    reported.clear()
-    echo = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
-    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
-    sys.unraisablehook(echo)
-    sys.unraisablehook(other)
-    assert reported == [other]
-    excepted.clear()
-    for error in (echo.exc_value, other.exc_value):
-        sys.excepthook(RuntimeError, error, None)
-    assert excepted == [other.exc_value]
     restored, meta = checkpoint.restore(workdir, CONFIG, step=4)          # the older one is intact
     assert meta["step"] == 4 and leaves_equal(restored, state_at(4))
+
+
+def run_meta(step, steps_per_epoch=7):
+    """The meta of a training run's checkpoint at the end of an epoch (what `run.checkpoint_meta` writes)."""
+    return {"format": checkpoint.FORMAT, "step": step, "steps_per_epoch": steps_per_epoch, "moving_loss": 0.5,
+            "epoch_losses": [], "epoch_correct": 0, "history": []}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_library_code_leaves_the_process_hooks_alone(tmp_path):
+    """Process-wide hooks are the scripts' (cli.main_guard); a failed restore or save changes none."""
+    hooks = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+    workdir = str(tmp_path)
+    with closing(checkpoint.open_manager(workdir)) as manager:
+        checkpoint.save(manager, state_at(8), {"step": 8})
+    damage(workdir, 8)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.restore(workdir, CONFIG)
+    gc.collect()
+    assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == hooks
+
+
+def test_write_failure_reason_reads_orbax_and_tensorstore_errors():
+    assert checkpoint.write_failure_reason(OSError(30, "Read-only file system", "/x")) == "Read-only file system"
+    tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "opt_state.1/0" in OCDBT database ...: '
+                             "Failed to write 43504 bytes to file 17: No space left on device [os_error_code='28']")
+    assert checkpoint.write_failure_reason(tensorstore) == os.strerror(28)
+    assert checkpoint.write_failure_reason(ValueError("PERMISSION_DENIED: Error writing x\nmore")) == (
+        "PERMISSION_DENIED: Error writing x")
+    assert checkpoint.write_failure_reason(ValueError("shapes differ")) is None   # not a write failure
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_save_into_a_deleted_run_directory_is_refused_without_recreating_it(tmp_path):
+    workdir = str(tmp_path / "run")
+    manager = checkpoint.open_manager(workdir)
+    checkpoint.save(manager, state_at(1), {"step": 1})
+    import shutil
+    shutil.rmtree(workdir)
+    with pytest.raises(workdir_lib.WriteError, match=r"cannot write checkpoint 2: the run directory .*run "
+                                                     r"no longer exists"):
+        checkpoint.save(manager, state_at(2), {"step": 2})
+    manager.close()
+    assert not os.path.exists(workdir)
 
 
 def test_restore_run_rebuilds_from_config_json_alone(tmp_path):
     workdir = str(tmp_path)
     workdir_lib.start(workdir, CONFIG)
     with closing(checkpoint.open_manager(workdir)) as manager:
-        checkpoint.save(manager, state_at(7), {"step": 7})
+        checkpoint.save(manager, state_at(7), run_meta(7))
     config, restored, meta = checkpoint.restore_run(workdir, data_dir="/elsewhere/mnist")
     assert config == config_lib.replace(CONFIG, data_dir="/elsewhere/mnist")
     assert meta["step"] == 7 and leaves_equal(restored, state_at(7))
@@ -151,7 +184,6 @@ def test_restore_run_rebuilds_from_config_json_alone(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    import jax
     import numpy as np
     from cnn_jax import checkpoint, optim, state
     from cnn_jax import config as config_lib
@@ -192,6 +224,93 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint_readable(tmp_path):
     assert caught_mid_write >= 1, "no kill landed inside a checkpoint write"
 
 
+# ----------------------------------------------------------------------------- the meta item read back
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run directory with one checkpoint (step 7); tests overwrite its meta item's file."""
+    workdir = str(tmp_path_factory.mktemp("meta"))
+    workdir_lib.start(workdir, CONFIG)
+    with closing(checkpoint.open_manager(workdir)) as manager:
+        checkpoint.save(manager, state_at(7), run_meta(7))
+    meta_file = os.path.join(checkpoint.checkpoint_dir(workdir), "7", "meta", "metadata")
+    assert json.load(open(meta_file)) == run_meta(7)   # where orbax keeps the meta item
+    return workdir, meta_file
+
+
+EPOCH = {"epoch": 0, "step": 7, "train_loss": 0.3, "train_accuracy": 0.9, "test_loss": 0.35, "test_accuracy": 0.88}
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"", "checkpoints/7: cannot restore (JSONDecodeError"),
+    (b"\xff" + json.dumps(run_meta(7)).encode(), "checkpoints/7: cannot restore (UnicodeDecodeError"),
+    (json.dumps(run_meta(7)).encode()[:30], "checkpoints/7: cannot restore (JSONDecodeError"),
+    (b"[1]", "checkpoints/7/meta: expected a JSON object, found a list of 1 values; the checkpoint is damaged"),
+    (b"{}", 'checkpoints/7/meta: no "step" field'),
+    (json.dumps({**run_meta(7), "step": "7"}).encode(), '"step" is \'7\', not a whole number >= 0'),
+    (json.dumps({**run_meta(7), "step": 8}).encode(), "\"step\" is 8, not the checkpoint's step 7"),
+    (json.dumps({**run_meta(7), "steps_per_epoch": 0}).encode(), '"steps_per_epoch" is 0, not a whole number >= 1'),
+    (json.dumps({**run_meta(7), "moving_loss": "nan"}).encode(), '"moving_loss" is \'nan\', not a finite number'),
+    (json.dumps({**run_meta(7), "moving_loss": float("nan")}).encode(), '"moving_loss" is nan, not a finite number'),
+    (json.dumps({**run_meta(7), "epoch_losses": [1, None]}).encode(), "not a list of finite numbers"),
+    (json.dumps({**run_meta(7), "history": [1]}).encode(), '"history" is [1], not a list of epoch records'),
+    (json.dumps({**run_meta(7), "history": [{**EPOCH, "step": None}]}).encode(), "not a list of epoch records"),
+], ids=["empty", "latin1", "truncated", "list", "no_step", "step_text", "other_step", "zero_steps_per_epoch",
+        "loss_text", "loss_nan", "loss_null", "history_numbers", "history_record"])
+def test_a_damaged_meta_item_is_one_line_naming_the_checkpoint(saved_run, data, fragment):
+    workdir, meta_file = saved_run
+    open(meta_file, "wb").write(data)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.restore_run(workdir)
+    assert fragment in str(error.value) and "\n" not in str(error.value), error.value
+    assert "the checkpoint is damaged" in str(error.value)
+
+
+def test_a_good_meta_item_is_returned_whole(saved_run):
+    workdir, meta_file = saved_run
+    meta = {**run_meta(7), "moving_loss": None, "epoch_losses": [0.5, 2], "history": [EPOCH], "extra": [1]}
+    open(meta_file, "w").write(json.dumps(meta))
+    assert checkpoint.restore_run(workdir)[2] == meta
+
+
+META_CHANGES = st.fixed_dictionaries({}, optional={
+    # Mostly good values for the fields checked first, so that the later ones are reached too.
+    "step": st.just(7) | st.just(7) | json_values, "steps_per_epoch": st.integers(1, 9) | json_values,
+    "moving_loss": st.floats(0, 5) | json_values, "epoch_correct": st.integers(0, 9) | json_values,
+    "epoch_losses": st.lists(json_values, max_size=3),
+    "history": st.lists(st.builds(lambda key, value: {**EPOCH, key: value}, st.sampled_from(sorted(EPOCH)), json_values)
+                        | json_values, min_size=1, max_size=2)})
+
+
+@settings(PROPERTY, max_examples=40)   # an orbax restore per example (50 ms)
+@given(data=damaged(json.dumps({**run_meta(7), "history": [EPOCH]}).encode()) | st.binary(max_size=100)
+       | st.builds(lambda changes: json.dumps({**run_meta(7), **changes}).encode(), META_CHANGES))
+def test_any_bytes_as_the_meta_item_give_a_run_or_one_line(saved_run, data):
+    _restore_run_or_one_line_error(saved_run, data)
+
+
+@settings(PROPERTY, max_examples=40)
+@given(changes=META_CHANGES)
+def test_any_json_values_in_the_meta_item_give_a_run_its_readers_use_or_one_line(saved_run, changes):
+    _restore_run_or_one_line_error(saved_run, json.dumps({**run_meta(7), **changes}).encode())
+
+
+def _restore_run_or_one_line_error(saved_run, data):
+    workdir, meta_file = saved_run
+    open(meta_file, "wb").write(data)
+    restored = value_or_one_line_error(lambda: checkpoint.restore_run(workdir), checkpoint.checkpoint_dir(workdir))
+    if restored is not None:   # what evaluate.py and a resumed `train.fit` compute from it: no other error
+        _, _, meta = restored
+        assert meta["step"] == 7
+        divmod(meta["step"], meta["steps_per_epoch"])
+        float(np.mean(np.asarray([*meta["epoch_losses"], 0.5], np.float64)))
+        (meta["epoch_correct"] + 1) / meta["steps_per_epoch"]
+        if meta["moving_loss"] is not None:
+            0.99 * meta["moving_loss"] + 0.01 * 0.5
+        [(record["step"] + 1, 100 * record["test_accuracy"], record["train_loss"] + 1) for record in meta["history"]]
+
+
 # ---------------------------------------------------------------- run directories of the format before the train state
 
 
@@ -221,7 +340,8 @@ def test_a_checkpoint_of_the_format_before_the_train_state_is_migrated_on_read(t
     fresh = state_at(0)
     params, bare = fresh.params, fresh.opt_state.inner_state
     write_old_format_config(workdir, CONFIG)
-    write_old_format_checkpoint(workdir, 12, params, bare, {"step": 12, "history": []})
+    old_meta = {k: v for k, v in run_meta(12, steps_per_epoch=6).items() if k != "format"}
+    write_old_format_checkpoint(workdir, 12, params, bare, old_meta)
     config, restored, meta = checkpoint.restore_run(workdir)
     assert config == CONFIG and "format" not in meta
     assert leaves_equal(restored.params, params) and leaves_equal(restored.opt_state.inner_state, bare)

@@ -121,6 +121,42 @@ def test_a_batch_larger_than_the_data_is_refused_before_writing(mnist_dir, tmp_p
     assert not workdir.exists()
 
 
+def test_quiet_background_reports_drops_only_the_closed_loop_echoes(monkeypatch):
+    """Orbax's abandoned reads and writes report `RuntimeError('Event loop is closed')` through
+    sys.unraisablehook, or tensorstore's PyErr_Print through sys.excepthook, and orbax's worker
+    threads log the error their waiter raises again; only those are dropped."""
+    import logging
+    import types
+
+    from cnn_jax import cli
+
+    reported, excepted = [], []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: excepted.append(error))
+    absl_logger = logging.getLogger("absl")
+    monkeypatch.setattr(absl_logger, "filters", [])
+    cli.quiet_background_reports()
+    cli.quiet_background_reports()   # a second call adds nothing
+    assert len(absl_logger.filters) == 1
+    echo = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(echo)
+    sys.unraisablehook(other)
+    assert reported == [other]
+    for error in (echo.exc_value, other.exc_value):
+        sys.excepthook(RuntimeError, error, None)
+    assert excepted == [other.exc_value]
+
+    def record(pathname, level, message):
+        return logging.LogRecord("absl", level, pathname, 387, message, None, None)
+
+    future = "/site-packages/orbax/checkpoint/_src/futures/future.py"
+    assert not absl_logger.filter(record(future, logging.ERROR, "_SignalingThread.run() raised an exception: X"))
+    assert absl_logger.filter(record(future, logging.WARNING, "_SignalingThread.run() raised an exception: X"))
+    assert absl_logger.filter(record("/site-packages/other/module.py", logging.ERROR, "raised an exception"))
+    assert absl_logger.filter(record(future, logging.ERROR, "something else failed"))
+
+
 def test_cifar10_trains_through_the_command_line_on_a_synthetic_folder(tmp_path):
     """CIFAR-10 shapes (32x32x3, from the registry) flow through the tutorial network: a few steps."""
     from test_dataset_files import write_cifar10

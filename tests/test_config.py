@@ -1,9 +1,12 @@
 """Config: defaults, presets, round trip, and the one place where values are validated."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
+from test_readers import PROPERTY, json_values, value_or_one_line_error
 
 
 def test_defaults_are_the_seed_network():
@@ -72,3 +75,62 @@ def test_fast_preset_trains_the_seed_network(mnist_dir):
     config = config_lib.replace(fast, data_dir=mnist_dir, train_subset=6400, test_subset=2000)
     history = run.train_and_evaluate(config)
     assert history[-1]["test_accuracy"] > 0.92   # 0.944 after these 100 steps (the full epoch: >= 0.99)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"batch_size": "x"}, "--batch_size='x' is not allowed: it must be an integer of at most 2147483647"),
+    ({"batch_size": [1]}, "--batch_size=[1] is not allowed: it must be an integer"),
+    ({"batch_size": 64.0}, "--batch_size=64.0 is not allowed: it must be an integer"),
+    ({"epochs": True}, "--epochs=True is not allowed: it must be an integer"),
+    ({"seed": 2**31}, "--seed=2147483648 is not allowed: it must be an integer of at most 2147483647"),
+    ({"learning_rate": "x"}, "--learning_rate='x' is not allowed: it must be a number"),
+    ({"learning_rate": None}, "--learning_rate=None is not allowed: it must be a number"),
+    ({"learning_rate": 10**400}, "--learning_rate=1000000000000000"),
+    ({"momentum": False}, "--momentum=False is not allowed: it must be a number"),
+    ({"debug": 1}, "--debug=1 is not allowed: it must be true or false"),
+    ({"debug": "true"}, "--debug='true' is not allowed: it must be true or false"),
+    ({"data_dir": 5}, "--data_dir=5 is not allowed: it must be a string"),
+    ({"data_dir": "mnist\0"}, "--data_dir='mnist\\x00' is not allowed: it must be a string (without NUL"),
+    ({"coordinator_address": {}}, "--coordinator_address={} is not allowed: it must be a string"),
+    ({"pool": ["max"]}, "--pool=['max'] is not allowed: it must be a string"),
+    ({"pool": "m" * 1000}, "--pool='mmmmmmmmmmmmmmmmmmmm"),
+    ({"conv_filters": "20,50"}, "--conv_filters='20,50' is not allowed: it must be a list of integers"),
+    ({"conv_filters": (20, "50")}, "--conv_filters=(20, '50') is not allowed: it must be a list of integers"),
+    ({"conv_filters": (20, [50])}, "must be a list of integers"),
+    ({"conv_kernels": (3, 5.0)}, "--conv_kernels=(3, 5.0) is not allowed"),
+    ({"input_shape": ("a", "b", "c")}, "--input_shape=('a', 'b', 'c') is not allowed"),
+    ({"input_shape": (28, 28, 2**40)}, "--input_shape=(28, 28, 1099511627776) is not allowed"),
+])
+def test_values_of_the_wrong_type_are_one_line_errors_not_type_errors(overrides, fragment):
+    """A config read from JSON or built in Python may hold any value: `validate` refuses each in one line."""
+    with pytest.raises(ConfigError) as info:
+        config_lib.validate(config_lib.replace(Config(), **overrides))
+    assert fragment in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 200, info.value
+
+
+def test_a_float_field_takes_an_integer():
+    assert config_lib.validate(config_lib.replace(Config(), learning_rate=1, momentum=0)).learning_rate == 1
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"conv_filters": [[20], [50]]}, "--conv_filters=([20], [50]) is not allowed"),
+    ({"num_fc": {"a": 1}}, "--num_fc={'a': 1} is not allowed"),
+    ({"learning_rate": "0.001"}, "--learning_rate='0.001' is not allowed: it must be a number"),
+])
+def test_from_dict_then_validate_refuses_json_of_the_wrong_shape(values, fragment):
+    with pytest.raises(ConfigError) as info:
+        config_lib.validate(config_lib.from_dict({**config_lib.to_dict(Config()), **values}))
+    assert fragment in str(info.value)
+
+
+@PROPERTY
+@given(changes=st.dictionaries(st.sampled_from(config_lib.field_names()), json_values, min_size=1, max_size=3))
+def test_any_json_values_for_config_fields_give_a_valid_config_or_one_line(changes):
+    """What `workdir.read_config` does with a config.json whose values were edited."""
+    values = {**config_lib.to_dict(Config()), **changes}
+    config = value_or_one_line_error(lambda: config_lib.validate(config_lib.from_dict(values)))
+    if config is not None:   # a valid config: every field has its type
+        for name, default in config_lib.to_dict(Config()).items():
+            value = getattr(config, name)
+            assert isinstance(value, tuple if isinstance(default, list) else type(default)) or \
+                (isinstance(default, float) and type(value) is int), (name, value)

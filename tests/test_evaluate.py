@@ -154,3 +154,33 @@ def test_a_closed_stdout_ends_the_script_quietly(trained, env):
     proc.stdout.close()
     err = proc.communicate(timeout=300)[1]
     assert proc.returncode == 141 and err == "", err
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
+            for root, _, files in os.walk(folder) for name in files}
+
+
+@pytest.mark.parametrize("script_name, damaged_file, data, fragment", [
+    ("evaluate.py", "config.json", lambda good: b"\xff\xfe" + good,
+     "config.json: not UTF-8 text (byte 0xff at offset 0); the run directory is damaged: restore the file"),
+    ("evaluate.py", "checkpoints/32/meta/metadata", lambda good: b"[1]",
+     "checkpoints/32/meta: expected a JSON object, found a list of 1 values; the checkpoint is damaged; "
+     "other checkpoints here: 16 (choose one with --step"),
+    ("plot.py", "metrics.jsonl", lambda good: good.replace(b'"kind": "epoch"', b'"kind": "\xe9poch"', 1),
+     "metrics.jsonl: not UTF-8 text (byte 0xe9 at offset"),
+], ids=["evaluate_config_latin1", "evaluate_meta_list", "plot_metrics_latin1"])
+def test_an_undecodable_or_misshapen_run_file_is_one_line_and_changes_nothing(trained, env, tmp_path, script_name,
+                                                                              damaged_file, data, fragment):
+    workdir, _ = trained
+    copy = str(tmp_path / "damaged")
+    shutil.copytree(workdir, copy)
+    path = os.path.join(copy, damaged_file)
+    good = open(path, "rb").read()
+    open(path, "wb").write(data(good))
+    before = snapshot(copy)
+    result = run([script(script_name), f"--workdir={copy}"], env)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and fragment in result.stderr, result.stderr
+    assert snapshot(copy) == before   # the plots and every other file are kept as they were

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, run, train
+from cnn_jax import checkpoint, lock, run, train
 from cnn_jax import config as config_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
@@ -355,7 +355,7 @@ def test_cli_resume_refused_for_bad_data_metrics_or_checkpoint_leaves_the_run_by
         f.write('{"kind": "tra\n')
     before = snapshot(workdir)
     result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
-    one_line_error(result, "metrics.jsonl: line 100 is not valid JSON")
+    one_line_error(result, "metrics.jsonl: line 100: not valid JSON")
     assert snapshot(workdir) == before
 
     shutil.rmtree(workdir)
@@ -405,3 +405,153 @@ def test_cli_sigint_saves_a_mid_epoch_checkpoint(mnist_dir, tmp_path):
     stopped = checkpoint.latest_step(workdir)
     assert 0 < stopped < STEPS_PER_EPOCH and f"checkpoint of step {stopped} saved" in err
     assert checkpoint.restore(workdir, workdir_lib.read_config(workdir))[1]["step"] == stopped
+
+
+@pytest.mark.parametrize("damaged_file, damage, fragment", [
+    ("config.json", lambda good: good.replace(b'"pool": "max"', b'"pool": "m\xe4x"'),
+     "config.json: not UTF-8 text (byte 0xe4 at offset"),
+    ("metrics.jsonl", lambda good: b"\xff" + good, "metrics.jsonl: not UTF-8 text (byte 0xff at offset 0)"),
+], ids=["config_latin1", "metrics_latin1"])
+def test_cli_resume_of_a_run_with_an_undecodable_file_is_one_line_and_changes_nothing(
+        mnist_dir, reference_run, tmp_path, damaged_file, damage, fragment):
+    import shutil
+    reference, _ = reference_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    path = os.path.join(workdir, damaged_file)
+    good = open(path, "rb").read()
+    open(path, "wb").write(damage(good))
+    before = snapshot(workdir)
+    result = run_cli(cli_args(mnist_dir, workdir, "--resume", "--epochs=4"))
+    one_line_error(result, fragment)
+    assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------- one writer; failed writes (command line)
+
+
+def small_args(mnist_dir, workdir, *extra):
+    """A quick run: 10 steps of 64 per epoch, 2 epochs, checkpoints 10 and 20 (about 1.5 MB each)."""
+    return [sys.executable, TRAIN_SCRIPT, f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200",
+            "--epochs=2", "--train_eval=running", f"--workdir={workdir}", *extra]
+
+
+def slow_args(mnist_dir, workdir, *extra):
+    """Epochs of 128 steps of 32, one call per step: long enough to stop the process in the middle."""
+    return [sys.executable, TRAIN_SCRIPT, f"--data_dir={mnist_dir}", "--train_subset=4096", "--test_subset=200",
+            "--epochs=2", "--batch_size=32", "--log_every=2", "--loop=step", "--train_eval=running",
+            f"--workdir={workdir}", *extra]
+
+
+def stopped_at(args, marker):
+    """Start `args` and SIGSTOP it on the first stdout line containing `marker`; return the process."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGSTOP)
+            return proc
+    raise AssertionError(f"{marker!r} never printed: {proc.communicate()[1]}")
+
+
+def finish(proc):
+    """SIGCONT a stopped process and wait for it; (exit status, stderr)."""
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def test_cli_a_second_writer_is_refused_in_one_line_and_a_killed_holder_blocks_nothing(mnist_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    holder = stopped_at(slow_args(mnist_dir, workdir, "--epochs=1"), "(epoch 0, 2/128)")
+    try:
+        before = snapshot(workdir)
+        in_use = f"error: {workdir} is in use by process {holder.pid} ("
+        # A second --resume (the same command, --overwrite: the same path through the lock), plot.py.
+        for args in (slow_args(mnist_dir, workdir, "--resume"),
+                     [sys.executable, os.path.join(REPO_ROOT, "experiments", "plot.py"), f"--workdir={workdir}"]):
+            result = run_cli(args)
+            one_line_error(result, in_use)
+            assert "experiments/train.py" in result.stderr and "wait for it to finish or use another --workdir" \
+                in result.stderr
+            assert snapshot(workdir) == before
+    finally:
+        holder.kill()   # SIGKILL, while stopped: the lock dies with it
+        holder.communicate()
+    assert os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
+    result = run_cli(slow_args(mnist_dir, workdir, "--resume", "--epochs=1"))   # the holder's compiled programs
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.latest_step(workdir) == 128 and not os.path.exists(os.path.join(workdir, lock.LOCK_FILE))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs: room for one checkpoint of `small_args` but not two. Needs root (CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def remount(folder, options):
+    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)
+
+
+def assert_restores(workdir, step):
+    assert checkpoint.latest_step(workdir) == step
+    _, meta = checkpoint.restore(workdir, workdir_lib.read_config(workdir))
+    assert meta["step"] == step
+
+
+def test_cli_full_disk_while_checkpointing_is_one_line_and_resume_goes_on(mnist_dir, small_filesystem):
+    workdir = str(small_filesystem / "run")
+    result = run_cli(small_args(mnist_dir, workdir))
+    one_line_error(result, f"error: cannot write checkpoint 20 in {workdir}/checkpoints (No space left on device); "
+                           "the last complete checkpoint (step 10) is kept: free some space")
+    assert "--resume" in result.stderr
+    assert_restores(workdir, 10)
+    # What a failed write can leave (here removed already; a killed writer leaves them): the next start clears them.
+    os.makedirs(os.path.join(workdir, "checkpoints", "20.orbax-checkpoint-tmp", "state"))
+    open(os.path.join(workdir, ".metrics.jsonl.tmp-99999"), "w").write('{"kind": ')
+    remount(small_filesystem, "size=8m")
+    result = run_cli(small_args(mnist_dir, workdir, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and "at step 10" in result.stdout
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert not [n for n in os.listdir(workdir) if ".tmp" in n]
+    assert_restores(workdir, 20)
+    assert [r["step"] for r in workdir_lib.read_metrics(workdir) if r["kind"] == "epoch"] == [10, 20]
+
+
+def test_cli_read_only_run_directory_is_one_line_and_keeps_the_last_checkpoint(mnist_dir, small_filesystem):
+    remount(small_filesystem, "size=16m")
+    workdir = str(small_filesystem / "run")
+    proc = stopped_at(slow_args(mnist_dir, workdir), "(epoch 1, 2/128)")
+    remount(small_filesystem, "ro")
+    rc, err = finish(proc)
+    assert rc == 2 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert err.startswith(f"error: cannot write {workdir}/metrics.jsonl (Read-only file system); "
+                          "the last complete checkpoint (step 128) is kept"), err
+    assert_restores(workdir, 128)
+    before = snapshot(workdir)
+    result = run_cli(slow_args(mnist_dir, workdir, "--resume"))     # still read-only: refused, nothing written
+    one_line_error(result, f"error: cannot write {workdir}/config.json (Read-only file system); "
+                           "the last complete checkpoint (step 128) is kept")
+    assert snapshot(workdir) == before
+
+
+def test_cli_a_run_directory_deleted_while_training_is_one_line_and_not_recreated(mnist_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = stopped_at(slow_args(mnist_dir, workdir), "(epoch 1, 2/128)")
+    import shutil
+    shutil.rmtree(workdir)
+    rc, err = finish(proc)
+    assert rc == 2 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert err.strip() == (f"error: cannot write {workdir}/metrics.jsonl (No such file or directory); "
+                           f"{workdir} no longer exists, so nothing of the run is kept")
+    assert not os.path.exists(workdir)

@@ -10,11 +10,14 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
 from cnn_jax import sweep, train
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,7 +198,8 @@ def test_vmapped_runs_match_the_same_runs_trained_alone(small_dataset):
 def test_pending_runs_skip_finished_and_refuse_another_config(tmp_path):
     runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1,2")))
     workdir_lib.start(sweep.run_dir(str(tmp_path), runs[0]), runs[0].config)        # finished
-    workdir_lib.write_json(os.path.join(sweep.run_dir(str(tmp_path), runs[0]), sweep.SWEEP_RESULT_FILE), {})
+    workdir_lib.write_json(os.path.join(sweep.run_dir(str(tmp_path), runs[0]), sweep.SWEEP_RESULT_FILE),
+                           sweep.result_row(runs[0], [], "diverged", "loss became nan", 1.0, 3))
     workdir_lib.start(sweep.run_dir(str(tmp_path), runs[1]), runs[1].config)        # interrupted
     todo, done = sweep.pending_runs(str(tmp_path), runs)
     assert [r.name for r in done] == ["seed=0"] and [r.name for r in todo] == ["seed=1", "seed=2"]
@@ -385,3 +389,206 @@ def test_a_run_whose_optimiser_state_overflows_is_marked_diverged_and_the_others
     assert rows[1]["message"].startswith("parameters or optimiser state became non-finite at step")
     assert rows[0]["test_accuracy"] > 0.3
     assert sorted(sweep.collect_rows(str(tmp_path)), key=lambda r: r["name"]) == sorted(rows, key=lambda r: r["name"])
+
+
+# ----------------------------------------------------------------------------- reading files back
+
+GOOD_SPEC_JSON = b'{"learning_rate": [0.003, 0.01], "pool": ["max", "avg"], "conv_filters": [[8, 16]], "seed": 0}\n'
+GOOD_SPEC_YAML = b"- {learning_rate: 0.01, pool: max}\n- {learning_rate: 0.1, seed: 1, conv_filters: [8, 16]}\n"
+
+
+@pytest.mark.parametrize("name, data, fragment", [
+    ("grid.json", b"", "empty; write a grid (a mapping of flag to list of values) or a list of runs"),
+    ("grid.yaml", b"\n\n", "empty; write a grid"),
+    ("grid.json", GOOD_SPEC_JSON[:30], "not valid JSON (Expecting ',' delimiter: column 31)"),
+    ("grid.json", GOOD_SPEC_JSON.replace(b"max", b"m\xe4x"), "not UTF-8 text (byte 0xe4 at offset 44)"),
+    ("grid.yaml", b"\xff\xfeseed: [1]", "not UTF-8 text (byte 0xff at offset 0)"),
+    ("grid.yaml", "seed: [1, 2]\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+    ("grid.json", b'{"seed": [0, 1], "learning_rate": [NaN]}', "NaN is not a JSON number"),
+    ("grid.yaml", b"learning_rate: [.nan]\n", "learning_rate=nan is not a finite number"),
+    ("grid.json", b'{"learning_rate": [1e999]}', "learning_rate=inf is not a finite number"),
+    ("grid.yaml", b"learning_rate: [1" + b"0" * 400 + b"]\n", "learning_rate=1000000000000000"),
+    ("grid.json", b'"seed"', "expected a grid or a non-empty list of at most 100000 runs, found the string 'seed'"),
+    ("grid.json", b"null", "found null"),
+    ("grid.yaml", b"seed: {0: 1}\n", "has a key 0 that is not a string"),
+    ("grid.json", b'{"seed": {"0": 1}}', "seed is {'0': 1}; give a value or a list of values"),
+    ("grid.yaml", b"seed: 2024-01-01\n", "holds datetime.date(2024, 1, 1), a date"),
+    ("grid.json", b'{"seed": [[0]]}', "seed=[0] is not a valid int"),
+    ("grid.json", json.dumps({f: list(range(10)) for f in ("seed", "epochs", "num_fc", "batch_size", "log_every",
+                                                           "conv_stride")}).encode(),
+     "the grid has 1000000 runs, more than 100000"),
+    ("runs.json", json.dumps([{"seed": 1}] * 100_001).encode(), "non-empty list of at most 100000 runs"),
+    ("runs.json", b'[{"seed": 1}, {"x" : 1}]', "run 1: unknown flag 'x'"),
+    ("runs.json", b'[{"\\n": 1}]', "run 0: unknown flag '\\n'"),
+], ids=["empty_json", "empty_yaml", "truncated", "latin1", "utf16_bom", "utf16", "nan_json", "nan_yaml", "inf",
+        "huge_float", "string", "null", "int_key", "dict_values", "date", "nested_list", "huge_grid", "many_runs",
+        "unknown_flag", "newline_flag"])
+def test_unusable_spec_files_are_one_line_naming_the_file_and_the_fix(tmp_path, name, data, fragment):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        sweep.load_spec_file(str(path))
+    message = str(info.value)
+    assert message.startswith(f"--sweep_file={path}") and fragment in message, message
+    assert len(message.splitlines()) == 1 and len(message) < 700
+
+
+def _settings_or_one_line_error(path):
+    """`load_spec_file` and the checks experiments/sweep.py makes next (runs built and validated)."""
+    settings_list = value_or_one_line_error(lambda: sweep.load_spec_file(str(path)), path)
+    if settings_list is not None:
+        runs = value_or_one_line_error(lambda: sweep.make_runs(Config(), settings_list, f"--sweep_file={path}"),
+                                       path)
+        for run in runs or []:
+            assert config_lib.validate(run.config) == run.config
+
+
+@PROPERTY
+@given(data=damaged(GOOD_SPEC_JSON) | st.binary(max_size=200), suffix=st.sampled_from([".json", ".yaml"]))
+def test_any_bytes_as_a_spec_file_give_runs_or_one_line(tmp_path, data, suffix):
+    path = tmp_path / f"spec{suffix}"
+    path.write_bytes(data)
+    _settings_or_one_line_error(path)
+
+
+@PROPERTY
+@given(data=damaged(GOOD_SPEC_YAML), suffix=st.sampled_from([".json", ".yaml"]))
+def test_a_damaged_yaml_list_of_runs_gives_runs_or_one_line(tmp_path, data, suffix):
+    path = tmp_path / f"spec{suffix}"
+    path.write_bytes(data)
+    _settings_or_one_line_error(path)
+
+
+SPEC_FIELDS = st.sampled_from(["learning_rate", "seed", "pool", "conv_filters", "debug", "batch_size", "sead"])
+
+
+@PROPERTY
+@given(value=json_values | st.dictionaries(SPEC_FIELDS, json_values | st.lists(json_values, max_size=3), max_size=3)
+       | st.lists(st.dictionaries(SPEC_FIELDS, json_values, max_size=3), max_size=3),
+       suffix=st.sampled_from([".json", ".yaml"]))
+def test_any_json_value_as_a_spec_file_gives_runs_or_one_line(tmp_path, value, suffix):
+    path = tmp_path / f"spec{suffix}"
+    path.write_text(json.dumps(value))
+    _settings_or_one_line_error(path)
+
+
+def test_a_damaged_sweep_result_is_one_line_naming_it_and_how_to_retrain(tmp_path):
+    good = _row(0.01, "max", 0, 0.97)
+    run = tmp_path / good["name"]
+    run.mkdir()
+    path = run / sweep.SWEEP_RESULT_FILE
+    for data, fragment in [
+        (b"", "empty"),
+        (b"\xff" + json.dumps(good).encode(), "not UTF-8 text (byte 0xff at offset 0)"),
+        (json.dumps(good).encode()[:50], "not valid JSON"),
+        (b"[]", "expected a JSON object, found a list of 0 values"),
+        (json.dumps({k: v for k, v in good.items() if k != "status"}).encode(), 'no "status" field'),
+        (json.dumps({**good, "status": "done"}).encode(), '"status" is \'done\', not one of "ok", "diverged"'),
+        (json.dumps({**good, "test_accuracy": None}).encode(), '"test_accuracy" is None, not a finite number'),
+        (json.dumps({**good, "time_s": "12"}).encode(), '"time_s" is \'12\', not a finite number'),
+        (json.dumps({**good, "settings": [1]}).encode(), '"settings" is [1], not a JSON object'),
+        (json.dumps({**good, "settings": {"lr": 0.1}}).encode(), "settings: unknown flag 'lr'"),
+        (json.dumps({**good, "settings": {"seed": "x"}}).encode(), "settings: seed='x' is not a valid int"),
+    ]:
+        path.write_bytes(data)
+        with pytest.raises(ConfigError) as info:
+            sweep.collect_rows(str(tmp_path))
+        message = str(info.value)
+        assert message.startswith(str(path)) and fragment in message, message
+        assert message.endswith(f"delete it: the run then counts as unfinished and running the sweep again trains "
+                                f"it (or delete its folder {run})") and "\n" not in message
+    path.write_text(json.dumps({**good, "settings": {"learning_rate": 1, "conv_filters": [8, 16]}}))
+    assert sweep.collect_rows(str(tmp_path))[0]["settings"] == {"learning_rate": 1.0, "conv_filters": [8, 16]}
+
+
+@PROPERTY
+@given(data=damaged(json.dumps(_row(0.01, "max", 0, 0.97)).encode()) | st.binary(max_size=100))
+def test_any_bytes_as_a_sweep_result_give_a_row_or_one_line(tmp_path, data):
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / sweep.SWEEP_RESULT_FILE).write_bytes(data)
+    value_or_one_line_error(lambda: sweep.collect_rows(str(tmp_path)), tmp_path / "run" / sweep.SWEEP_RESULT_FILE)
+
+
+@settings(PROPERTY, max_examples=50)   # the tables and a figure per example: fewer
+@given(changes=st.lists(st.dictionaries(st.sampled_from(sorted(_row(0.1, "max", 0, 0.9)))
+                                        | st.sampled_from(["status", "test_accuracy", "test_loss", "train_accuracy"]),
+                                        st.none() | json_values | st.sampled_from(["ok", "diverged"]), max_size=3),
+                        min_size=1, max_size=3),
+       settings_values=st.lists(st.dictionaries(SPEC_FIELDS, json_values, max_size=2)
+                                | st.sampled_from([{}, {"seed": 1}, {"learning_rate": 0.1, "pool": "avg"}]),
+                                min_size=3, max_size=3))
+def test_any_json_in_sweep_results_gives_tables_or_one_line(tmp_path, changes, settings_values):
+    """What --summarize does: read every finished run's row, then write the tables and the plot."""
+    for i, change in enumerate(changes):
+        row = {**_row(0.01 * (i + 1), "max", i, 0.9), "settings": settings_values[i], **change}
+        (tmp_path / f"run{i}").mkdir(exist_ok=True)
+        (tmp_path / f"run{i}" / sweep.SWEEP_RESULT_FILE).write_text(json.dumps(row))
+    import matplotlib.pyplot as plt
+    try:
+        value_or_one_line_error(lambda: sweep.write_results(str(tmp_path)))
+    finally:
+        plt.close("all")
+
+
+def test_command_line_undecodable_spec_results_and_run_configs_are_one_line(tmp_path):
+    """No training: each file is read, and refused, before any data is loaded."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes("learning_rate: [0.01, 0.1]\nseed: [0, 1]\n".encode("utf-16"))
+    sweep_dir = tmp_path / "sweep"
+    good = _row(0.01, "max", 0, 0.97)
+    (sweep_dir / good["name"]).mkdir(parents=True)
+    workdir_lib.write_json(str(sweep_dir / good["name"] / sweep.SWEEP_RESULT_FILE), good)
+    sweep.write_results(str(sweep_dir))
+    damaged_row = sweep_dir / "learning_rate=0.1,pool=max,seed=0" / sweep.SWEEP_RESULT_FILE
+    damaged_row.parent.mkdir()
+    damaged_row.write_bytes(b"\xff" + json.dumps({**good, "name": damaged_row.parent.name}).encode())
+    run_config = sweep_dir / "seed=5" / workdir_lib.CONFIG_FILE
+    run_config.parent.mkdir()
+    run_config.write_bytes(b'{"seed": "\xb5"}')
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    cases = [
+        ([f"--workdir={tmp_path}/new", f"--sweep_file={spec}"],
+         f"--sweep_file={spec}: not UTF-8 text (byte 0xff at offset 0); write a grid"),
+        ([f"--workdir={sweep_dir}", "--summarize"],
+         f"{damaged_row}: not UTF-8 text (byte 0xff at offset 0); delete it: the run then counts as unfinished"),
+        ([f"--workdir={sweep_dir}", "--sweep=seed=5", "--data_dir=/nowhere"],
+         f"{run_config}: not UTF-8 text (byte 0xb5 at offset 10); the run directory is damaged"),
+    ]
+    for args, fragment in cases:
+        result = _sweep_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and fragment in result.stderr, (args, result.stderr)
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before   # tables kept
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_result_of_a_finished_run_stops_the_sweep_before_anything_trains(tmp_path):
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1")))
+    for run in runs:
+        workdir_lib.start(sweep.run_dir(str(tmp_path), run), run.config)
+    result = os.path.join(sweep.run_dir(str(tmp_path), runs[1]), sweep.SWEEP_RESULT_FILE)
+    open(result, "wb").write(b'{"name": "seed=1", "status": "o\xff"}')
+    with pytest.raises(ConfigError, match=f"^{re.escape(result)}: not UTF-8 text"):
+        sweep.pending_runs(str(tmp_path), runs)
+    workdir_lib.write_json(result, sweep.result_row(runs[1], [], "diverged", "loss became nan", 1.0, 2))
+    assert sweep.pending_runs(str(tmp_path), runs) == ([runs[0]], [runs[1]])
+
+
+def test_a_run_directory_another_process_holds_is_refused_and_nothing_written(small_dataset, tmp_path):
+    """Each run directory is locked for its group's training; the sweep directory is not (workers share it)."""
+    from cnn_jax import lock
+    from test_lock import start_holder
+    runs = sweep.make_runs(config_lib.replace(Config(), batch_size=32, train_eval="running"),
+                           [{"seed": 0}, {"seed": 1}])
+    held = sweep.run_dir(str(tmp_path), runs[1])
+    holder = start_holder(held)
+    try:
+        with pytest.raises(lock.RunDirInUse, match=f"{held} is in use by process {holder.pid} "):
+            sweep.run_group(str(tmp_path), runs, small_dataset, print_fn=lambda line: None)
+        # seed=0's directory, made for its lock, is gone again; seed=1 holds only its holder's lock.
+        assert os.listdir(tmp_path) == [runs[1].name] and os.listdir(held) == [lock.LOCK_FILE]
+        with lock.hold(str(tmp_path)):   # a worker does not hold the shared sweep directory
+            pass
+    finally:
+        holder.kill()
+        holder.wait()

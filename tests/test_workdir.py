@@ -4,10 +4,13 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
@@ -112,12 +115,13 @@ def test_metrics_log_rewrites_atomically_and_drops_records_after_the_resumed_ste
 
 def test_a_damaged_metrics_line_is_one_line_naming_file_and_line(tmp_path):
     workdir = str(tmp_path)
-    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n\n{"kind": "tra\n')
-    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 3 is not valid JSON .* delete that line") as error:
+    good = '{"kind": "train", "step": 1, "loss": 2.5}\n'
+    open(tmp_path / "metrics.jsonl", "w").write(good + '\n{"kind": "tra\n')
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: line 3: not valid JSON .* delete that line") as error:
         workdir_lib.read_metrics(workdir)
     assert "\n" not in str(error.value)
-    open(tmp_path / "metrics.jsonl", "w").write('{"kind": "train", "step": 1}\n[1, 2]\n')
-    with pytest.raises(ConfigError, match="line 2 is not a JSON object"):
+    open(tmp_path / "metrics.jsonl", "w").write(good + '[1, 2]\n')
+    with pytest.raises(ConfigError, match="line 2: expected a JSON object, found a list of 2 values"):
         workdir_lib.read_metrics(workdir)
 
 
@@ -125,3 +129,101 @@ def test_a_file_given_as_workdir_is_named(tmp_path):
     open(tmp_path / "notes.txt", "w").write("mine")
     with pytest.raises(ConfigError, match=r"notes.txt is a file, not a run directory"):
         workdir_lib.read_config(str(tmp_path / "notes.txt"))
+
+
+GOOD_CONFIG = json.dumps(config_lib.to_dict(Config()), indent=2).encode() + b"\n"
+GOOD_METRICS = (b'{"kind": "train", "step": 10, "epoch": 0, "loss": 0.5, "moving_loss": 0.6, "images_per_second": 9.5}\n'
+                b'{"kind": "epoch", "epoch": 0, "step": 20, "moving_loss": 0.4, "train_loss": 0.3, '
+                b'"train_accuracy": 0.9, "test_loss": 0.35, "test_accuracy": 0.88, "epoch_time": 1.5}\n')
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"", "config.json: empty; the run directory is damaged: restore the file from a copy, or start a new --workdir"),
+    (GOOD_CONFIG[:40], "config.json: not valid JSON ("),
+    (GOOD_CONFIG.replace(b'"max"', b'"m\xe4x"'), "config.json: not UTF-8 text (byte 0xe4 at offset"),
+    (b"\xff\xfe{\x00}\x00", "config.json: not UTF-8 text (byte 0xff at offset 0)"),
+    (b"<html>", "config.json: not valid JSON (Expecting value: column 1)"),
+    (b"[1, 2]", "config.json: expected a JSON object of config fields, found a list of 2 values; the run"),
+    (b'"pool"', "config.json: expected a JSON object of config fields, found the string 'pool'"),
+    (GOOD_CONFIG.replace(b'"batch_size": 64', b'"batch_size": "x"'),
+     "config.json: --batch_size='x' is not allowed: it must be an integer of at most 2147483647; correct the "
+     "file, or start a new --workdir"),
+    (GOOD_CONFIG.replace(b'"batch_size": 64', b'"batch_size": [1]'), "config.json: --batch_size=[1] is not allowed"),
+    (GOOD_CONFIG.replace(b'"learning_rate": 0.001', b'"learning_rate": NaN'), "NaN is not a JSON number"),
+    (GOOD_CONFIG.replace(b'"data_dir": ""', b'"data_dir": null'), "config.json: --data_dir=None is not allowed"),
+    (b'{"model": "resnet50"}', "config.json: unknown config field(s) model; correct the file"),
+], ids=["empty", "truncated", "latin1", "utf16", "html", "list", "string", "batch_size_text", "batch_size_list",
+        "nan", "data_dir_null", "unknown_field"])
+def test_a_damaged_config_json_is_one_line_naming_it(tmp_path, data, fragment):
+    (tmp_path / "config.json").write_bytes(data)
+    with pytest.raises(ConfigError) as error:
+        workdir_lib.read_config(str(tmp_path))
+    assert str(error.value).startswith(str(tmp_path / "config.json")) and fragment in str(error.value), error.value
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    (b"\xff\n", f"metrics.jsonl: not UTF-8 text (byte 0xff at offset {len(GOOD_METRICS)})"),
+    (b'{"kind": "train", "step": 30, "lo', "metrics.jsonl: line 3: not valid JSON (Unterminated string"),
+    (b"[1, 2]\n", "line 3: expected a JSON object, found a list of 2 values"),
+    (b'{"step": 30, "loss": 0.5}\n', 'line 3: no "kind" field'),
+    (b'{"kind": "eval", "step": 30}\n', 'line 3: "kind" is \'eval\', not one of "train", "epoch"'),
+    (b'{"kind": "train", "loss": 0.5}\n', 'line 3: no "step" field'),
+    (b'{"kind": "train", "step": "30", "loss": 0.5}\n', 'line 3: "step" is \'30\', not a whole number >= 0'),
+    (b'{"kind": "train", "step": 30, "loss": NaN}\n', "line 3: not valid JSON (NaN is not a JSON number)"),
+    (b'{"kind": "train", "step": 30, "loss": null}\n', 'line 3: "loss" is None, not a finite number'),
+    (b'{"kind": "epoch", "step": 30, "epoch": 1, "train_loss": 0.3}\n', 'line 3: no "train_accuracy" field'),
+], ids=["latin1", "truncated", "list", "no_kind", "other_kind", "no_step", "step_text", "nan", "loss_null",
+        "epoch_fields"])
+def test_a_damaged_metrics_file_is_one_line_naming_file_line_and_field(tmp_path, line, fragment):
+    (tmp_path / "metrics.jsonl").write_bytes(GOOD_METRICS + line)
+    with pytest.raises(ConfigError) as error:
+        workdir_lib.read_metrics(str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "metrics.jsonl")) and fragment in message, message
+    assert message.endswith("delete that line (or the file, losing the curves)") and "\n" not in message
+
+
+def test_good_metrics_are_read_whole(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(GOOD_METRICS + b"\n")
+    assert workdir_lib.read_metrics(str(tmp_path)) == [json.loads(line) for line in GOOD_METRICS.splitlines()]
+
+
+@PROPERTY
+@given(data=damaged(GOOD_CONFIG) | st.binary(max_size=200))
+def test_any_bytes_as_config_json_give_a_config_or_one_line(tmp_path, data):
+    (tmp_path / "config.json").write_bytes(data)
+    config = value_or_one_line_error(lambda: workdir_lib.read_config(str(tmp_path)), tmp_path / "config.json")
+    assert config is None or config_lib.validate(config) == config
+
+
+@PROPERTY
+@given(value=json_values | st.dictionaries(st.sampled_from(config_lib.field_names()), json_values, max_size=4))
+def test_any_json_value_as_config_json_gives_a_config_or_one_line(tmp_path, value):
+    (tmp_path / "config.json").write_text(json.dumps(value))
+    config = value_or_one_line_error(lambda: workdir_lib.read_config(str(tmp_path)), tmp_path / "config.json")
+    assert config is None or config_lib.validate(config) == config
+
+
+@PROPERTY
+@given(data=damaged(GOOD_METRICS) | st.binary(max_size=200))
+def test_any_bytes_as_metrics_give_records_or_one_line(tmp_path, data):
+    (tmp_path / "metrics.jsonl").write_bytes(data)
+    records = value_or_one_line_error(lambda: workdir_lib.read_metrics(str(tmp_path)), tmp_path / "metrics.jsonl")
+    for record in records or []:
+        assert record["kind"] in ("train", "epoch") and isinstance(record["step"], int)
+
+
+@settings(PROPERTY, max_examples=30)   # a figure per example: fewer
+@given(lines=st.lists(json_values | st.fixed_dictionaries(
+    {"kind": st.sampled_from(["train", "epoch"])},
+    optional={name: json_values | st.integers(0, 99) | st.floats(0, 1)
+              for name in ("step", "epoch", "loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy")}),
+    max_size=4))
+def test_any_json_lines_as_metrics_give_records_the_plots_draw_or_one_line(tmp_path, lines):
+    from cnn_jax import plots
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = value_or_one_line_error(lambda: workdir_lib.read_metrics(str(tmp_path)), tmp_path / "metrics.jsonl")
+    if records:   # what the readers of the records do: the learning curves, a resumed run's log
+        plots.learning_curves_figure(records)
+        workdir_lib.MetricsLog(str(tmp_path), keep_until_step=50).flush()

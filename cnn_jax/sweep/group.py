@@ -103,6 +103,9 @@ def group_runs(runs: Sequence[Run], max_parallel: int | Callable[[Config], int])
     return groups
 
 
+# ----------------------------------------------------------------------------- vectorised training
+
+
 def group_state(configs: Sequence[Config], total_steps: int) -> TrainState:
     """The runs' initial train states stacked along a leading run axis: each run's own
     `state.create` (its init key and scale, its optimiser hyperparameters in the optimiser

@@ -14,7 +14,7 @@ import numpy as np
 
 from cnn_jax import plots
 from cnn_jax import workdir as workdir_lib
-from cnn_jax.sweep.rundirs import SWEEP_RESULT_FILE
+from cnn_jax.sweep.rundirs import SWEEP_RESULT_FILE, read_row
 from cnn_jax.sweep.spec import field_kind, format_value
 
 RESULTS_CSV, RESULTS_MD, RESULTS_PLOT = "results.csv", "results.md", "results.png"
@@ -28,7 +28,7 @@ def collect_rows(sweep_dir: str) -> list[dict[str, Any]]:
     for name in sorted(os.listdir(sweep_dir)):
         path = os.path.join(sweep_dir, name, SWEEP_RESULT_FILE)
         if os.path.isfile(path):
-            rows.append(workdir_lib.read_json(path))
+            rows.append(read_row(path))
     return rows
 
 
@@ -140,8 +140,10 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     ok = [r for r in rows if r["status"] == "ok"]
+    # Runs of another sweep kept in the same folder may lack the x field: they are in the tables only.
+    plotted = [r for r in ok if x_field is None or x_field in r["settings"]]
     series: dict[str, dict[Any, list[float]]] = {}
-    for r in ok:
+    for r in plotted:
         label = ", ".join(t for t in _settings_text(r["settings"], fields) if t) or "all runs"
         x = r["settings"].get(x_field) if x_field else 0
         x = tuple(x) if isinstance(x, list) else x
@@ -171,7 +173,7 @@ def results_figure(rows: Sequence[dict[str, Any]]):
     ax.set_xlabel(x_field or "")
     ax.set_ylabel("final test accuracy" + (f" (mean ± std over {n_seeds} seeds)" if n_seeds > 1 else ""))
     failed = len(rows) - len(ok)
-    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(ok)} runs"
+    ax.set_title(f"Sweep: test accuracy vs {x_field} ({len(plotted)} runs"
                  + (f", {failed} diverged" if failed else "") + ")")
     ax.grid(True, alpha=0.3)
     if series:
@@ -185,7 +187,12 @@ def write_results(sweep_dir: str, rows: Sequence[dict[str, Any]] | None = None) 
     rows = collect_rows(sweep_dir) if rows is None else list(rows)
     if not rows:
         return rows
-    workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_CSV), results_csv(rows))
-    workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_MD), results_markdown(rows))
-    plots.save_figure(results_figure(rows), os.path.join(sweep_dir, RESULTS_PLOT))
+    try:
+        workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_CSV), results_csv(rows))
+        workdir_lib.atomic_write_text(os.path.join(sweep_dir, RESULTS_MD), results_markdown(rows))
+        plots.save_figure(results_figure(rows), os.path.join(sweep_dir, RESULTS_PLOT))
+    except OSError as e:
+        failed = workdir_lib.write_error(e.filename or sweep_dir, e)
+        raise workdir_lib.WriteError(f"{failed}; every finished run's own files are kept: make room and "
+                                     "write the tables again with --summarize") from None
     return rows

@@ -3,18 +3,19 @@ plus `sweep_result.json`, written last, which marks the run finished."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Sequence
 
 import jax
 
-from cnn_jax import checkpoint, report, run as run_lib, train
+from cnn_jax import checkpoint, lock, readers, report, run as run_lib, train
 from cnn_jax import data as data_lib
 from cnn_jax import state as state_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import ConfigError
 from cnn_jax.sweep.group import train_group
-from cnn_jax.sweep.spec import Run
+from cnn_jax.sweep.spec import Run, coerce_value
 
 SWEEP_RESULT_FILE = "sweep_result.json"
 
@@ -33,7 +34,7 @@ IGNORED_WHEN_RESUMING = workdir_lib.RESUMABLE_FIELDS - {"epochs", "train_eval"}
 
 def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[Run]]:
     """(runs still to train, runs already finished); refuses (ConfigError, before anything is
-    written) a run directory that holds a run with another config."""
+    written) a run directory that holds a run with another config or a damaged sweep_result.json."""
     if os.path.isfile(sweep_dir):
         raise ConfigError(f"--workdir={sweep_dir} is a file, not a sweep directory")
     if workdir_lib.holds_run(sweep_dir):
@@ -48,6 +49,8 @@ def pending_runs(sweep_dir: str, runs: Sequence[Run]) -> tuple[list[Run], list[R
             if differences:
                 raise ConfigError(f"{path} holds a run with another config ({differences[0]}); "
                                   "use another --workdir for a changed sweep")
+        if is_finished(path):
+            read_row(os.path.join(path, SWEEP_RESULT_FILE))   # a damaged result fails before anything trains
         (done if is_finished(path) else todo).append(run)
     return todo, done
 
@@ -70,11 +73,34 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
               print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train one group and keep each run in its directory; return the runs' result rows.
 
-    Each run directory is (re)started first (a previous unfinished attempt is replaced);
+    Each run directory is locked for the group's whole training (`cnn_jax.lock`: another
+    process training the same run is refused; the sweep directory itself is shared by every
+    worker and never locked), then (re)started (a previous unfinished attempt is replaced);
     metrics are written as training goes; at the end come results.json, a checkpoint of
     the final state and, last, sweep_result.json (the run counts as finished from then on).
+    A write that fails raises `workdir.WriteError` saying that the finished runs are kept.
     """
     paths = [run_dir(sweep_dir, r) for r in runs]
+    with contextlib.ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(lock.hold(path))
+        for path in paths:
+            if is_finished(path):
+                raise ConfigError(f"{path} was finished by another process meanwhile; run the command "
+                                  "again to train the runs still missing")
+        try:
+            return _run_group_locked(runs, paths, dataset, print_fn)
+        except (BrokenPipeError, InterruptedError):
+            raise
+        except OSError as e:
+            failed = workdir_lib.write_error(e.filename or sweep_dir, e)
+            raise workdir_lib.WriteError(f"{failed}; the runs finished before are kept: make room (or make "
+                                         f"{sweep_dir} writable) and run the command again to train the "
+                                         "rest") from None
+
+
+def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.Dataset,
+                      print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
     for path, r in zip(paths, runs):
         workdir_lib.start(path, r.config, overwrite=True)
     logs = [workdir_lib.MetricsLog(path) for path in paths]
@@ -113,3 +139,31 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
         workdir_lib.write_json(os.path.join(path, SWEEP_RESULT_FILE), row)
         rows.append(row)
     return rows
+
+
+# The fields of sweep_result.json that the tables and the plot read (`result_row` writes them).
+ROW_FIELDS = {"name": readers.TEXT, "settings": readers.OBJECT, "status": readers.one_of("ok", "diverged"),
+              "message": readers.TEXT, "epochs": readers.COUNT, "time_s": readers.NUMBER,
+              "group_size": readers.POSITIVE,
+              **{k: readers.NUMBER_OR_NULL for k in ("train_loss", "train_accuracy", "test_loss",
+                                                     "test_accuracy", "moving_loss")}}
+# A finished run ("ok") has its final metrics.
+OK_ROW_FIELDS = {k: readers.NUMBER for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+
+
+def read_row(path: str) -> dict[str, Any]:
+    """A run's sweep_result.json, checked: the fields of `ROW_FIELDS`, settings that are config
+    values (normalised to their types, lists for list-valued flags)."""
+    fix = (f"delete it: the run then counts as unfinished and running the sweep again trains it "
+           f"(or delete its folder {os.path.dirname(path)})")
+    row = readers.check_fields(workdir_lib.read_json(path, fix), ROW_FIELDS, path, fix)
+    if row["status"] == "ok":
+        readers.check_fields(row, OK_ROW_FIELDS, path, fix)
+    settings = {}
+    for name, value in row["settings"].items():
+        try:
+            value = coerce_value(name, value, "settings")
+        except ConfigError as e:
+            raise readers.fail(path, str(e), fix) from None
+        settings[name] = list(value) if isinstance(value, tuple) else value
+    return {**row, "settings": settings}

@@ -6,13 +6,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import math
 import os
 from typing import Any, Sequence
 
 from cnn_jax import config as config_lib
-from cnn_jax.config import Config, ConfigError
+from cnn_jax import readers
+from cnn_jax.config import Config, ConfigError, shown
+
+# The most runs one sweep may hold (a mistyped grid would otherwise fill the memory).
+MAX_RUNS = 100_000
+# How to mend a spec file that cannot be used (the end of its one-line error).
+FIX_SPEC = ("write a grid (a mapping of flag to list of values) or a list of runs (mappings of flag "
+            "to value), e.g. {\"learning_rate\": [0.01, 0.1], \"seed\": [0, 1]}")
+# Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +37,7 @@ def field_kind(name: str) -> type:
 
 
 def _unknown(name: str, where: str) -> ConfigError:
-    return ConfigError(f"{where}: unknown flag {name!r}; sweepable flags are the config fields: "
+    return ConfigError(f"{where}: unknown flag {shown(name)}; sweepable flags are the config fields: "
                        f"{', '.join(config_lib.field_names())}")
 
 
@@ -39,7 +46,7 @@ def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
     if name not in config_lib.field_names():
         raise _unknown(name, where)
     kind = field_kind(name)
-    bad = ConfigError(f"{where}: {name}={value!r} is not a valid {kind.__name__ if kind is not tuple else 'list of integers'}"
+    bad = ConfigError(f"{where}: {name}={shown(value)} is not a valid {kind.__name__ if kind is not tuple else 'list of integers'}"
                       + {tuple: " (write one value's entries joined by ':', e.g. conv_filters=20:50,32:64)",
                          bool: " (use true or false)"}.get(kind, ""))
     if kind is tuple:
@@ -79,10 +86,10 @@ def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
             raise bad
         try:
             out = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad from None
         if not math.isfinite(out):
-            raise ConfigError(f"{where}: {name}={value!r} is not a finite number")
+            raise ConfigError(f"{where}: {name}={shown(value)} is not a finite number")
         return out
     if not isinstance(value, str) or not value:
         raise bad
@@ -96,6 +103,8 @@ def _check_grid(grid: dict[str, Sequence[Any]], where: str) -> dict[str, list[An
             raise _unknown(name, where)
         if isinstance(values, (str, int, float, bool)) or values is None:
             values = [values]
+        elif not isinstance(values, (list, tuple)):
+            raise ConfigError(f"{where}: {name} is {shown(values)}; give a value or a list of values")
         values = [coerce_value(name, v, where) for v in values]
         if not values:
             raise ConfigError(f"{where}: {name} has no values; give at least one, e.g. {name}=a,b")
@@ -132,8 +141,12 @@ def parse_spec(spec: str) -> dict[str, list[Any]]:
     return _check_grid(grid, "--sweep")
 
 
-def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, the last flag varying fastest."""
+def grid_settings(grid: dict[str, list[Any]], where: str = "--sweep") -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the last flag varying fastest (at most `MAX_RUNS`)."""
+    count = math.prod(len(values) for values in grid.values())
+    if count > MAX_RUNS:
+        raise ConfigError(f"{where}: the grid has {count} runs, more than {MAX_RUNS}; "
+                          "sweep fewer values, or split the sweep into several")
     names = list(grid)
     return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
 
@@ -141,33 +154,22 @@ def grid_settings(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def load_spec_file(path: str) -> list[dict[str, Any]]:
     """Settings from a JSON or YAML file: a grid (a dict of lists) or a list of run dicts."""
     where = f"--sweep_file={path}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read ({e.strerror})") from None
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            value = yaml.safe_load(text)
-        else:
-            value = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{where}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
-                          f"({first})") from None
+    if path.endswith((".yaml", ".yml")):
+        value = readers.read_yaml(path, where, FIX_SPEC)
+    else:
+        value = readers.read_json(path, where, FIX_SPEC)
     if isinstance(value, dict):
-        return grid_settings(_check_grid(value, where))
-    if isinstance(value, list) and value:
+        return grid_settings(_check_grid(value, where), where)
+    if isinstance(value, list) and 0 < len(value) <= MAX_RUNS:
         runs = []
         for i, entry in enumerate(value):
             if not isinstance(entry, dict) or not entry:
                 raise ConfigError(f"{where}: run {i} must be a non-empty mapping of flag to value, "
-                                  f"got {entry!r}")
+                                  f"got {shown(entry)}")
             runs.append({name: coerce_value(name, v, f"{where}: run {i}") for name, v in entry.items()})
         return runs
-    raise ConfigError(f"{where}: expected a grid (a mapping of flag to list of values) or a non-empty "
-                      "list of runs (mappings of flag to value)")
+    raise readers.fail(where, f"expected a grid or a non-empty list of at most {MAX_RUNS} runs, found "
+                              f"{readers.describe(value)}", FIX_SPEC)
 
 
 def format_value(value: Any) -> str:

@@ -1,0 +1,341 @@
+"""cnn_jax.search.worker and experiments/search.py: training, pruning and telling trials, run
+directories, resumption, one-line errors, and several workers on one study.
+
+The worker tests run real processes against one storage: SQLite always (one worker
+SIGKILLed mid-trial), PostgreSQL where its server binaries are installed (`.ci/run`
+installs Debian's postgresql; the test starts its own server on a free local port).
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import optuna
+import pytest
+
+from cnn_jax import config as config_lib
+from cnn_jax import data
+from cnn_jax.search import space as space_lib
+from cnn_jax.search import study as study_lib
+from cnn_jax.search import worker as worker_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "experiments", "search.py")
+SPACE = "--space=learning_rate=loguniform(1e-3,1e-1) momentum=uniform(0.5,0.95)"
+
+
+def _flags(mnist_dir, *extra):
+    """A tiny search: 256 training images (8 steps of 32) + 64 validation images, one epoch."""
+    return [f"--data_dir={mnist_dir}", "--train_subset=320", "--validation_size=64", "--test_subset=100",
+            "--batch_size=32", "--conv_filters=8,16", "--num_fc=32", "--optimizer=momentum", "--log_every=4",
+            "--nocompilation_cache", SPACE, *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": REPO_ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def _run(args, timeout=600):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def _states(url, name="search"):
+    study = optuna.load_study(study_name=name, storage=url)
+    return study, [t.state for t in study.get_trials()]
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path, mnist_dir):
+    """Grid over two learning rates (one vmapped group); a pruner that stops every trial after its
+    first two evaluations: both trials are PRUNED in the study, trained 8 of 16 steps, and keep a
+    run directory with a checkpoint of the step they stopped at."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", epochs=2, log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01,0.05"), base, validation_size=64, eval_every=4)
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
+    study = study_lib.open_study(storage, "s", settings, "grid", 0,
+                                 optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=2))
+    lines = []
+    report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 2, 2, data.load, 1, max_parallel=4,
+                                   print_fn=lines.append)
+    assert (report.trained, report.pruned, report.complete) == (2, 2, 0)
+    assert any(line.startswith("training trial(s) 0, 1 together") for line in lines)
+    assert sorted(t.params["learning_rate"] for t in study.trials) == [0.01, 0.05]   # the grid, once each
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.PRUNED and sorted(t.intermediate_values) == [1, 2]
+        run_dir = tmp_path / f"trial_{t.number:05d}"
+        result = json.load(open(run_dir / "trial_result.json"))
+        assert result["status"] == "pruned" and result["step"] == 8
+        assert os.listdir(run_dir / "checkpoints") == ["8"]
+        assert t.user_attrs["outcome"] == "pruned"
+
+
+def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requeued(tmp_path, mnist_dir):
+    """One writer per trial directory: a held one stops the worker with the one-line lock error
+    before anything is written there, and the asked trial goes back to the queue."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01"), base, validation_size=64)
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
+    study = study_lib.open_study(storage, "s", settings, "grid", 0, optuna.pruners.NopPruner())
+    held = tmp_path / "trial_00000"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cnn_jax import lock\n"
+                               "with lock.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
+                               str(held)], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(os.listdir(held))
+        with pytest.raises(config_lib.ConfigError, match=rf"{held} is in use by process {holder.pid} "):
+            worker_lib.run_worker(study, storage, settings, str(tmp_path), 1, 1, data.load, 1, max_parallel=4,
+                                  print_fn=lambda line: None)
+        assert sorted(os.listdir(held)) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def test_a_search_writes_its_trials_and_results_resumes_and_repeats_with_its_seed(tmp_path, mnist_dir):
+    workdir = str(tmp_path / "search")
+    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=3", "--batch=2", "--pruner=median",
+                  "--eval_every=4")
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "this worker trained 3 trial(s)" in first.stdout
+    study, states = _states(study_lib.default_storage(workdir))
+    assert sorted(s.name for s in states) == ["COMPLETE"] * 3   # median pruning needs 4 finished trials first
+    for t in study.trials:
+        run_dir = os.path.join(workdir, f"trial_{t.number:05d}")
+        config = json.load(open(os.path.join(run_dir, "config.json")))
+        assert config["learning_rate"] == t.params["learning_rate"] and config["momentum"] == t.params["momentum"]
+        assert os.listdir(os.path.join(run_dir, "checkpoints"))
+        result = json.load(open(os.path.join(run_dir, "trial_result.json")))
+        assert result["status"] == "complete" and len(result["evaluations"]) == 2   # steps 4 and 8
+        assert t.value == result["evaluations"][-1]["validation_accuracy"]
+        assert t.intermediate_values == {1: result["evaluations"][0]["validation_accuracy"], 2: t.value}
+    with open(os.path.join(workdir, "trials.csv")) as f:
+        assert len(f.read().strip().splitlines()) == 4
+    command = open(os.path.join(workdir, "best_command.txt")).read()
+    best = study.best_trial
+    assert command.startswith("python experiments/train.py ") and "--optimizer=momentum" in command
+    assert f"--learning_rate={best.params['learning_rate']!r}" in command
+    for name in ("trials.md", "history.png", "importances.png", "parallel_coordinate.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    # The same command again trains nothing; a larger --trials trains only the difference.
+    again = _run(args)
+    assert again.returncode == 0 and "this worker trained 0 trial(s)" in again.stdout, again.stderr[-2000:]
+    more = _run([a if a != "--trials=3" else "--trials=4" for a in args])
+    assert more.returncode == 0 and "this worker trained 1 trial(s)" in more.stdout, more.stderr[-2000:]
+    # One worker with the same seed repeats the search: the same params and the same values.
+    repeat_dir = str(tmp_path / "repeat")
+    repeat = _run([a if not a.startswith("--workdir=") else f"--workdir={repeat_dir}" for a in args])
+    assert repeat.returncode == 0, repeat.stderr[-2000:]
+    theirs = optuna.load_study(study_name="search", storage=study_lib.default_storage(repeat_dir)).trials
+    assert [(t.params, t.value) for t in theirs] == [(t.params, t.value) for t in study.trials[:3]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--space=lr=uniform(0.1,1)"], "--space: unknown field 'lr'"),
+    (["--space=learning_rate=gauss(1,2)"], "unknown distribution 'gauss'"),
+    (["--space=learning_rate=uniform(0.5,0.1)"], "empty range"),
+    (["--space=learning_rate=loguniform(0,0.1)"], "a log range must lie above zero"),
+    (["--storage=postgresql://nobody:pw@127.0.0.1:9/none"], "--storage=postgresql://nobody:***@127.0.0.1:9/none cannot be opened"),
+    (["--storage=sqlite:////no/such/folder/study.db"], "cannot be opened (OperationalError"),
+    (["--learning_rate=0.1"], "--learning_rate is given as a flag and searched by --space"),
+    (["--sampler=grid"], "--sampler=grid: learning_rate is a float range"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, mnist_dir, extra, message):
+    args = _flags(mnist_dir, f"--workdir={tmp_path / 'w'}", *extra)
+    spaces = [a for a in extra if a.startswith("--space=")]
+    if spaces:
+        args = [a for a in args if a != SPACE]
+    result = _run(args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_changed_space_in_the_same_search_directory_is_refused(tmp_path, mnist_dir):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    storage = study_lib.open_storage(study_lib.default_storage(str(workdir)), 10, 60)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=loguniform(1e-3,1e-2)"), config_lib.Config())
+    study_lib.open_study(storage, "search", settings, "random", 0, optuna.pruners.NopPruner())
+    result = _run(_flags(mnist_dir, f"--workdir={workdir}"), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: study 'search' exists with another --space: choose another --study_name (or --workdir), "
+        "or give the same settings to continue it"]
+
+
+# ----------------------------------------------------------------------------- several workers
+
+
+def _worker(args):
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_env(), cwd=REPO_ROOT)
+
+
+def _wait_for(process, text, timeout=300):
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    process.kill()
+    raise AssertionError(f"worker never printed {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def _check_exactly(url, total, workdir=None):
+    """`total` finished trials, none twice; every failed one re-queued (its params finished in a later trial)."""
+    study, states = _states(url)
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == total
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                           optuna.trial.TrialState.FAIL) for t in study.trials)
+    for failed in (t for t in study.trials if t.state == optuna.trial.TrialState.FAIL):
+        if failed.user_attrs.get("outcome") == "surplus":
+            continue   # asked in a race and never trained
+        retries = [t for t in finished if t.system_attrs.get("failed_trial") == failed.number]
+        assert len(retries) == 1 and retries[0].params == failed.params
+    if workdir is not None:
+        done = sorted(glob.glob(os.path.join(workdir, "trial_*", "trial_result.json")))
+        assert len(done) == total
+        assert sorted(json.load(open(p))["number"] for p in done) == sorted(t.number for t in finished)
+    return study
+
+
+def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_path, mnist_dir):
+    workdir = str(tmp_path / "shared")
+    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=3", "--batch=2", "--heartbeat_interval=1",
+                  "--grace_period=3")
+    doomed = _worker(args)
+    _wait_for(doomed, "training trial(s)")
+    survivor = _worker(args)
+    try:
+        _wait_for(survivor, "study 'search'")
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.wait()
+        out, _ = survivor.communicate(timeout=600)
+    finally:
+        for p in (doomed, survivor):
+            if p.poll() is None:
+                p.kill()
+    assert survivor.returncode == 0, out[-3000:]
+    study = _check_exactly(study_lib.default_storage(workdir), 3)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and
+              t.user_attrs.get("outcome") != "surplus"]
+    assert len(failed) >= 1            # the killed worker's trial(s): failed by heartbeat, then re-queued
+    # The survivor trained its own trial and, once their heartbeats went stale, the dead worker's.
+    assert "this worker trained 3 trial(s)" in out, out[-3000:]
+    done = glob.glob(os.path.join(workdir, "trial_*", "trial_result.json"))
+    assert len(done) == 3
+
+
+def test_sigint_requeues_the_trials_in_training_and_a_rerun_trains_them(tmp_path, mnist_dir):
+    workdir = str(tmp_path / "w")
+    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=2", "--batch=2")
+    worker = _worker(args)
+    try:
+        _wait_for(worker, "training trial(s)")
+        worker.send_signal(signal.SIGINT)
+        out, _ = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 130, out[-2000:]
+    study, states = _states(study_lib.default_storage(workdir))
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["outcome"] for t in interrupted] == ["interrupted"] * 2
+    assert sorted(t.user_attrs["requeued_from"] for t in waiting) == [t.number for t in interrupted]
+    rerun = _run(args)
+    assert rerun.returncode == 0 and "this worker trained 2 trial(s)" in rerun.stdout, rerun.stderr[-2000:]
+    study = optuna.load_study(study_name="search", storage=study_lib.default_storage(workdir))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in finished) == sorted(t.number for t in waiting)
+    assert sorted(str(t.params) for t in finished) == sorted(str(t.params) for t in interrupted)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin():
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(folder, "initdb")):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free 127.0.0.1 port (as user postgres when run as root)."""
+    folder = _postgres_bin()
+    if folder is None:
+        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin "
+                    "(apt-get install postgresql; .ci/run does)")
+    as_user: list[str] = []
+    root = tempfile.mkdtemp(prefix="cnn_jax_pg_")
+    if os.geteuid() == 0:    # postgres refuses to run as root
+        import pwd
+        try:
+            account = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(root, account.pw_uid, account.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    pgdata = os.path.join(root, "data")
+    subprocess.run([*as_user, os.path.join(folder, "initdb"), "-D", pgdata, "-U", "postgres", "--auth=trust"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-l", os.path.join(root, "log"), "-w",
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_workers_complete_exactly_n_trials_on_postgresql(tmp_path, mnist_dir, postgres_url):
+    args = _flags(mnist_dir, "--trials=4", "--batch=2", f"--storage={postgres_url}", "--pruner=hyperband",
+                  "--heartbeat_interval=1", "--grace_period=5")
+    workers = [_worker([*args, f"--workdir={tmp_path / f'machine{i}'}"]) for i in range(2)]
+    outputs = []
+    try:
+        for w in workers:
+            outputs.append(w.communicate(timeout=600)[0])
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    study = _check_exactly(postgres_url, 4)
+    assert len({str(t.params) for t in study.trials}) == len(study.trials)   # the workers' proposals differ
+    trained = [int(o.split("this worker trained ")[1].split(" ")[0]) for o in outputs]
+    assert sum(trained) == 4
+    # Each machine keeps the run directories of the trials it trained.
+    dirs = [glob.glob(str(tmp_path / f"machine{i}" / "trial_*" / "trial_result.json")) for i in range(2)]
+    assert sorted(len(d) for d in dirs) == sorted(trained)
