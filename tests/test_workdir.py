@@ -151,7 +151,7 @@ GOOD_METRICS = (b'{"kind": "train", "step": 10, "epoch": 0, "loss": 0.5, "moving
     (GOOD_CONFIG.replace(b'"batch_size": 64', b'"batch_size": [1]'), "config.json: --batch_size=[1] is not allowed"),
     (GOOD_CONFIG.replace(b'"learning_rate": 0.001', b'"learning_rate": NaN'), "NaN is not a JSON number"),
     (GOOD_CONFIG.replace(b'"data_dir": ""', b'"data_dir": null'), "config.json: --data_dir=None is not allowed"),
-    (b'{"model": "resnet50"}', "config.json: unknown config field(s) model; correct the file"),
+    (b'{"architecture": "resnet50"}', "config.json: unknown config field(s) architecture; correct the file"),
 ], ids=["empty", "truncated", "latin1", "utf16", "html", "list", "string", "batch_size_text", "batch_size_list",
         "nan", "data_dir_null", "unknown_field"])
 def test_a_damaged_config_json_is_one_line_naming_it(tmp_path, data, fragment):
