@@ -28,6 +28,8 @@ from cnn_jax.workdir import WriteError
 
 FLAGS = flags.FLAGS
 _HELP = {
+    "augment_shift": "Training augmentation: shift each image by up to N pixels (pad with zeros, crop); 0: off.",
+    "augment_flip": "Training augmentation: mirror images left-right at random (keep off for digits).",
     "dataset": "Dataset: mnist, fashion_mnist, kmnist, cifar10 or cifar100 (input_shape and num_classes follow it).",
     "data_dir": "Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
                 "empty: the first source found (docs/data.md).",

@@ -54,6 +54,8 @@ class Config:
     data_dir: str = ""                # folder with the dataset's offline files; empty: searched (cnn_jax.data)
     train_subset: int = 0             # train on the first N images only (0: all)
     test_subset: int = 0              # evaluate on the first N test images only (0: all)
+    augment_shift: int = 0            # training images shifted by up to N pixels (pad and crop; 0: off)
+    augment_flip: bool = False        # training images mirrored left-right at random (off for digits)
     # Model: the family (cnn_jax.models), then the fields of the tutorial's CNN.
     model: str = "cnn"                # a family of cnn_jax.models (cnn: the tutorial's network)
     conv_filters: tuple[int, ...] = (20, 50)
@@ -229,7 +231,7 @@ def validate(config: Config) -> Config:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"--{name}={value!r} is not allowed: it must be a positive integer")
         _positive(name, value)
-    for name in ("train_subset", "test_subset", "seed"):
+    for name in ("train_subset", "test_subset", "seed", "augment_shift"):
         _positive(name, getattr(config, name), allow_zero=True)
     for name in ("learning_rate", "weight_scale"):
         _positive(name, getattr(config, name))
@@ -243,5 +245,8 @@ def validate(config: Config) -> Config:
                           "or an optax optimiser")
     if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
         raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
+    if config.augment_shift >= min(config.input_shape[:2]):
+        raise ConfigError(f"--augment_shift={config.augment_shift} is not allowed: a shift must be smaller "
+                          f"than the {config.input_shape[0]}x{config.input_shape[1]} images (a few pixels, e.g. 2)")
     models.family(config.model).validate(config)
     return config

@@ -16,13 +16,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnn_jax import layers, lowering, model, optim
+from cnn_jax import augment, layers, lowering, model, optim
 from cnn_jax.config import Config
 from cnn_jax.state import TrainState, step_rng
 
 Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+# The augmentation of step s draws from fold_in(step key, AUGMENT_STREAM), apart from the
+# model's own randomness (dropout), which uses the step key itself.
+AUGMENT_STREAM = 0xA06
 
 
 def loss_fn(params: model.Params, model_state: model.ModelState, batch: Batch, rng: jax.Array,
@@ -38,11 +41,17 @@ def loss_fn(params: model.Params, model_state: model.ModelState, batch: Batch, r
 
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> StepFn:
-    """A pure step: (state, (images, labels)) -> (state, metrics)."""
+    """A pure step: (state, (images, labels)) -> (state, metrics); the batch is augmented first
+    (`--augment_shift`, `--augment_flip`) from the step's key."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        key = step_rng(state)
+        if config.augment_shift or config.augment_flip:
+            images, labels = batch
+            batch = (augment.augment(jax.random.fold_in(key, AUGMENT_STREAM), images, config.augment_shift,
+                                     config.augment_flip), labels)
         grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, batch, step_rng(state), config)
+            state.params, state.model_state, batch, key, config)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
         # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params;

@@ -48,3 +48,33 @@ def test_an_overflowing_optimiser_state_is_divergence_at_its_step(small):
     new, metrics = train_step(poisoned, batch)
     assert not bool(metrics["finite"])
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(new.params))   # the params alone look fine
+
+
+def test_the_step_augments_its_batch_from_the_step_key(small):
+    """With --augment_shift / --augment_flip the step trains on the batch augmented with
+    fold_in(step key, AUGMENT_STREAM): the same update as the manual one on those images, and not
+    the update on the raw images; the same state gives the same augmentation."""
+    from cnn_jax import augment
+    config = config_lib.replace(config_lib.PRESETS["seed"], augment_shift=3, augment_flip=True)
+    opt = optim.make_optimizer(config, 1)
+    start = state.create(config, opt).replace(step=jnp.asarray(7, jnp.int32))
+    images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
+    train_step = jax.jit(step.make_train_step(config, opt))
+    new, _ = train_step(start, (images, labels))
+    again, _ = train_step(start, (images, labels))
+    seen = augment.augment(jax.random.fold_in(state.step_rng(start), step.AUGMENT_STREAM), images, 3, True)
+    assert not np.array_equal(seen, images)
+    for name, batch_images in (("augmented", seen), ("raw", images)):
+        grads = jax.grad(lambda p: step.loss_fn(p, {}, (batch_images, labels), None, config)[0])(start.params)
+        expected = jax.tree.map(lambda p, g: p - 0.01 * g, start.params, grads)
+        close = all(np.allclose(n, e, rtol=1e-5, atol=1e-7)
+                    for n, e in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected)))
+        assert close == (name == "augmented"), name
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(again)))
+
+
+def test_augmentation_is_checked_against_the_image_size():
+    with pytest.raises(config_lib.ConfigError, match="--augment_shift=28 is not allowed"):
+        config_lib.validate(config_lib.replace(Config(), augment_shift=28))
+    with pytest.raises(config_lib.ConfigError, match="--augment_shift=-1 is not allowed"):
+        config_lib.validate(config_lib.replace(Config(), augment_shift=-1))
