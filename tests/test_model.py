@@ -69,6 +69,7 @@ def test_init_is_deterministic_per_key():
     assert not np.array_equal(a["conv1"]["w"], c["conv1"]["w"])
 
 
+@pytest.mark.slow
 def test_conv_lowerings_give_the_same_logits_and_gradients():
     images = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
     labels = jnp.arange(4)

@@ -105,6 +105,7 @@ def one_device(mnist_dir):
     return {loop: _one_device_params(mnist_dir, loop) for loop in ("step", "scan")}
 
 
+@pytest.mark.slow
 def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_path):
     proc = _run([mnist_dir, str(tmp_path / "four"), "step,scan"],
                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
@@ -118,6 +119,7 @@ def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_pat
         _assert_params_match(tmp_path / f"four_{loop}.npz", one_device[loop], _start(mnist_dir))
 
 
+@pytest.mark.slow
 def test_four_forced_cpu_devices_match_one_device_with_winograd(mnist_dir, tmp_path):
     proc = _run([mnist_dir, str(tmp_path / "four"), "scan"],
                 {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -129,6 +131,7 @@ def test_four_forced_cpu_devices_match_one_device_with_winograd(mnist_dir, tmp_p
                          _start(mnist_dir, WINOGRAD))
 
 
+@pytest.mark.slow
 def test_two_processes_through_jax_distributed_match_one_device(mnist_dir, one_device, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))

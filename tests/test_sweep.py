@@ -316,6 +316,7 @@ def _sweep_cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_shards_resume_and_summarize(tmp_path, mnist_dir):
     workdir = str(tmp_path / "sweep")
     common = [f"--data_dir={mnist_dir}", "--train_subset=128", "--test_subset=100", "--batch_size=32",
@@ -374,6 +375,7 @@ def test_a_crash_while_writing_the_results_keeps_the_previous_tables(tmp_path, m
     assert sorted(os.listdir(tmp_path)) == sorted(before)          # no half-written temporaries
 
 
+@pytest.mark.slow
 def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
     training_run = str(tmp_path / "run")
     workdir_lib.start(training_run, Config())
@@ -396,6 +398,7 @@ def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
     assert sorted(os.listdir(training_run)) == before and not os.path.exists(tmp_path / "s")
 
 
+@pytest.mark.slow
 def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(tmp_path, mnist_dir):
     import signal
     workdir = str(tmp_path / "sweep")

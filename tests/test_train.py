@@ -120,7 +120,10 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
                                            config.eval_batch_size))
     compiled = []
     listener = lambda event, duration, **kw: compiled.append(event)   # noqa: E731
+    # A compile request counts even when the session's persistent cache (conftest.py) answers it.
+    requests = lambda event, **kw: compiled.append(event)   # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(requests)
     try:
         if loop == "step":
             params, _, _ = runner(params, opt_state, images, labels, order, np.int32(0))
@@ -130,7 +133,9 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
             train._eval_batch(params, x, y, mask, lowering.inference_config(config))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_listener(requests)
     assert "/jax/core/compile/backend_compile_duration" not in compiled, compiled
+    assert "/jax/compilation_cache/compile_requests_use_cache" not in compiled, compiled
 
 
 def test_log_lines_of_one_scanned_epoch_share_its_rate(small):
