@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numerics
 import numpy as np
 import pytest
 
@@ -47,10 +48,13 @@ def test_short_real_run_learns(small):
 
 
 def test_step_and_scan_loops_agree(small):
-    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
-    results = [train.fit(config_lib.replace(Config(), loop=loop, train_eval="running"), cut) for loop in ("step", "scan")]
-    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    """Two programs (a jitted step, a scanned epoch) fuse and round differently, depending on the
+    CPU: two plain SGD steps, each leaf compared relative to its update (tests/numerics.py)."""
+    cut = dataclasses.replace(small, train_images=small.train_images[:128], train_labels=small.train_labels[:128])
+    base = config_lib.replace(Config(), optimizer="sgd", learning_rate=0.1, train_eval="running")
+    results = [train.fit(config_lib.replace(base, loop=loop), cut) for loop in ("step", "scan")]
+    numerics.assert_updates_close(results[1][0], results[0][0], model.init(jax.random.key(base.seed), base),
+                                  what="scan against step")
     assert abs(results[0][2][0]["moving_loss"] - results[1][2][0]["moving_loss"]) < 1e-4
 
 
