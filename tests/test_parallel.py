@@ -12,16 +12,16 @@ import sys
 
 import jax
 import numpy as np
+import numerics
 import pytest
 
 from cnn_jax import config as config_lib
-import numerics
 from cnn_jax import data, model, optim, parallel, train
 from cnn_jax.config import Config, ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two steps of plain SGD (128 images, batch 64), compared per leaf relative to each leaf's update
-# (tests/numerics.py). The rounding differs between 4 devices x 32 and 1 x 128 images (sums in
+# (tests/numerics.py). The rounding differs between 4 devices x 16 and 1 x 64 images (sums in
 # another order; Winograd's transforms round differently per batch size) and with the CPU: AVX-512
 # here, AVX2 on other x86 machines. Adam is avoided on purpose: it is blind to a gradient's scale
 # (a gradient summed instead of averaged over devices would pass) and its normalisation of
