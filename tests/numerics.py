@@ -10,8 +10,8 @@ momentum steps at a high learning rate) turn it into 1e-3-level parameter differ
 depends on the CPU. So the comparisons run few steps of SGD or momentum, where the result
 responds linearly to gradient noise (a relative noise r on every update moves the result by about
 r relative to the update: measured for r up to 1e-4 with 2 SGD steps, 1e-3 with 4 momentum steps;
-at r = 1e-4, 8 SGD steps at lr 0.1 already moved it by 3e-2 and 16 momentum steps by 2e-3), and compare each leaf's
-difference with the size of its update:
+at r = 1e-4, 8 SGD steps at lr 0.1 already moved it by 3e-2 and 16 momentum steps by 2e-3), and
+compare each leaf's difference with the size of its update:
 
     max|got - want| <= UPDATE_RTOL * max|want - start|      (per leaf)
 
