@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST files and a small real subset loaded once."""
+"""Shared fixtures: the real MNIST files, a small real subset loaded once, and one JAX compilation
+cache for the whole session (this process and every subprocess the tests start)."""
 
 import os
 
@@ -19,3 +20,21 @@ def mnist_dir() -> str:
 def mnist(mnist_dir):
     from cnn_jax import data
     return data.load_idx_dir(mnist_dir, "mnist")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache per test session, in pytest's temporary folder: the same
+    programs (a training step compiled by several tests and scripts) are compiled once. Set through
+    jax.config here and through the JAX_* variables for subprocesses; every entry is cached."""
+    import jax
+    folder = str(tmp_path_factory.mktemp("jax_cache"))
+    values = {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        yield folder

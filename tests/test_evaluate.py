@@ -21,10 +21,9 @@ def script(name):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """The environment of the subprocesses: one shared compilation cache (same programs, less time)."""
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def env():
+    """The environment of the subprocesses (with the session's shared compilation cache, conftest.py)."""
+    return dict(os.environ)
 
 
 def run(args, env, cwd=REPO_ROOT):
@@ -119,6 +118,7 @@ def test_a_damaged_latest_checkpoint_is_one_line_naming_the_older_one(trained, e
 
 
 @pytest.mark.parametrize("name", ["evaluate.py", "plot.py"])
+@pytest.mark.slow
 def test_bad_flags_and_workdirs_are_one_line(name, env, tmp_path, trained):
     workdir, _ = trained
     foreign = tmp_path / "foreign"

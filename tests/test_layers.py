@@ -168,6 +168,7 @@ def test_dense_gradient_matches_finite_differences():
 @given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 3), o=st.integers(1, 4),
        k=st.integers(1, 5), stride=st.integers(1, 3), padding=st.sampled_from(["VALID", "SAME"]),
        seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_conv_property(h, w, c, o, k, stride, padding, seed):
     if padding == "VALID" and k > min(h, w):
         return

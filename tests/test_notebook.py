@@ -3,6 +3,7 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO_ROOT
@@ -10,6 +11,7 @@ from conftest import REPO_ROOT
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "quickstart.ipynb")
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_cell(mnist_dir, monkeypatch):
     for name, value in {"CNN_JAX_MNIST_DIR": os.path.abspath(mnist_dir), "QUICKSTART_TRAIN_SUBSET": "1000",
                         "QUICKSTART_TEST_SUBSET": "1000", "QUICKSTART_EPOCHS": "1"}.items():

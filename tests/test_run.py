@@ -195,22 +195,6 @@ def cli_args(mnist_dir, workdir, *extra):
             "--eval_batch_size=512", f"--workdir={workdir}", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """Let the subprocesses share compiled programs (same HLO, same executable) to save minutes."""
-    folder = str(tmp_path_factory.mktemp("jax_cache"))
-    values = {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
-
-
 def run_cli(args, **kwargs):
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, **kwargs)
 
@@ -236,6 +220,7 @@ def reference_run(mnist_dir, tmp_path_factory):
     return workdir, result.stdout
 
 
+@pytest.mark.slow
 def test_cli_run_killed_in_epoch_2_and_terminated_in_epoch_3_resumes_bit_identical(mnist_dir, reference_run,
                                                                                     tmp_path):
     reference, _ = reference_run

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numerics
 import numpy as np
 import pytest
 
@@ -49,10 +50,13 @@ def test_short_real_run_learns(small):
 
 
 def test_step_and_scan_loops_agree(small):
-    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
-    results = [train.fit(config_lib.replace(Config(), loop=loop, train_eval="running"), cut) for loop in ("step", "scan")]
-    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    """Two programs (a jitted step, a scanned epoch) fuse and round differently, depending on the
+    CPU: two plain SGD steps, each leaf compared relative to its update (tests/numerics.py)."""
+    cut = dataclasses.replace(small, train_images=small.train_images[:128], train_labels=small.train_labels[:128])
+    base = config_lib.replace(Config(), optimizer="sgd", learning_rate=0.1, train_eval="running")
+    results = [train.fit(config_lib.replace(base, loop=loop), cut) for loop in ("step", "scan")]
+    numerics.assert_updates_close(results[1][0].params, results[0][0].params,
+                                  model.init(jax.random.key(base.seed), base)[0], what="scan against step")
     assert abs(results[0][1][0]["moving_loss"] - results[1][1][0]["moving_loss"]) < 1e-4
 
 
@@ -82,7 +86,10 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
                                            config.eval_batch_size))
     compiled = []
     listener = lambda event, duration, **kw: compiled.append(event)   # noqa: E731
+    # A compile request counts even when the session's persistent cache (conftest.py) answers it.
+    requests = lambda event, **kw: compiled.append(event)   # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(requests)
     try:
         if loop == "step":
             final, _ = runner(start, images, labels, order, np.int32(0))
@@ -92,7 +99,9 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
             step.eval_batch(final.params, final.model_state, x, y, mask, lowering.inference_config(config))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_listener(requests)
     assert "/jax/core/compile/backend_compile_duration" not in compiled, compiled
+    assert "/jax/compilation_cache/compile_requests_use_cache" not in compiled, compiled
 
 
 def test_log_lines_of_one_scanned_epoch_share_its_rate(small):
