@@ -62,11 +62,13 @@ def conv_lowerings_agree(config):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
-def training_moves_state_and_draws_dropout_per_step(config, dataset):
-    """fit trains above chance, moves the batch-norm running averages; a step's dropout mask comes
-    from fold_in(rng, step), so the same batch at another step updates differently."""
+def training_moves_state_and_draws_dropout_per_step(config, dataset, min_accuracy):
+    """fit learns (above chance, better in its second epoch), moves the batch-norm running averages;
+    a step's dropout mask comes from fold_in(rng, step), so the same batch at another step updates
+    differently."""
     final, history = train.fit(config, dataset)
-    assert np.isfinite(history[-1]["moving_loss"]) and history[-1]["test_accuracy"] > 0.3   # chance: 0.1
+    assert np.isfinite(history[-1]["moving_loss"]) and history[-1]["test_accuracy"] > min_accuracy  # chance: 0.1
+    assert history[-1]["train_accuracy"] > history[0]["train_accuracy"]
     fresh_params, fresh_model_state = model.init(jax.random.key(0), config)
     assert not leaves_equal(final.model_state, fresh_model_state)
     for stats in jax.tree.leaves(final.model_state):

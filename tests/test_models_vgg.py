@@ -59,7 +59,7 @@ def test_patches_and_lax_convolutions_agree():
 
 
 def test_training_evaluation_and_resume(small):
-    final = checks.training_moves_state_and_draws_dropout_per_step(TINY, small)
+    final = checks.training_moves_state_and_draws_dropout_per_step(TINY, small, min_accuracy=0.3)
     checks.evaluation_is_deterministic_and_uses_running_averages(TINY, final, small)
     checks.stop_and_resume_is_bit_exact(TINY, small, stop_at=13)
 
