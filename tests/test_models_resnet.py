@@ -3,7 +3,6 @@ where shapes change, lowerings, training with batch norm and dropout, determinis
 bit-exact resume and vmapped sweeps."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -46,7 +45,7 @@ def test_a_block_is_the_pre_activation_formula():
     params, model_state = model.init(jax.random.key(0), config)
     images = jax.random.uniform(jax.random.key(1), (2, 28, 28, 1))
     x = layers.conv2d(images, params["stem"]["w"], 0.0, 1, "SAME")
-    p, s = params["stage2_block1"], model_state["stage2_block1"]
+    p = params["stage2_block1"]
     block1 = params["stage1_block1"]
     y1 = layers.conv2d(layers.relu(layers.batch_norm(
         layers.conv2d(layers.relu(layers.batch_norm(x, block1["bn1"]["scale"], block1["bn1"]["bias"],
