@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,6 +75,7 @@ def test_a_vmapped_sweep_group_trains_each_run_as_alone(small):
 # Fresh interpreters (XLA_FLAGS must be set before JAX starts): train the tiny VGG and save its state.
 DP_SCRIPT = r"""
 import json, sys
+import jax
 import numpy as np
 from cnn_jax import config as config_lib, data, train
 import jax
@@ -147,3 +149,15 @@ def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path)
     assert int(got.step) == 40 and checks.leaves_equal(got, want)
     assert got_meta["history"][-1]["test_accuracy"] == want_meta["history"][-1]["test_accuracy"]
     assert not np.array_equal(got.model_state["bn1_1"]["var"], np.ones(4))   # the statistics moved
+
+
+def test_init_follows_the_init_flag():
+    """he: std sqrt(2 / fan_in) for the convs; lecun: sqrt(1 / fan_in); seed: weight_scale; the output
+    layer at gain 1 (except seed)."""
+    config = config_lib.replace(TINY, widths=(64, 64))
+    for init, conv_std, output_std in [("he", np.sqrt(2 / (9 * 64)), np.sqrt(1 / (7 * 7 * 64))),
+                                       ("lecun", np.sqrt(1 / (9 * 64)), np.sqrt(1 / (7 * 7 * 64))),
+                                       ("seed", 0.05, 0.05)]:
+        params, _ = model.init(jax.random.key(0), config_lib.replace(config, init=init, weight_scale=0.05))
+        assert np.std(params["conv2_1"]["w"]) == pytest.approx(conv_std, rel=0.05)
+        assert np.std(params["output"]["w"]) == pytest.approx(output_std, rel=0.05)

@@ -55,14 +55,15 @@ def strategy(config: Config, pool: str) -> lowering.Strategy:
     return lowering.Strategy(conv_impl(config), pool, "NHWC", base.loop, base.ynnpack)
 
 
-def he_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """N(0, 2 / fan_in) weights (fan_in: every axis but the last), for layers followed by relu."""
-    return math.sqrt(2.0 / math.prod(shape[:-1])) * jax.random.normal(key, shape, jnp.float32)
-
-
-def lecun_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """N(0, 1 / fan_in) weights, for the classifier."""
-    return math.sqrt(1.0 / math.prod(shape[:-1])) * jax.random.normal(key, shape, jnp.float32)
+def weight(key: jax.Array, shape: tuple[int, ...], config: Config, gain: float = 2.0) -> jax.Array:
+    """Initial weights of `shape` (fan_in: every axis but the last) as `--init` says: N(0, gain /
+    fan_in) for `he` (gain 2 for a layer followed by relu; pass 1 for the classifier), N(0, 1 /
+    fan_in) for `lecun`, N(0, weight_scale) for `seed`."""
+    normal = jax.random.normal(key, shape, jnp.float32)
+    if config.init == "seed":
+        return config.weight_scale * normal
+    gain = gain if config.init == "he" else 1.0
+    return math.sqrt(gain / math.prod(shape[:-1])) * normal
 
 
 def bn_init(channels: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:

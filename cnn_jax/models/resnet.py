@@ -86,23 +86,25 @@ def first_conv(params: Params) -> jax.Array:
 
 
 def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
-    """He-normal conv weights, batch norm at scale 1 and bias 0 (running mean 0, variance 1),
-    a LeCun-normal output layer with zero bias."""
+    """Conv weights as `--init` says (`common.weight`; he: N(0, 2 / fan_in)), batch norm at scale 1
+    and bias 0 (running mean 0, variance 1), the output layer at gain 1 with zero bias."""
     keys = iter(jax.random.split(key, 3 * len(config.widths) * config.depth + 2))
-    params: Params = {"stem": {"w": common.he_normal(next(keys), (3, 3, config.input_shape[2], config.widths[0]))}}
+    stem_shape = (3, 3, config.input_shape[2], config.widths[0])
+    params: Params = {"stem": {"w": common.weight(next(keys), stem_shape, config)}}
     model_state: dict = {}
     for name, cin, cout, stride in _blocks(config):
         block, block_state = {}, {}
         block["bn1"], block_state["bn1"] = common.bn_init(cin)
-        block["conv1"] = {"w": common.he_normal(next(keys), (3, 3, cin, cout))}
+        block["conv1"] = {"w": common.weight(next(keys), (3, 3, cin, cout), config)}
         block["bn2"], block_state["bn2"] = common.bn_init(cout)
-        block["conv2"] = {"w": common.he_normal(next(keys), (3, 3, cout, cout))}
+        block["conv2"] = {"w": common.weight(next(keys), (3, 3, cout, cout), config)}
         projection_key = next(keys)
         if stride != 1 or cin != cout:
-            block["proj"] = {"w": common.he_normal(projection_key, (cin, cout))}
+            block["proj"] = {"w": common.weight(projection_key, (cin, cout), config)}
         params[name], model_state[name] = block, block_state
     params["final_bn"], model_state["final_bn"] = common.bn_init(config.widths[-1])
-    params["output"] = {"w": common.lecun_normal(next(keys), (config.widths[-1], config.num_classes)),
+    output_shape = (config.widths[-1], config.num_classes)
+    params["output"] = {"w": common.weight(next(keys), output_shape, config, gain=1.0),
                         "b": jnp.zeros(config.num_classes, jnp.float32)}
     return params, model_state
 

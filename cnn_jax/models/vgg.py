@@ -71,19 +71,21 @@ def first_conv(params: Params) -> jax.Array:
 
 
 def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
-    """He-normal conv weights, batch norm at scale 1 and bias 0 (running mean 0, variance 1),
-    a LeCun-normal output layer with zero bias."""
+    """Conv weights as `--init` says (`common.weight`; he: N(0, 2 / fan_in)), batch norm at scale 1
+    and bias 0 (running mean 0, variance 1), the output layer at gain 1 with zero bias."""
     params: Params = {}
     model_state: dict = {}
     c = config.input_shape[2]
     index = 0
     for b, width in enumerate(config.widths, start=1):
         for j in range(1, config.depth + 1):
-            params[f"conv{b}_{j}"] = {"w": common.he_normal(jax.random.fold_in(key, index), (3, 3, c, width))}
+            params[f"conv{b}_{j}"] = {"w": common.weight(jax.random.fold_in(key, index), (3, 3, c, width),
+                                                         config)}
             params[f"bn{b}_{j}"], model_state[f"bn{b}_{j}"] = common.bn_init(width)
             c, index = width, index + 1
     flat = dict(layer_shapes(config))["flatten"][0]
-    params["output"] = {"w": common.lecun_normal(jax.random.fold_in(key, index), (flat, config.num_classes)),
+    params["output"] = {"w": common.weight(jax.random.fold_in(key, index), (flat, config.num_classes), config,
+                                           gain=1.0),
                         "b": jnp.zeros(config.num_classes, jnp.float32)}
     return params, model_state
 
