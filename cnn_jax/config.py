@@ -70,6 +70,11 @@ class Config:
     input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C; follows `dataset` in `replace` unless given
     init: str = "he"                  # he | lecun | seed (every weight and bias ~ N(0, weight_scale))
     weight_scale: float = 0.01        # std of the seed init
+    # Fields of the batch-normalised families (vgg, resnet).
+    widths: tuple[int, ...] = (32, 64, 128)   # channels of each VGG block / ResNet stage
+    depth: int = 2                    # conv layers per VGG block / residual blocks per ResNet stage
+    dropout: float = 0.0              # dropout rate before the classifier (0: none)
+    bn_momentum: float = 0.9          # batch norm: running average <- momentum * running + (1 - momentum) * batch
     # Optimisation.
     optimizer: str = "adam"           # seed_sgd | sgd | momentum | adam | adamw
     learning_rate: float = 1e-3
@@ -109,6 +114,14 @@ PRESETS: dict[str, Config] = {
     # evaluation in batches of 250 (XLA:CPU's forward pass is fastest there).
     "fast": Config(pool="max", init="he", optimizer="adam", learning_rate=0.006, schedule="onecycle",
                    batch_size=64, epochs=1, train_eval="running", eval_batch_size=250),
+    # The batch-normalised families: starting points, NOT YET TUNED (to be chosen on a validation
+    # split carved from the training set): Adam with a one-cycle schedule, shifts of up to 2 pixels.
+    "vgg": Config(model="vgg", widths=(32, 64, 128), depth=2, dropout=0.3, bn_momentum=0.9, init="he",
+                  optimizer="adam", learning_rate=0.003, schedule="onecycle", batch_size=128, epochs=5,
+                  augment_shift=2, train_eval="running", eval_batch_size=500),
+    "resnet": Config(model="resnet", widths=(16, 32, 64), depth=2, dropout=0.0, bn_momentum=0.9, init="he",
+                     optimizer="adam", learning_rate=0.003, schedule="onecycle", batch_size=128, epochs=5,
+                     augment_shift=2, train_eval="running", eval_batch_size=500),
 }
 
 

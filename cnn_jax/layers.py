@@ -122,3 +122,62 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-example cross-entropy -log softmax(logits)[label]; labels are int class ids."""
     log_probs = log_softmax(logits)
     return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+BN_EPSILON = 1e-5
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array, *,
+               train: bool, momentum: float = 0.9,
+               epsilon: float = BN_EPSILON) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch normalisation of NHWC `x` per channel: (y, new running mean, new running variance).
+
+    Training normalises with the batch's statistics over N, H, W (the biased variance) and moves
+    the running averages toward them: new = momentum * running + (1 - momentum) * batch (no
+    gradient flows into them). Evaluation normalises with the running averages and returns them
+    unchanged. Under jit with a batch sharded over devices, the means are over the global batch."""
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        batch_mean = jnp.mean(x, axis=axes)
+        batch_var = jnp.mean(jnp.square(x - batch_mean), axis=axes)
+        new_mean = momentum * mean + (1.0 - momentum) * lax.stop_gradient(batch_mean)
+        new_var = momentum * var + (1.0 - momentum) * lax.stop_gradient(batch_var)
+        use_mean, use_var = batch_mean, batch_var
+    else:
+        new_mean, new_var = mean, var
+        use_mean, use_var = mean, var
+    y = (x - use_mean) * (scale * lax.rsqrt(use_var + epsilon)) + bias
+    return y, new_mean, new_var
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *, train: bool) -> jax.Array:
+    """Inverted dropout: in training each value is zeroed with probability `rate` and the rest are
+    scaled by 1 / (1 - rate), so evaluation (and rate 0) is the identity. The same key gives the
+    same mask."""
+    if not train or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def project(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+    """A 1x1 convolution without bias, x (N, H, W, C) @ w (C, O) at `stride`: a residual shortcut's
+    projection (the same as `conv2d` with a 1x1 kernel and VALID padding)."""
+    return x[:, ::stride, ::stride, :] @ w
+
+
+def residual_add(branch: jax.Array, shortcut: jax.Array, projection: jax.Array | None = None,
+                 stride: int = 1) -> jax.Array:
+    """branch + shortcut; where the shapes differ, the shortcut goes through `project` with the
+    (C, O) `projection` weights at `stride` first."""
+    if projection is not None:
+        shortcut = project(shortcut, projection, stride)
+    if shortcut.shape != branch.shape:
+        raise ValueError(f"residual shapes differ: branch {branch.shape}, shortcut {shortcut.shape}; "
+                         "give a projection (and stride) for the shortcut")
+    return branch + shortcut
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, C): the mean over the spatial axes."""
+    return jnp.mean(x, axis=(1, 2))

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnn_jax import models
+from cnn_jax import lowering, models
 from cnn_jax.config import Config, ConfigError
 
 Params = dict[str, Any]
@@ -65,6 +65,15 @@ def flops(config: Config) -> tuple[float, float]:
 def validate(config: Config) -> None:
     """The family's checks of its own fields (ConfigError, one line)."""
     family(config).validate(config)
+
+
+def strategy(config: Config) -> lowering.Strategy:
+    """The lowerings the config's family runs (for the start-up `strategy:` line): the family's
+    `strategy` when it has one, else `lowering.resolve` (the tutorial network's fused blocks)."""
+    module = family(config)
+    if hasattr(module, "strategy"):
+        return module.strategy(config)
+    return lowering.resolve(config)
 
 
 def first_conv(params: Params, config: Config) -> np.ndarray:

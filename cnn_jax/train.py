@@ -226,7 +226,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
     loop = resolve_loop(config)
     optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
     dp = parallel.data_parallel(config)   # a no-op on one device
-    print(f"strategy: {lowering.resolve(config).describe()}, {dp.describe()}", flush=True)
+    print(f"strategy: {model.strategy(config).describe()}, {dp.describe()}", flush=True)
     compiling = None
     if dp.mesh is None:   # sharded arguments would compile another program
         compiling = threading.Thread(target=compile_ahead, daemon=True,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cnn_jax import cli, evaluation, lowering, model, optim
+from cnn_jax import cli, evaluation, model, optim
 from cnn_jax import state as state_lib
 from cnn_jax import step as step_lib
 from cnn_jax import config as config_lib
@@ -55,6 +55,9 @@ flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of ev
 flags.DEFINE_list("runs", ["default", "fast"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
+flags.DEFINE_list("families", ["vgg", "resnet"],
+                  "Model families to time besides the seed network, each at its preset (config.PRESETS[name]) "
+                  "on the same MNIST-shaped images; empty: none.")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
                    "processes to leave the CPUs idle (0: don't wait).")
 flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
@@ -107,7 +110,7 @@ class Candidate:
 def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Array,
                   steps: int) -> Candidate:
     """The train.py runner for `config`, `steps` batches per run, through the real step code."""
-    strategy = lowering.resolve(config)
+    strategy = model.strategy(config)
     optimizer = optim.make_optimizer(config, steps)
     state = [state_lib.create(config, optimizer)]
     train_step = step_lib.make_train_step(config, optimizer)
@@ -362,6 +365,17 @@ def format_training(groups: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_families(rows: list[dict[str, Any]]) -> str:
+    """The model-family rows: each family at its preset."""
+    lines = [f"{'family':8s} {'batch':>5s} {'img/s':>8s} {'MFLOP/img':>9s} {'GFLOP/s':>8s} {'% peak':>6s} "
+             f"{'compile s':>9s}  lowering"]
+    for r in rows:
+        lines.append(f"{r['name']:8s} {r['batch_size']:5d} {r['images_per_second']:8.0f} "
+                     f"{r['flops_per_image'] / 1e6:9.1f} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} "
+                     f"{r['compile_s']:9.2f}  {r['description']}")
+    return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
              f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
@@ -371,6 +385,9 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
              "PyTorch's most)",
              "", format_training(report["training"])]
+    if report["families"]:
+        lines += ["model families at their presets (training, MNIST-shaped images; no PyTorch rows yet):",
+                  format_families(report["families"]), ""]
     if report["evaluation"]:
         lines.append("evaluation (forward only, test set, eval_batch_size per call):")
         for e in report["evaluation"]:
@@ -397,7 +414,8 @@ def checked_flags() -> list[int]:
     too_big = [b for b in batch_sizes if b > FLAGS.train_images]
     if too_big:
         raise ConfigError(f"--batch_sizes={too_big[0]} is larger than --train_images={FLAGS.train_images}")
-    for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS)):
+    families = {name: name for name in config_lib.PRESETS if config_lib.PRESETS[name].model == name}
+    for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families)):
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
             raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
@@ -443,6 +461,7 @@ def main(argv: list[str]) -> None:
                     "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "data": data, "flops_per_image": total, "forward_flops_per_image": forward,
         "matmul_peak_gflops": peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
+        "families": [],
     }
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
@@ -473,6 +492,18 @@ def main(argv: list[str]) -> None:
                                              "images_per_second": torch_eval_throughput(
                                                  config_lib.replace(base, pool=pool), test_x,
                                                  FLAGS.repeats)})
+    for name in [f for f in FLAGS.families if f]:
+        preset = config_lib.PRESETS[name]
+        config = config_lib.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
+        steps = min(max(1, round(FLAGS.repeat_images / config.batch_size)), len(train_y) // config.batch_size)
+        candidate = jax_candidate(name, config, images, labels, steps)
+        busy = time_interleaved([candidate], FLAGS.repeats, FLAGS.quiet_wait)
+        row = {**candidate.result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
+               "busy_before_rounds": busy}
+        row["gflops"] = row["images_per_second"] * row["flops_per_image"] / 1e9
+        row["percent_of_peak"] = 100.0 * row["gflops"] / peak
+        report["families"].append(row)
+        print(format_families(report["families"][-1:]), flush=True)
     if FLAGS.data_dir:
         for preset in [r for r in FLAGS.runs if r]:
             report["runs"].append(training_run(preset, FLAGS.data_dir))

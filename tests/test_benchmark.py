@@ -57,7 +57,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=8",
          "--pools=max", "--strategies=default,reference", "--repeats=2", "--repeat_images=16",
-         "--train_images=64", "--runs=", "--quiet_wait=0", f"--output={output}"],
+         "--train_images=64", "--runs=", "--quiet_wait=0", "--families=vgg,resnet", f"--output={output}"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(output.read_text())
@@ -73,6 +73,13 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     assert {e["name"] for e in report["evaluation"]} == {"default", "reference"} | ({"torch"} if has_torch else set())
     assert "conv=winograd pool=reshape layout=CHWN loop=scan ynnpack=off" in group["results"][0]["description"]
     assert "vs torch" in proc.stdout and "default" in proc.stdout
+    # A row per model family at its preset, the batch capped at the 64 images, its own FLOP count.
+    assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64), ("resnet", 64)]
+    for r in report["families"]:
+        assert r["images_per_second"] > 0 and r["compile_s"] > 0
+        assert r["flops_per_image"] == model.flops(config_lib.PRESETS[r["name"]])[1]
+        assert "layout=NHWC" in r["description"] and "conv=patches" in r["description"]
+    assert "model families at their presets" in proc.stdout
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -81,6 +88,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     (["--train_images=32"], "--batch_sizes=64 is larger than --train_images=32"),
     (["--repeats=0"], "--repeats=0 is not allowed: it must be positive"),
     (["--runs=tutorial"], "--runs=tutorial is not allowed: use one of default"),
+    (["--families=vgg,alexnet"], "--families=alexnet is not allowed: use one of vgg, resnet"),
     (["--pools=min"], "--pool='min' is not allowed"),
     (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),
 ])

@@ -209,3 +209,97 @@ def test_unpad_same_undoes_pad_same_and_is_its_transpose(kh, kw, stride):
     cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(padded.shape), jnp.float32)
     _, vjp = jax.vjp(lambda v: layers.pad_same(v, kh, kw, stride), x)
     np.testing.assert_array_equal(vjp(cotangent)[0], layers.unpad_same(cotangent, (7, 6), kh, kw, stride))
+
+
+# --------------------------------------------------------------------------- batch norm, dropout,
+# residual add, global average pooling
+
+
+def np_batch_norm(x, scale, bias, mean, var, train, momentum, eps=layers.BN_EPSILON):
+    x = np.asarray(x, np.float64)
+    if train:
+        m = x.reshape(-1, x.shape[-1]).mean(axis=0)
+        v = x.reshape(-1, x.shape[-1]).var(axis=0)
+        return (x - m) / np.sqrt(v + eps) * scale + bias, momentum * mean + (1 - momentum) * m, \
+            momentum * var + (1 - momentum) * v
+    return (x - mean) / np.sqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_matches_numpy(train):
+    x = 3.0 * random((4, 5, 6, 3), 20) + 2.0
+    scale, bias = random((3,), 21), random((3,), 22)
+    mean, var = random((3,), 23), np.abs(random((3,), 24)) + 0.5
+    got = layers.batch_norm(x, scale, bias, mean, var, train=train, momentum=0.8)
+    want = np_batch_norm(x, scale, bias, mean, var, train, 0.8)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    if train:   # normalised by the batch: zero mean, unit variance per channel before scale and bias
+        z = (np.asarray(got[0]) - bias) / scale
+        np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0, atol=1e-5)
+        np.testing.assert_allclose(z.var(axis=(0, 1, 2)), 1, atol=1e-3)
+    else:
+        assert got[1] is mean and got[2] is var
+
+
+def test_batch_norm_running_averages_get_no_gradient():
+    x, scale, bias = random((4, 3, 3, 2), 25), random((2,), 26), random((2,), 27)
+
+    def new_mean_sum(x):
+        return jnp.sum(layers.batch_norm(x, scale, bias, jnp.zeros(2), jnp.ones(2), train=True)[1])
+    np.testing.assert_array_equal(jax.grad(new_mean_sum)(x), 0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_gradient_matches_finite_differences(train):
+    x, scale, bias = random((3, 4, 4, 2), 28), random((2,), 29), random((2,), 30)
+    mean, var = random((2,), 31), np.abs(random((2,), 32)) + 0.5
+    finite_difference_check(
+        lambda x, s, b: jnp.sum(jnp.sin(layers.batch_norm(x, s, b, mean, var, train=train)[0])), (x, scale, bias))
+
+
+def test_dropout_masks_and_scales():
+    x = jnp.ones((64, 32))
+    key = jax.random.key(0)
+    y = np.asarray(layers.dropout(x, 0.25, key, train=True))
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    assert 0.2 < np.mean(y == 0) < 0.3                       # about the rate is dropped
+    np.testing.assert_array_equal(layers.dropout(x, 0.25, key, train=True), y)    # same key, same mask
+    assert not np.array_equal(layers.dropout(x, 0.25, jax.random.key(1), train=True), y)
+    assert layers.dropout(x, 0.25, key, train=False) is x    # identity in evaluation
+    assert layers.dropout(x, 0.0, key, train=True) is x      # and at rate 0
+    # The mask as NumPy would apply it: kept values scaled by 1 / (1 - rate).
+    z = random((8, 5), 33)
+    kept = np.asarray(jax.random.bernoulli(key, 0.75, z.shape))
+    np.testing.assert_allclose(layers.dropout(z, 0.25, key, train=True), np.where(kept, z / 0.75, 0), rtol=1e-6)
+
+
+def test_dropout_gradient_matches_finite_differences():
+    x, key = random((4, 6), 34), jax.random.key(3)
+    finite_difference_check(lambda x: jnp.sum(jnp.sin(layers.dropout(x, 0.5, key, train=True))), (x,))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_residual_add_matches_numpy(stride):
+    x, w = random((2, 7, 7, 3), 35), random((3, 5), 36)
+    oh = layers.conv_output_size(7, 1, stride)
+    branch = random((2, oh, oh, 5), 37)
+    want = branch + np_conv(x, w[None, None], np.zeros(5), stride, "VALID")
+    np.testing.assert_allclose(layers.residual_add(branch, x, w, stride), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.project(x, w, stride),
+                               layers.conv2d(x, w[None, None], jnp.zeros(5), stride), rtol=1e-5, atol=1e-5)
+    same = random((2, 7, 7, 3), 38)
+    np.testing.assert_array_equal(layers.residual_add(same, x), same + x)   # no projection: identity shortcut
+    with pytest.raises(ValueError, match="residual shapes differ"):
+        layers.residual_add(branch, x)
+
+
+def test_residual_add_gradient_matches_finite_differences():
+    x, w, branch = random((2, 5, 5, 2), 39), random((2, 3), 40), random((2, 3, 3, 3), 41)
+    finite_difference_check(lambda b, x, w: jnp.sum(jnp.sin(layers.residual_add(b, x, w, 2))), (branch, x, w))
+
+
+def test_global_avg_pool_matches_numpy_and_its_gradient():
+    x = random((3, 4, 5, 6), 42)
+    np.testing.assert_allclose(layers.global_avg_pool(x), x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-5)
+    finite_difference_check(lambda x: jnp.sum(jnp.sin(layers.global_avg_pool(x))), (x,))

@@ -9,7 +9,9 @@ A family module provides
     validate(config) -> None                            # its own checks; raises ConfigError
 
 and may provide `first_conv(params)`, the first conv layer's (kh, kw, in, out) weights for the
-filters plot (default: the first 4-D weight in layer order). `config.model` names the family.
+filters plot (default: the first 4-D weight in layer order), and `strategy(config)`, the
+`lowering.Strategy` it runs, for the start-up `strategy:` line (default: `lowering.resolve`, what
+the tutorial's fused blocks run). `config.model` names the family.
 
 Built-in families are listed in `FAMILIES` (name -> module path), imported on first use like
 big_vision's `importlib.import_module(f"...models.{name}")`. A family kept outside the package
@@ -27,6 +29,8 @@ from types import ModuleType
 # name -> module path of the built-in families.
 FAMILIES: dict[str, str] = {
     "cnn": "cnn_jax.models.cnn",   # the MXNet tutorial's network: conv -> relu -> pool blocks, two dense layers
+    "vgg": "cnn_jax.models.vgg",   # blocks of [conv -> batch norm -> relu] x depth, max pooling, dropout
+    "resnet": "cnn_jax.models.resnet",   # a small pre-activation ResNet for 28x28 and 32x32 inputs
 }
 PLUGINS_ENV = "CNN_JAX_MODELS"
 _plugins: dict[str, str] = {}

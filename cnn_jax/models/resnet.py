@@ -1,0 +1,146 @@
+"""A small pre-activation ResNet (`--model=resnet`) for 28x28 and 32x32 inputs: a family of
+`cnn_jax.models`.
+
+stem (3x3 conv, `widths[0]` channels) -> stages s = 1.. of `depth` pre-activation basic blocks
+with `widths[s]` channels (the first block of every stage but the first halves the size with
+stride 2) -> batch norm -> relu -> global average pooling -> dropout (`--dropout`, training
+only) -> output. A block computes
+
+    h = relu(bn1(x));  y = conv2(relu(bn2(conv1(h, stride))));  out = y + shortcut
+
+where the shortcut is x, or a strided 1x1 projection of h when the shape changes (He et al.,
+"Identity Mappings in Deep Residual Networks", 2016). Convolutions are SAME without bias and run
+as patches + matmul on CPU (`models.common`). Params: {"stem": {"w"}, "stage1_block1": {"bn1",
+"conv1", "bn2", "conv2", ["proj"]}, ..., "final_bn", "output"}; the model state holds the batch
+norms' running averages under the same names.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cnn_jax import layers, lowering
+from cnn_jax.config import Config, ConfigError
+from cnn_jax.layers import conv_output_size
+from cnn_jax.models import common
+
+Params = dict[str, dict]
+
+
+def _blocks(config: Config):
+    """(name, in channels, out channels, stride) of every residual block, in order."""
+    c = config.widths[0]
+    for s, width in enumerate(config.widths, start=1):
+        for b in range(1, config.depth + 1):
+            stride = 2 if s > 1 and b == 1 else 1
+            yield f"stage{s}_block{b}", c, width, stride
+            c = width
+
+
+def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
+    """(layer name, per-example output shape, forward FLOPs) of every layer (multiply-add: 2 FLOPs)."""
+    h, w, c = config.input_shape
+    out = [("stem", (h, w, config.widths[0]), 2.0 * h * w * 9 * c * config.widths[0])]
+    for name, cin, cout, stride in _blocks(config):
+        if stride > 1 and min(h, w) < 2:
+            raise ConfigError(f"--widths={','.join(map(str, config.widths))}: {len(config.widths)} stages halve "
+                              f"the {config.input_shape[0]}x{config.input_shape[1]} input below 1x1; give fewer widths")
+        h, w = conv_output_size(h, 3, stride, "SAME"), conv_output_size(w, 3, stride, "SAME")
+        f = 2.0 * h * w * 9 * (cin * cout + cout * cout)
+        if stride != 1 or cin != cout:
+            f += 2.0 * h * w * cin * cout
+        out.append((name, (h, w, cout), f))
+    c = config.widths[-1]
+    out += [("pool", (c,), 0.0), ("output", (config.num_classes,), 2.0 * c * config.num_classes)]
+    return out
+
+
+def validate(config: Config) -> None:
+    """The checks of this family's fields (widths, depth, dropout, bn_momentum) and its shape walk."""
+    common.validate(config, "resnet")
+    _walk(config)
+
+
+def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
+    """(layer name, per-example output shape) of the stem, every block, the pooling and the output."""
+    return [(name, shape) for name, shape, _ in _walk(config)]
+
+
+def flops(config: Config) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per training image, counted as for the tutorial's CNN:
+    backward = weight gradients + input gradients of all but the first layer."""
+    per_layer = [f for _, _, f in _walk(config) if f]
+    forward = sum(per_layer)
+    return forward, forward + forward + (forward - per_layer[0])
+
+
+def strategy(config: Config) -> lowering.Strategy:
+    """What runs, for the start-up `strategy:` line (the only pooling is the global mean)."""
+    return common.strategy(config, "global_mean")
+
+
+def first_conv(params: Params) -> jax.Array:
+    """The stem's (3, 3, in, out) weights: what the filters plot shows."""
+    return params["stem"]["w"]
+
+
+def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
+    """Conv weights as `--init` says (`common.weight`; he: N(0, 2 / fan_in)), batch norm at scale 1
+    and bias 0 (running mean 0, variance 1), the output layer at gain 1 with zero bias."""
+    keys = iter(jax.random.split(key, 3 * len(config.widths) * config.depth + 2))
+    stem_shape = (3, 3, config.input_shape[2], config.widths[0])
+    params: Params = {"stem": {"w": common.weight(next(keys), stem_shape, config)}}
+    model_state: dict = {}
+    for name, cin, cout, stride in _blocks(config):
+        block, block_state = {}, {}
+        block["bn1"], block_state["bn1"] = common.bn_init(cin)
+        block["conv1"] = {"w": common.weight(next(keys), (3, 3, cin, cout), config)}
+        block["bn2"], block_state["bn2"] = common.bn_init(cout)
+        block["conv2"] = {"w": common.weight(next(keys), (3, 3, cout, cout), config)}
+        projection_key = next(keys)
+        if stride != 1 or cin != cout:
+            block["proj"] = {"w": common.weight(projection_key, (cin, cout), config)}
+        params[name], model_state[name] = block, block_state
+    params["final_bn"], model_state["final_bn"] = common.bn_init(config.widths[-1])
+    output_shape = (config.widths[-1], config.num_classes)
+    params["output"] = {"w": common.weight(next(keys), output_shape, config, gain=1.0),
+                        "b": jnp.zeros(config.num_classes, jnp.float32)}
+    return params, model_state
+
+
+def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,
+          rng: jax.Array | None = None, debug: bool = False) -> tuple[jax.Array, dict]:
+    """(logits (N, num_classes), model state) for images (N, H, W, C): in training with batch
+    statistics (returning the moved running averages) and dropout drawn from `rng`; in evaluation
+    with the running averages (returned unchanged) and no dropout. `debug` prints each layer's
+    output shape."""
+    conv = common.conv_fn(config)
+
+    def trace(name: str, x: jax.Array) -> None:
+        if debug:
+            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
+
+    new_state: dict = {}
+    x = conv(images, params["stem"]["w"], 0.0, 1, "SAME")
+    trace("stem", x)
+    for name, _, _, stride in _blocks(config):
+        p, s = params[name], model_state[name]
+        h, s_bn1 = common.bn(x, p["bn1"], s["bn1"], config, train)
+        h = layers.relu(h)
+        y = conv(h, p["conv1"]["w"], 0.0, stride, "SAME")
+        y, s_bn2 = common.bn(y, p["bn2"], s["bn2"], config, train)
+        y = conv(layers.relu(y), p["conv2"]["w"], 0.0, 1, "SAME")
+        if "proj" in p:   # the shape changes: project the pre-activated input
+            x = layers.residual_add(y, h, p["proj"]["w"], stride)
+        else:
+            x = layers.residual_add(y, x)
+        new_state[name] = {"bn1": s_bn1, "bn2": s_bn2}
+        trace(name, x)
+    x, new_state["final_bn"] = common.bn(x, params["final_bn"], model_state["final_bn"], config, train)
+    x = layers.global_avg_pool(layers.relu(x))
+    trace("pool", x)
+    x = layers.dropout(x, config.dropout, rng, train=train)
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    trace("output", x)
+    return x, (new_state if train else model_state)

@@ -1,0 +1,134 @@
+"""Checks shared by the test files of the batch-normalised families (test_models_vgg.py,
+test_models_resnet.py): each takes a small config of the family and asserts real behaviour."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnn_jax import evaluation, model, optim, state, step, sweep, train
+from cnn_jax import config as config_lib
+from cnn_jax.models import common
+
+
+def small_dataset(mnist, train_n=320, test_n=200):
+    """The first `train_n` real training images and `test_n` real test images."""
+    return dataclasses.replace(mnist, train_images=mnist.train_images[:train_n],
+                               train_labels=mnist.train_labels[:train_n],
+                               test_images=mnist.test_images[:test_n], test_labels=mnist.test_labels[:test_n])
+
+
+def leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def strip(records):
+    return [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_second")} for r in records]
+
+
+def shapes_match_the_real_ones(config, input_shape, capsys):
+    """apply's logits for `input_shape`, and `layer_shapes` equal to the shapes apply really makes."""
+    config = config_lib.validate(config_lib.replace(config, input_shape=input_shape))
+    family = model.family(config)
+    params, model_state = model.init(jax.random.key(0), config)
+    images = jax.random.uniform(jax.random.key(1), (3, *input_shape))
+    capsys.readouterr()
+    logits, _ = family.apply(params, model_state, images, config, train=True, rng=jax.random.key(2), debug=True)
+    assert logits.shape == (3, config.num_classes)
+    assert capsys.readouterr().out.strip() == model.format_layer_shapes(config)
+    assert model.first_conv(params, config).shape[:3] == (3, 3, input_shape[2])
+
+
+def conv_lowerings_agree(config):
+    """patches (CPU auto) and lax give the same logits and gradients; the strategy line names them."""
+    params, model_state = model.init(jax.random.key(0), config)
+    images = jax.random.uniform(jax.random.key(1), (4, *config.input_shape))
+    labels = jnp.arange(4) % config.num_classes
+    patches = config_lib.replace(config, conv_impl="auto")
+    lax = config_lib.replace(config, conv_impl="lax")
+    assert common.conv_fn(patches).__name__ == "conv2d_patches"    # on this CPU
+    assert model.strategy(patches).describe().startswith("conv=patches ")
+    assert "layout=NHWC" in model.strategy(patches).describe()
+    assert model.strategy(lax).describe().startswith("conv=lax ")
+
+    def loss(params, c):
+        logits, _ = model.apply(params, model_state, images, c, train=True, rng=jax.random.key(3))
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss)(params, patches)),
+                    jax.tree.leaves(jax.value_and_grad(loss)(params, lax))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def training_moves_state_and_draws_dropout_per_step(config, dataset, min_accuracy):
+    """fit learns (above chance, better in its second epoch), moves the batch-norm running averages;
+    a step's dropout mask comes from fold_in(rng, step), so the same batch at another step updates
+    differently."""
+    final, history = train.fit(config, dataset)
+    assert np.isfinite(history[-1]["moving_loss"]) and history[-1]["test_accuracy"] > min_accuracy  # chance: 0.1
+    assert history[-1]["train_accuracy"] > history[0]["train_accuracy"]
+    fresh_params, fresh_model_state = model.init(jax.random.key(0), config)
+    assert not leaves_equal(final.model_state, fresh_model_state)
+    for stats in jax.tree.leaves(final.model_state):
+        assert np.all(np.isfinite(stats))
+
+    optimizer = optim.make_optimizer(config, 10)
+    train_step = jax.jit(step.make_train_step(config, optimizer))
+    batch = (jnp.asarray(dataset.train_images[:16]), jnp.asarray(dataset.train_labels[:16]))
+    s0 = state.create(config, optimizer)
+    at0, _ = train_step(s0, batch)
+    at0_again, _ = train_step(s0, batch)
+    at1, _ = train_step(s0.replace(step=s0.step + 1), batch)
+    assert leaves_equal(at0.params, at0_again.params)
+    assert not leaves_equal(at0.params, at1.params)      # another step, another mask
+    no_dropout = config_lib.replace(config, dropout=0.0)
+    train_step0 = jax.jit(step.make_train_step(no_dropout, optimizer))
+    assert leaves_equal(train_step0(s0, batch)[0].params, train_step0(s0.replace(step=s0.step + 1), batch)[0].params)
+    return final
+
+
+def evaluation_is_deterministic_and_uses_running_averages(config, final, dataset):
+    images, labels = dataset.test_images[:100], dataset.test_labels[:100]
+    a = evaluation.evaluate(final.params, final.model_state, images, labels, config)
+    b = evaluation.evaluate(final.params, final.model_state, images, labels, config)
+    assert a == b
+    x = jnp.asarray(images)
+    eval_logits, same = model.apply(final.params, final.model_state, x, config)
+    assert same is final.model_state
+    np.testing.assert_array_equal(eval_logits, model.apply(final.params, final.model_state, x, config)[0])
+    train_logits, _ = model.apply(final.params, final.model_state, x, config, train=True, rng=jax.random.key(0))
+    assert not np.allclose(eval_logits, train_logits)
+    # Other running averages, other evaluation: the running averages are what evaluation reads.
+    shifted = jax.tree.map(lambda v: v * 1.5 + 0.1, final.model_state)
+    assert not np.allclose(eval_logits, model.apply(final.params, shifted, x, config)[0])
+
+
+def stop_and_resume_is_bit_exact(config, dataset, stop_at):
+    saved = []
+
+    def on_stop(s, log):
+        saved.append((jax.device_get(s), dataclasses.replace(log, epoch_losses=list(log.epoch_losses))))
+
+    whole, history = train.fit(config, dataset)
+    with pytest.raises(train.Stopped):
+        train.fit(config, dataset, hooks=train.Hooks(should_stop=lambda s: s == stop_at, on_stop=on_stop))
+    assert int(saved[0][0].step) == stop_at
+    resumed, resumed_history = train.fit(config, dataset, start=saved[0])
+    assert leaves_equal(resumed, whole)          # params, optimiser and batch-norm state, rng, step
+    assert strip(resumed_history) == strip(history)
+
+
+def sweep_group_matches_runs_alone(configs, dataset):
+    result = sweep.train_group(configs, dataset)
+    assert result.diverged == [None] * len(configs)
+    for i, config in enumerate(configs):
+        alone, history = train.fit(config, dataset)
+        mine = state.unstack(result.state, i)
+        for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(alone)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(np.asarray(b)).max())))
+        np.testing.assert_allclose([h["moving_loss"] for h in result.histories[i]],
+                                   [h["moving_loss"] for h in history], rtol=1e-4)
+    first = jax.tree.leaves(result.state.model_state)[0]
+    assert not np.allclose(first[0], first[1])     # each run its own batch-norm statistics
