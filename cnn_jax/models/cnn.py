@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cnn_jax import layers, lowering
+from cnn_jax.models import common
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.layers import conv_output_size
 
@@ -82,9 +83,7 @@ def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
 def flops(config: Config) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per training image as the reference computes them:
     backward = weight gradients + input gradients of all but the first layer."""
-    per_layer = [f for _, _, f in _walk(config) if f]
-    forward = sum(per_layer)
-    return forward, forward + forward + (forward - per_layer[0])
+    return common.training_flops(_walk(config))
 
 
 def first_conv(params: Params) -> jax.Array:

@@ -95,3 +95,12 @@ def validate(config: Config, family: str) -> None:
                           "conv and relu, outside the fused Winograd block): use auto, patches or lax")
     if config.layout == "CHWN":
         raise ConfigError(f"--layout=CHWN is not available for --model={family}: use auto or NHWC")
+
+
+def training_flops(walk: list[tuple[str, tuple[int, ...], float]]) -> tuple[float, float]:
+    """(forward, forward + backward) FLOPs per training image from a family's shape walk of
+    (layer, shape, forward FLOPs): backward = weight gradients + input gradients of all but the
+    first layer, as the benchmark counts them for every family."""
+    per_layer = [f for _, _, f in walk if f]
+    forward = sum(per_layer)
+    return forward, forward + forward + (forward - per_layer[0])

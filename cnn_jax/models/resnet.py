@@ -70,9 +70,7 @@ def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
 def flops(config: Config) -> tuple[float, float]:
     """(forward, forward + backward) FLOPs per training image, counted as for the tutorial's CNN:
     backward = weight gradients + input gradients of all but the first layer."""
-    per_layer = [f for _, _, f in _walk(config) if f]
-    forward = sum(per_layer)
-    return forward, forward + forward + (forward - per_layer[0])
+    return common.training_flops(_walk(config))
 
 
 def strategy(config: Config) -> lowering.Strategy:
