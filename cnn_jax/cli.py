@@ -202,10 +202,10 @@ def main_guard(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
                   file=sys.stderr)
             sys.exit(2)
         quiet_background_reports()
-        cache = None
-        if "compilation_cache" in FLAGS and FLAGS.compilation_cache:
-            cache = compile_cache.enable(FLAGS.compilation_cache_dir or None)
         try:
+            cache = None
+            if "compilation_cache" in FLAGS and FLAGS.compilation_cache:
+                cache = compile_cache.enable(FLAGS.compilation_cache_dir or None)
             result = main(argv)
             if cache is not None:
                 print(cache.describe(), flush=True)

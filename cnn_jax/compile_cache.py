@@ -14,6 +14,8 @@ import os
 import jax
 from jax import monitoring
 
+from cnn_jax.config import ConfigError
+
 HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
 
@@ -50,9 +52,14 @@ class CacheStats:
 
 def enable(directory: str | None = None) -> CacheStats:
     """Keep every compiled program in `directory` (default: `default_dir()`) and count the
-    cache's hits and misses from now on. Process-wide: for scripts, not library code."""
+    cache's hits and misses from now on; a folder that cannot be made is a ConfigError.
+    Process-wide: for scripts, not library code."""
     directory = os.path.abspath(os.path.expanduser(directory or default_dir()))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot use {directory} as the compilation cache ({e.strerror or e}): give a "
+                          "writable --compilation_cache_dir, or --nocompilation_cache") from None
     jax.config.update("jax_compilation_cache_dir", directory)
     # Every program, however quick to compile: a run compiles many small ones, and together
     # they are most of a short run's start-up.

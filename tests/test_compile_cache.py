@@ -75,3 +75,13 @@ def test_a_second_process_loads_every_program_from_the_cache(mnist_dir, tmp_path
     assert int(second.group(2)) >= int(first.group(3)) and int(second.group(3)) == 0
     epoch = re.compile(r"^(Epoch 0\. Loss: [\d.]+, Train_acc [\d.]+, Test_acc [\d.]+)", re.M)
     assert epoch.findall(second_out) == epoch.findall(first_out) != []   # the same programs, the same numbers
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = subprocess.run([sys.executable, TRAIN, f"--compilation_cache_dir={blocker / 'cache'}"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: cannot use {blocker / 'cache'} as the compilation cache (Not a "
+                                     "directory): give a writable --compilation_cache_dir, or --nocompilation_cache")
