@@ -132,3 +132,33 @@ def sweep_group_matches_runs_alone(configs, dataset):
                                    [h["moving_loss"] for h in history], rtol=1e-4)
     first = jax.tree.leaves(result.state.model_state)[0]
     assert not np.allclose(first[0], first[1])     # each run its own batch-norm statistics
+
+
+def interrupted_and_resumed(args, reference, workdir, env, marker):
+    """Run the command line `args(workdir, *extra)` into `reference`, then again into `workdir`
+    stopped by SIGTERM on the stdout line holding `marker`, then `--resume`d to the end; return
+    the latest checkpoints (state, meta) of the reference and of the resumed run, and the step
+    the interrupted run stopped at."""
+    import signal
+    import subprocess
+    from cnn_jax import checkpoint
+    from cnn_jax import workdir as workdir_lib
+    from conftest import REPO_ROOT
+    run = dict(capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    done = subprocess.run(args(reference), **run)
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(args(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO_ROOT)
+    for line in proc.stdout:
+        if marker in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = checkpoint.latest_step(workdir)
+    resumed = subprocess.run(args(workdir, "--resume"), **run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {stopped}" in resumed.stdout
+    want = checkpoint.restore(reference, workdir_lib.read_config(reference))
+    got = checkpoint.restore(workdir, workdir_lib.read_config(workdir))
+    return done.stdout, want, got, stopped

@@ -9,8 +9,6 @@ it through $CNN_JAX_MODELS=tiny=test_models with this folder on PYTHONPATH.
 
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
 
 import jax
@@ -18,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, layers, model, models, optim, state, sweep, train
+from cnn_jax import layers, model, models, optim, state, sweep, train
 from cnn_jax import config as config_lib
-from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+import family_checks
 from conftest import REPO_ROOT
 
 # --------------------------------------------------------------------------- the family "tiny"
@@ -196,29 +194,12 @@ def _cli(mnist_dir, workdir, *extra):
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     env = dict(os.environ, CNN_JAX_MODELS="tiny=test_models",
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
-    reference = str(tmp_path / "reference")
-    done = subprocess.run(_cli(mnist_dir, reference), capture_output=True, text=True, env=env, cwd=REPO_ROOT,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "Epoch 1." in done.stdout
     # SIGTERM in the second epoch: a checkpoint of the current step, then --resume to the end.
-    workdir = str(tmp_path / "interrupted")
-    proc = subprocess.Popen(_cli(mnist_dir, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO_ROOT)
-    for line in proc.stdout:
-        if "(epoch 1, 4/20)" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped = checkpoint.latest_step(workdir)
+    out, (want, want_meta), (got, got_meta), stopped = family_checks.interrupted_and_resumed(
+        lambda workdir, *extra: _cli(mnist_dir, workdir, *extra), str(tmp_path / "reference"),
+        str(tmp_path / "interrupted"), env, "(epoch 1, 4/20)")
+    assert "Epoch 1." in out
     assert 20 < stopped < 40
-    resumed = subprocess.run(_cli(mnist_dir, workdir, "--resume"), capture_output=True, text=True, env=env,
-                             cwd=REPO_ROOT, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {stopped}" in resumed.stdout
-    want, want_meta = checkpoint.restore(reference, workdir_lib.read_config(reference))
-    got, got_meta = checkpoint.restore(workdir, workdir_lib.read_config(workdir))
     assert int(got.step) == 40 and leaves_equal(got, want)
     assert got_meta["history"][-1]["test_accuracy"] == want_meta["history"][-1]["test_accuracy"]
     assert np.all(np.asarray(got.model_state["centre"]["mean"]) != 0)

@@ -4,7 +4,6 @@ batch statistics under data parallelism (4 forced CPU devices against 1)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,8 +13,7 @@ import pytest
 
 import family_checks as checks
 from cnn_jax import config as config_lib
-from cnn_jax import checkpoint, model
-from cnn_jax import workdir as workdir_lib
+from cnn_jax import model
 from cnn_jax.config import Config, ConfigError
 from conftest import REPO_ROOT
 
@@ -122,30 +120,13 @@ def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path)
     """SIGTERM mid-run, then --resume: the same params, batch-norm statistics and accuracy as an
     uninterrupted run (dropout and augmentation keys come from the step)."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    reference = str(tmp_path / "reference")
-    done = subprocess.run(_cli(mnist_dir, reference), capture_output=True, text=True, env=env, cwd=REPO_ROOT,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "strategy: conv=patches pool=reshape layout=NHWC" in done.stdout
+    out, (want, want_meta), (got, got_meta), stopped = checks.interrupted_and_resumed(
+        lambda workdir, *extra: _cli(mnist_dir, workdir, *extra), str(tmp_path / "reference"),
+        str(tmp_path / "interrupted"), env, "(epoch 1, 4/20)")
+    assert "strategy: conv=patches pool=reshape layout=NHWC" in out
     assert "conv1_1  28x28x4\npool1    14x14x4\nconv2_1  14x14x8\npool2    7x7x8\nflatten  392\noutput   10" \
-        in done.stdout   # --debug
-    workdir = str(tmp_path / "interrupted")
-    proc = subprocess.Popen(_cli(mnist_dir, workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO_ROOT)
-    for line in proc.stdout:
-        if "(epoch 1, 4/20)" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    stopped = checkpoint.latest_step(workdir)
+        in out   # --debug
     assert 20 < stopped < 40
-    resumed = subprocess.run(_cli(mnist_dir, workdir, "--resume"), capture_output=True, text=True, env=env,
-                             cwd=REPO_ROOT, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {stopped}" in resumed.stdout
-    want, want_meta = checkpoint.restore(reference, workdir_lib.read_config(reference))
-    got, got_meta = checkpoint.restore(workdir, workdir_lib.read_config(workdir))
     assert int(got.step) == 40 and checks.leaves_equal(got, want)
     assert got_meta["history"][-1]["test_accuracy"] == want_meta["history"][-1]["test_accuracy"]
     assert not np.array_equal(got.model_state["bn1_1"]["var"], np.ones(4))   # the statistics moved
