@@ -143,9 +143,10 @@ def interrupted_and_resumed(args, reference, workdir, env, marker):
     import subprocess
     from cnn_jax import checkpoint
     from cnn_jax import workdir as workdir_lib
+    import script_runner
     from conftest import REPO_ROOT
-    run = dict(capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
-    done = subprocess.run(args(reference), **run)
+    run = dict(env=env, cwd=REPO_ROOT, timeout=300)
+    done = script_runner.run(args(reference), **run)
     assert done.returncode == 0, done.stderr
     proc = subprocess.Popen(args(workdir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=REPO_ROOT)
@@ -156,7 +157,7 @@ def interrupted_and_resumed(args, reference, workdir, env, marker):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     stopped = checkpoint.latest_step(workdir)
-    resumed = subprocess.run(args(workdir, "--resume"), **run)
+    resumed = script_runner.run(args(workdir, "--resume"), **run)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {stopped}" in resumed.stdout
     want = checkpoint.restore(reference, workdir_lib.read_config(reference))

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import script_runner
 
 from cnn_jax import config as config_lib
 from cnn_jax import model
@@ -52,6 +53,7 @@ def test_torch_network_computes_the_jax_network(pool):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     output = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -93,13 +95,14 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),
 ])
 def test_bad_flags_are_refused_before_any_timing(args, fragment):
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=64",
-                           *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = script_runner.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"),
+                              "--batch_sizes=64", *args], timeout=120)
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_training_run_reports_the_childs_own_peak_memory(mnist_dir):
     """A short train.py run, launched while this process holds 2 GiB: the reported peak is the
     child's (wait4's ru_maxrss would include the parent's memory that fork carries over)."""

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
+import script_runner
 from conftest import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "experiments", "train.py")
 
 
 def run(*args, timeout=300):
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT)
+    return script_runner.run([sys.executable, TRAIN, *args], timeout=timeout)
 
 
 def test_train_script_on_a_real_subset(mnist_dir):
@@ -89,8 +89,8 @@ def test_no_data_flag_trains_on_the_shared_copy_from_any_directory(tmp_path, mni
     shared = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
     if not os.path.isdir(shared):
         pytest.skip(f"{shared} missing (the project machines' copy)")
-    result = subprocess.run([sys.executable, TRAIN, "--pool=max", "--train_subset=640", "--test_subset=200"],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env(tmp_path))
+    result = script_runner.run([sys.executable, TRAIN, "--pool=max", "--train_subset=640", "--test_subset=200"],
+                               timeout=300, cwd=str(tmp_path), env=clean_env(tmp_path))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"data: mnist from {shared} (the project machines' shared copy beside the repository)"

@@ -53,6 +53,7 @@ def xla_reloads_its_own_programs(folder) -> bool:
     return int(run().stdout.split()[-1]) > 0
 
 
+@pytest.mark.slow
 def test_a_second_process_loads_every_program_from_the_cache(mnist_dir, tmp_path):
     if not xla_reloads_its_own_programs(tmp_path / "probe"):
         pytest.skip("this CPU's XLA rejects the programs it cached (openxla/xla#44565)")

@@ -243,6 +243,7 @@ def test_a_flag_that_contradicts_the_data_is_one_line(mnist_dir):
             data.load(config_lib.replace(Config(), data_dir=mnist_dir, test_subset=1, **overrides))
 
 
+@pytest.mark.slow
 def test_tfds_prepares_mnist_offline_from_the_official_files(tmp_path, monkeypatch, mnist_dir, mnist):
     """TFDS prepares MNIST from the official files handed over as a manual download (no network),
     into a temporary TFDS data dir; the arrays are the IDX reader's, exactly. TFDS shuffles the

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import script_runner
 from conftest import REPO_ROOT
 
 
@@ -27,7 +28,7 @@ def env():
 
 
 def run(args, env, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return script_runner.run([sys.executable, *args], cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -191,6 +191,7 @@ def _cli(mnist_dir, workdir, *extra):
             "--epochs=2", "--loop=step", "--log_every=2", "--train_eval=running", f"--workdir={workdir}", *extra]
 
 
+@pytest.mark.slow
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     env = dict(os.environ, CNN_JAX_MODELS="tiny=test_models",
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))

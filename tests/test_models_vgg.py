@@ -116,6 +116,7 @@ def _cli(mnist_dir, workdir, *extra):
             "--augment_shift=2", "--debug", f"--workdir={workdir}", *extra]
 
 
+@pytest.mark.slow
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     """SIGTERM mid-run, then --resume: the same params, batch-norm statistics and accuracy as an
     uninterrupted run (dropout and augmentation keys come from the step)."""

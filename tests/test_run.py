@@ -21,6 +21,7 @@ from cnn_jax import checkpoint, lock, run, train
 from cnn_jax import config as config_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
+import script_runner
 from conftest import REPO_ROOT
 
 TRAIN_SCRIPT = os.path.join(REPO_ROOT, "experiments", "train.py")
@@ -196,7 +197,7 @@ def cli_args(mnist_dir, workdir, *extra):
 
 
 def run_cli(args, **kwargs):
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, **kwargs)
+    return script_runner.run(args, timeout=300, **kwargs)
 
 
 def run_until(args, marker, sig):

@@ -19,6 +19,7 @@ import time
 
 import optuna
 import pytest
+import script_runner
 
 from cnn_jax import config as config_lib
 from cnn_jax import data
@@ -43,8 +44,7 @@ def _env():
 
 
 def _run(args, timeout=600):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=_env(),
-                          timeout=timeout, cwd=REPO_ROOT)
+    return script_runner.run([sys.executable, SCRIPT, *args], env=_env(), timeout=timeout)
 
 
 def _states(url, name="search"):
@@ -109,6 +109,7 @@ def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requ
 # ----------------------------------------------------------------------------- the command line
 
 
+@pytest.mark.slow
 def test_a_search_writes_its_trials_and_results_resumes_and_repeats_with_its_seed(tmp_path, mnist_dir):
     workdir = str(tmp_path / "search")
     args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=3", "--batch=2", "--pruner=median",
@@ -222,6 +223,7 @@ def _check_exactly(url, total, workdir=None):
     return study
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_path, mnist_dir):
     workdir = str(tmp_path / "shared")
     args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=3", "--batch=2", "--heartbeat_interval=1",
@@ -249,6 +251,7 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_pa
     assert len(done) == 3
 
 
+@pytest.mark.slow
 def test_sigint_requeues_the_trials_in_training_and_a_rerun_trains_them(tmp_path, mnist_dir):
     workdir = str(tmp_path / "w")
     args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=2", "--batch=2")
@@ -319,6 +322,7 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_complete_exactly_n_trials_on_postgresql(tmp_path, mnist_dir, postgres_url):
     args = _flags(mnist_dir, "--trials=4", "--batch=2", f"--storage={postgres_url}", "--pruner=hyperband",
                   "--heartbeat_interval=1", "--grace_period=5")

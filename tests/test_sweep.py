@@ -11,6 +11,7 @@ import sys
 import numerics
 import numpy as np
 import pytest
+import script_runner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -321,8 +322,7 @@ def test_plot_axis_prefers_a_numeric_swept_value():
 
 
 def _sweep_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    return script_runner.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), *args])
 
 
 @pytest.mark.slow
@@ -426,7 +426,7 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
     assert err.strip().splitlines() == ["error: interrupted by SIGINT; the files already written are complete "
                                         "(a sweep continues where it stopped when run again)"]
     assert sweep.is_finished(os.path.join(workdir, "seed=0")) and not sweep.is_finished(os.path.join(workdir, "seed=1"))
-    rerun = subprocess.run(args, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env=env)
+    rerun = script_runner.run(args, env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert "sweep of 2 runs: 1 already finished, 1 to train" in rerun.stdout
     with open(os.path.join(workdir, "results.csv")) as f:
