@@ -1,7 +1,9 @@
 """absl flags for the experiment scripts: one flag per `Config` field, plus `--preset`.
 
 A flag given on the command line overrides the preset's value; a flag left out
-keeps it. `main_guard` turns the errors meant for users (bad config, bad data,
+keeps it. `--help` and `--helpshort` list the script's own flags, then the config flags
+grouped as `config.FLAG_GROUPS` says (data, model, optimisation, execution, run);
+`--helpfull` adds absl's own. `main_guard` turns the errors meant for users (bad config, bad data,
 divergence, a file that cannot be written) into one line on stderr and a non-zero
 exit, with no traceback; it also keeps the echoes of orbax's and tensorstore's
 background threads off stderr (`quiet_background_reports`), a process-wide setting
@@ -18,7 +20,7 @@ import signal
 import sys
 from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags
 
 from cnn_jax import compile_cache
 from cnn_jax import config as config_lib
@@ -42,10 +44,10 @@ _HELP = {
     "depth": "vgg, resnet: conv layers per VGG block / pre-activation residual blocks per ResNet stage.",
     "dropout": "vgg, resnet: dropout rate before the classifier (0: none; training only).",
     "bn_momentum": "vgg, resnet: batch norm running averages move as momentum * running + (1 - momentum) * batch.",
-    "init": "Initialisation: he, lecun (fan-in scaled) or seed (N(0, weight_scale)).",
-    "optimizer": "seed_sgd (the tutorial's hand-written SGD), sgd, momentum, adam or adamw.",
+    "init": "Initialisation: he, lecun (fan-in scaled) or normal (every weight and bias ~ N(0, weight_scale)).",
+    "optimizer": "sgd (at a constant rate with --loss_reduction=sum: the tutorial's), momentum, adam or adamw.",
     "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
-    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the seed).",
+    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the tutorial).",
     "conv_impl": "Convolution lowering: auto (winograd on CPU, lax elsewhere), lax (reference), patches "
                  "(im2col + matmul) or winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
@@ -60,30 +62,76 @@ _HELP = {
 }
 
 
+class _PresetFlag(flags.EnumFlag):
+    """`--preset`: one of `config.PRESETS`; a renamed preset is a one-line error naming the new one."""
+
+    def parse(self, argument: Any) -> None:
+        config_lib.check_renamed("preset", argument)
+        super().parse(argument)
+
+
+class _GroupedHelpFlag(app.HelpFlag):
+    """absl's `--help` (and `--helpshort`), listing the config flags by group too (`short_help`)."""
+
+    def __init__(self, name: str, short_name: str | None):
+        self.NAME, self.SHORT_NAME = name, short_name
+        super().__init__()
+
+    def parse(self, arg: Any) -> None:
+        if self._parse(arg):
+            print((sys.modules["__main__"].__doc__ or "").rstrip() + "\n\nflags:\n" + short_help())
+            print("\nTry --helpfull to get a list of all flags, absl's own included.")
+            sys.exit(1)   # as absl's help flags do
+
+
+def short_help() -> str:
+    """The script's own flags, then the config flags under their groups' headings."""
+    return "\n".join(text for text in [FLAGS.main_module_help()] +
+                     [FLAGS.module_help(group) for group in config_lib.FLAG_GROUPS] if text)
+
+
+def _use_grouped_help() -> None:
+    """Replace absl's `--help`/`-?` and `--helpshort` by `_GroupedHelpFlag`s (once)."""
+    app.define_help_flags()   # idempotent: app.run's own call then keeps these
+    if isinstance(FLAGS["help"], _GroupedHelpFlag):
+        return
+    for name in ("help", "?", "helpshort"):
+        delattr(FLAGS, name)
+    flags.DEFINE_flag(_GroupedHelpFlag("help", "?"), module_name="absl.app")
+    flags.DEFINE_flag(_GroupedHelpFlag("helpshort", None), module_name="absl.app")
+
+
 def define_config_flags() -> None:
-    """Define `--preset` and one flag per Config field (defaults: `Config()`'s values)."""
-    flags.DEFINE_enum("preset", "default", sorted(config_lib.PRESETS),
-                      "Named config to start from; flags given override its values.")
+    """Define `--preset`, one flag per Config field (defaults: `Config()`'s values) and the
+    compilation cache's flags, each under its group of `config.FLAG_GROUPS` (the heading
+    `--helpshort` lists it under)."""
+    group_of = {name: group for group, names in config_lib.FLAG_GROUPS.items() for name in names}
+    flags.DEFINE_flag(_PresetFlag("preset", "default", "Named config to start from; flags given override its "
+                                  "values.", sorted(config_lib.PRESETS)), module_name=group_of["preset"])
     for field in dataclasses.fields(Config):
         default = getattr(Config(), field.name)
         help_text = _HELP.get(field.name, field.name.replace("_", " ").capitalize() + ".")
+        where = {"module_name": group_of[field.name]}
         if field.name == "model":
             names = models.names()
-            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)))
+            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)), **where)
         elif isinstance(default, bool):
-            flags.DEFINE_boolean(field.name, default, help_text)
+            flags.DEFINE_boolean(field.name, default, help_text, **where)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, help_text)
+            flags.DEFINE_integer(field.name, default, help_text, **where)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, help_text)
+            flags.DEFINE_float(field.name, default, help_text, **where)
         elif isinstance(default, tuple):
-            flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+            flags.DEFINE_list(field.name, [str(v) for v in default], help_text, **where)
         else:
-            flags.DEFINE_string(field.name, default, help_text)
+            flags.DEFINE_string(field.name, default, help_text, **where)
     flags.DEFINE_boolean("compilation_cache", True, "Keep compiled programs on disk (JAX's persistent "
-                         "compilation cache), so a second run of the same config compiles almost nothing.")
+                         "compilation cache), so a second run of the same config compiles almost nothing.",
+                         module_name=group_of["compilation_cache"])
     flags.DEFINE_string("compilation_cache_dir", "", "Folder of the compilation cache; empty: "
-                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax.")
+                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax.",
+                        module_name=group_of["compilation_cache_dir"])
+    _use_grouped_help()
 
 
 def _parse_int_list(name: str, values: list[str]) -> tuple[int, ...]:
@@ -104,7 +152,7 @@ def config_from_flags(overrides: dict[str, Any] | None = None) -> Config:
                 value = _parse_int_list(field.name, value)
             values[field.name] = value
     values.update(overrides or {})
-    return config_lib.validate(config_lib.replace(config_lib.PRESETS[FLAGS.preset], **values))
+    return config_lib.validate(config_lib.replace(config_lib.preset(FLAGS.preset), **values))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -116,6 +164,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}; run with --helpshort to list the flags", file=sys.stderr)
+        sys.exit(2)
+    except ConfigError as e:   # a renamed value (`--preset=seed`)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -11,7 +11,7 @@ equal to the reference in value and gradient):
   gradient goes to the *first* maximum of each window in row-major order, as
   `select_and_scatter` does, through a custom VJP (`max_pool_reshape`).
 - the block, with reshape pooling: only the conv outputs that the (VALID) pool reads are
-  computed (the seed's 9x9 conv2 output loses its last row and column, ~21% of its FLOPs),
+  computed (the tutorial's 9x9 conv2 output loses its last row and column, ~21% of its FLOPs),
   and for max pooling relu runs after the pool (relu and max commute exactly).
 - layout "CHWN": activations channel-major and batch-minor (C, H, W, N). The conv matmuls
   then have the long space x batch axis last, and every patch slice, pooling reduction and
@@ -22,7 +22,7 @@ equal to the reference in value and gradient):
 - conv "winograd": the same fused block by Winograd's minimal filtering F(4x4, 5x5) or
   F(2x2, 3x3) (`pooled_conv_winograd`) for the layers it applies to (`winograd_applies`:
   stride 1, whole tiles, enough input channels), patches for the rest. F(4x4, 5x5) does
-  6.25x fewer multiplications than the direct 5x5 conv; the seed's conv2 is its case.
+  6.25x fewer multiplications than the direct 5x5 conv; the tutorial's conv2 is its case.
 
 `resolve(config)` turns the config's `auto` choices into the concrete strategy for the
 backend, and `describe` names it for the start-up log line.
@@ -368,7 +368,7 @@ def winograd_applies(kernel: int, stride: int, in_channels: int, conv_out: tuple
     pooled part of the conv output (`conv_out` rows and columns) made of whole tiles of whole
     pool windows, and at least `WINOGRAD_MIN_CHANNELS` input channels: the (2m)^2 products
     contract over the input channels, and with few of them they are too thin to repay the
-    transforms (with the seed's conv1, one channel, as Winograd too the step runs ~30% slower;
+    transforms (with the tutorial's conv1, one channel, as Winograd too the step runs ~30% slower;
     conv2, 20 channels, as Winograd makes it ~1.3x faster)."""
     m = kernel - 1
     used = [size // window * window for size in conv_out]

@@ -1,6 +1,6 @@
 """The tutorial's CNN (`--model=cnn`, the default): a model family of `cnn_jax.models`.
 
-Architecture (the seed's by default): for each conv layer i, conv{i} -> relu ->
+Architecture (the tutorial's by default): for each conv layer i, conv{i} -> relu ->
 pool{i}; then flatten -> dense1 -> relu -> output (logits). Params are a nested
 dict keyed by layer name: {"conv1": {"w", "b"}, ..., "dense1": {...}, "output": {...}}.
 It has no model state and no randomness: `init` returns `{}` as the model state and
@@ -123,7 +123,7 @@ def _normal(key: jax.Array, shape: tuple[int, ...], draw_size: int, prefix_ok: b
 def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
     """Draw initial params; the model state is empty.
 
-    `init="seed"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
+    `init="normal"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
     `init="he"` / `"lecun"`: weights ~ N(0, gain / fan_in) with gain 2 / 1, biases 0.
     """
     params: Params = {}
@@ -133,7 +133,7 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
     keys = jax.random.split(key, 2 * len(shapes))
     for (name, layer), (kw, kb) in zip(shapes.items(), keys.reshape(len(shapes), 2, *keys.shape[1:])):
         w_shape, b_shape = layer["w"], layer["b"]
-        if config.init == "seed":
+        if config.init == "normal":
             w = config.weight_scale * normal(kw, w_shape)
             b = config.weight_scale * normal(kb, b_shape)
         else:

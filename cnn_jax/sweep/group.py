@@ -48,7 +48,7 @@ def run_memory_bytes(config: Config) -> int:
     """A rough upper bound on the memory one run of a group needs, for any model: float32
     params with optimiser state and gradients, and per example every layer's output plus, for
     a conv layer, its im2col patches (kernel area x input channels per output position; taken
-    as 25x the output, the seed's conv2), for a training batch (x3: forward, saved, backward)
+    as 25x the output, the tutorial's conv2), for a training batch (x3: forward, saved, backward)
     or an eval batch."""
     params, _ = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
     num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
