@@ -48,12 +48,13 @@ _HELP = {
     "optimizer": "sgd (at a constant rate with --loss_reduction=sum: the tutorial's), momentum, adam or adamw.",
     "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
     "loss_reduction": "How per-example losses combine over a batch: mean or sum (the tutorial).",
-    "conv_impl": "Convolution lowering: auto (winograd on CPU, lax elsewhere), lax (reference), patches "
-                 "(im2col + matmul) or winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches).",
+    "conv_impl": "Convolution lowering: auto (on CPU winograd in the tutorial CNN's fused conv-relu-pool blocks "
+                 "where it applies, else patches; lax elsewhere), lax (reference), patches (im2col + matmul) or "
+                 "winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches; fused blocks only).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
     "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
     "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",
-    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, measured slower here), on or off.",
+    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, where they run slower: docs/performance.md), on or off.",
     "coordinator_address": "Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.",
     "num_processes": "Multi-host: how many processes take part.",
     "process_id": "Multi-host: this process's index, 0 .. num_processes - 1.",

@@ -88,7 +88,10 @@ class Config:
     epochs: int = 1
     seed: int = 0
     # Execution and reporting.
-    conv_impl: str = "auto"           # auto | lax | patches | winograd (auto: winograd on CPU, lax elsewhere)
+    # auto | lax | patches | winograd. auto on CPU: in the tutorial CNN's fused conv -> relu -> pool
+    # blocks Winograd where it applies, else patches; where a convolution runs alone (vgg, resnet,
+    # --debug, reduce_window pooling with NHWC) patches. auto elsewhere: lax (cnn_jax.lowering.resolve).
+    conv_impl: str = "auto"
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
     layout: str = "auto"              # auto | NHWC (reference) | CHWN (channel-major, batch-minor)

@@ -55,7 +55,7 @@ def steps_per_epoch(config: Config, num_train: int) -> int:
 
 def resolve_loop(config: Config) -> str:
     """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
-    CPU too: `lowering.resolve`, WORKSPACE.md "Performance")."""
+    CPU too: `lowering.resolve`, docs/performance.md)."""
     return lowering.resolve(config).loop
 
 

@@ -23,7 +23,8 @@ Conv = Callable[..., jax.Array]
 
 
 def conv_impl(config: Config, backend: str | None = None) -> str:
-    """The convolution that runs: `lax` when asked for (or `auto` off CPU), else `patches`."""
+    """The convolution that runs: `lax` when asked for (or `auto` off CPU), else `patches` (also
+    for `winograd`, which needs the fused conv -> relu -> pool block these convolutions are not in)."""
     impl = config.conv_impl
     if impl == "auto":
         impl = "patches" if (backend or jax.default_backend()) == "cpu" else "lax"
