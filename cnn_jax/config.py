@@ -155,6 +155,7 @@ def preset(name: str) -> Config:
         raise ConfigError(f"--preset={shown(name)} is not allowed: use one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
 
+
 # The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli):
 # every Config field, `--preset` and the compilation cache's flags, each in one group.
 FLAG_GROUPS: dict[str, tuple[str, ...]] = {
