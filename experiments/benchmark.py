@@ -415,6 +415,8 @@ def checked_flags() -> list[int]:
     if too_big:
         raise ConfigError(f"--batch_sizes={too_big[0]} is larger than --train_images={FLAGS.train_images}")
     families = {name: name for name in config_lib.PRESETS if config_lib.PRESETS[name].model == name}
+    for value in FLAGS.runs:
+        config_lib.check_renamed("preset", value, "--runs")
     for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families)):
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
