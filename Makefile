@@ -24,7 +24,7 @@ venv:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: $(PYTHON) is Python " + sys.version.split()[0] + "; cnn_jax needs 3.11+: run make with PYTHON=python3.11 (or newer)")'
 	@want=$$(cat $(REQUIREMENTS) pyproject.toml | $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'); \
 	if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
-	  echo "setting up $(VENV) from $(REQUIREMENTS) (first use or changed requirements; a few minutes, ~2 GB)"; \
+	  echo "setting up $(VENV) from $(REQUIREMENTS) (first use or changed requirements: a few minutes, a few GB)"; \
 	  rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) \
 	  && $(VENV)/bin/python -m pip install -q -r requirements.txt -r requirements-tfds.txt \
 	  && $(VENV)/bin/python -m pip install -q -e . --no-deps \
