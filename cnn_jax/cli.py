@@ -1,7 +1,9 @@
 """absl flags for the experiment scripts: one flag per `Config` field, plus `--preset`.
 
 A flag given on the command line overrides the preset's value; a flag left out
-keeps it. `main_guard` turns the errors meant for users (bad config, bad data,
+keeps it. `--help` and `--helpshort` list the script's own flags, then the config flags
+grouped as `config.FLAG_GROUPS` says (data, model, optimisation, execution, run);
+`--helpfull` adds absl's own. `main_guard` turns the errors meant for users (bad config, bad data,
 divergence, a file that cannot be written) into one line on stderr and a non-zero
 exit, with no traceback; it also keeps the echoes of orbax's and tensorstore's
 background threads off stderr (`quiet_background_reports`), a process-wide setting
@@ -18,7 +20,7 @@ import signal
 import sys
 from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags
 
 from cnn_jax import compile_cache
 from cnn_jax import config as config_lib
@@ -33,57 +35,122 @@ _HELP = {
     "dataset": "Dataset: mnist, fashion_mnist, kmnist, cifar10 or cifar100 (input_shape and num_classes follow it).",
     "data_dir": "Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
                 "empty: the first source found (docs/data.md).",
+    "train_subset": "Train on the first N training images only (0: all).",
+    "test_subset": "Evaluate on the first N test images only (0: all).",
     "model": "Model family (cnn_jax.models): {names}. Families of your own: $CNN_JAX_MODELS=name=module,...",
     "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
     "conv_kernels": "Kernel size per conv layer, comma-separated.",
+    "conv_stride": "Stride of every conv layer.",
+    "conv_padding": "Padding of every conv layer: VALID or SAME.",
     "pool": "Pooling: max or avg.",
+    "pool_window": "Pooling window (its height and width).",
+    "pool_stride": "Pooling stride.",
     "num_fc": "Width of the hidden dense layer.",
+    "num_classes": "Classes of the output layer (follows --dataset unless given).",
+    "input_shape": "Image shape H,W,C (follows --dataset unless given).",
+    "weight_scale": "Standard deviation of --init=normal.",
     "widths": "vgg, resnet: channels of each VGG block / ResNet stage, comma-separated.",
     "depth": "vgg, resnet: conv layers per VGG block / pre-activation residual blocks per ResNet stage.",
     "dropout": "vgg, resnet: dropout rate before the classifier (0: none; training only).",
     "bn_momentum": "vgg, resnet: batch norm running averages move as momentum * running + (1 - momentum) * batch.",
-    "init": "Initialisation: he, lecun (fan-in scaled) or seed (N(0, weight_scale)).",
-    "optimizer": "seed_sgd (the tutorial's hand-written SGD), sgd, momentum, adam or adamw.",
+    "init": "Initialisation: he, lecun (fan-in scaled) or normal (every weight and bias ~ N(0, weight_scale)).",
+    "optimizer": "sgd (at a constant rate with --loss_reduction=sum: the tutorial's), momentum, adam or adamw.",
+    "learning_rate": "Learning rate (the peak of --schedule).",
+    "momentum": "Momentum of --optimizer=momentum.",
+    "weight_decay": "Weight decay of --optimizer=adamw.",
+    "batch_size": "Training images per step.",
+    "epochs": "Passes over the training set.",
+    "seed": "Random seed: the initial params, the data order and each step's randomness (dropout, augmentation).",
     "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
-    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the seed).",
-    "conv_impl": "Convolution lowering: auto (winograd on CPU, lax elsewhere), lax (reference), patches "
-                 "(im2col + matmul) or winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches).",
+    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the tutorial).",
+    "conv_impl": "Convolution lowering: auto (on CPU winograd in the tutorial CNN's fused conv-relu-pool blocks "
+                 "where it applies, else patches; lax elsewhere), lax (reference), patches (im2col + matmul) or "
+                 "winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches; fused blocks only).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
     "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
     "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",
-    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, measured slower here), on or off.",
+    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, where they run slower: docs/performance.md), on or off.",
     "coordinator_address": "Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.",
     "num_processes": "Multi-host: how many processes take part.",
     "process_id": "Multi-host: this process's index, 0 .. num_processes - 1.",
+    "eval_batch_size": "Images per evaluation batch (forward pass only).",
+    "loss_smoothing": "Rate s of the moving-average training loss the epoch line prints: m <- (1 - s) * m + s * loss.",
+    "log_every": "Steps between logged training losses.",
     "train_eval": "Train accuracy: full (evaluate the train set after each epoch) or running.",
     "debug": "Print every layer's output shape.",
 }
 
 
+class _PresetFlag(flags.EnumFlag):
+    """`--preset`: one of `config.PRESETS`; a renamed preset is a one-line error naming the new one."""
+
+    def parse(self, argument: Any) -> None:
+        config_lib.check_renamed("preset", argument)
+        super().parse(argument)
+
+
+class _GroupedHelpFlag(app.HelpFlag):
+    """absl's `--help` (and `--helpshort`), listing the config flags by group too (`short_help`)."""
+
+    def __init__(self, name: str, short_name: str | None):
+        self.NAME, self.SHORT_NAME = name, short_name
+        super().__init__()
+
+    def parse(self, arg: Any) -> None:
+        if self._parse(arg):
+            print((sys.modules["__main__"].__doc__ or "").rstrip() + "\n\nflags:\n" + short_help())
+            print("\nTry --helpfull to get a list of all flags, absl's own included.")
+            sys.exit(1)   # as absl's help flags do
+
+
+def short_help() -> str:
+    """The script's own flags, then the config flags under their groups' headings."""
+    return "\n".join(text for text in [FLAGS.main_module_help()] +
+                     [FLAGS.module_help(group) for group in config_lib.FLAG_GROUPS] if text)
+
+
+def _use_grouped_help() -> None:
+    """Replace absl's `--help`/`-?` and `--helpshort` by `_GroupedHelpFlag`s (once)."""
+    app.define_help_flags()   # idempotent: app.run's own call then keeps these
+    if isinstance(FLAGS["help"], _GroupedHelpFlag):
+        return
+    for name in ("help", "?", "helpshort"):
+        delattr(FLAGS, name)
+    flags.DEFINE_flag(_GroupedHelpFlag("help", "?"), module_name="absl.app")
+    flags.DEFINE_flag(_GroupedHelpFlag("helpshort", None), module_name="absl.app")
+
+
 def define_config_flags() -> None:
-    """Define `--preset` and one flag per Config field (defaults: `Config()`'s values)."""
-    flags.DEFINE_enum("preset", "default", sorted(config_lib.PRESETS),
-                      "Named config to start from; flags given override its values.")
+    """Define `--preset`, one flag per Config field (defaults: `Config()`'s values) and the
+    compilation cache's flags, each under its group of `config.FLAG_GROUPS` (the heading
+    `--helpshort` lists it under)."""
+    group_of = {name: group for group, names in config_lib.FLAG_GROUPS.items() for name in names}
+    flags.DEFINE_flag(_PresetFlag("preset", "default", "Named config to start from; flags given override its "
+                                  "values.", sorted(config_lib.PRESETS)), module_name=group_of["preset"])
     for field in dataclasses.fields(Config):
         default = getattr(Config(), field.name)
         help_text = _HELP.get(field.name, field.name.replace("_", " ").capitalize() + ".")
+        where = {"module_name": group_of[field.name]}
         if field.name == "model":
             names = models.names()
-            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)))
+            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)), **where)
         elif isinstance(default, bool):
-            flags.DEFINE_boolean(field.name, default, help_text)
+            flags.DEFINE_boolean(field.name, default, help_text, **where)
         elif isinstance(default, int):
-            flags.DEFINE_integer(field.name, default, help_text)
+            flags.DEFINE_integer(field.name, default, help_text, **where)
         elif isinstance(default, float):
-            flags.DEFINE_float(field.name, default, help_text)
+            flags.DEFINE_float(field.name, default, help_text, **where)
         elif isinstance(default, tuple):
-            flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+            flags.DEFINE_list(field.name, [str(v) for v in default], help_text, **where)
         else:
-            flags.DEFINE_string(field.name, default, help_text)
+            flags.DEFINE_string(field.name, default, help_text, **where)
     flags.DEFINE_boolean("compilation_cache", True, "Keep compiled programs on disk (JAX's persistent "
-                         "compilation cache), so a second run of the same config compiles almost nothing.")
+                         "compilation cache), so a second run of the same config compiles almost nothing.",
+                         module_name=group_of["compilation_cache"])
     flags.DEFINE_string("compilation_cache_dir", "", "Folder of the compilation cache; empty: "
-                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax.")
+                        "$JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/cnn_jax/jax or ~/.cache/cnn_jax/jax.",
+                        module_name=group_of["compilation_cache_dir"])
+    _use_grouped_help()
 
 
 def _parse_int_list(name: str, values: list[str]) -> tuple[int, ...]:
@@ -104,7 +171,7 @@ def config_from_flags(overrides: dict[str, Any] | None = None) -> Config:
                 value = _parse_int_list(field.name, value)
             values[field.name] = value
     values.update(overrides or {})
-    return config_lib.validate(config_lib.replace(config_lib.PRESETS[FLAGS.preset], **values))
+    return config_lib.validate(config_lib.replace(config_lib.preset(FLAGS.preset), **values))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -116,6 +183,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         return FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}; run with --helpshort to list the flags", file=sys.stderr)
+        sys.exit(2)
+    except ConfigError as e:   # a renamed value (`--preset=seed`)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

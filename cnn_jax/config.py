@@ -1,9 +1,11 @@
 """The one experiment config: every knob, its defaults, the named presets, validation.
 
 `Config` is a frozen dataclass; a preset is just another value of it
-(`PRESETS["seed"]` is the MXNet tutorial's recipe). `validate` is the single
+(`PRESETS["tutorial"]` is the MXNet tutorial's recipe). `validate` is the single
 place where values are checked; it raises `ConfigError` with a one-line message
-naming the flag, the value and what is allowed.
+naming the flag, the value and what is allowed. Names that were renamed
+(`RENAMED_PRESETS`, `RENAMED_VALUES`) are errors naming the new one when given, and are
+migrated when read from a run's config.json (`from_dict`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from cnn_jax import datasets, models
 from cnn_jax.layers import PADDINGS
 
 DATASETS = datasets.NAMES
-INITS = ("he", "lecun", "seed")
-OPTIMIZERS = ("seed_sgd", "sgd", "momentum", "adam", "adamw")
+INITS = ("he", "lecun", "normal")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
 LOSS_REDUCTIONS = ("mean", "sum")
 CONV_IMPLS = ("auto", "lax", "patches", "winograd")
@@ -68,25 +70,28 @@ class Config:
     num_fc: int = 128                 # width of the hidden dense layer
     num_classes: int = 10             # follows `dataset` in `replace` unless given
     input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C; follows `dataset` in `replace` unless given
-    init: str = "he"                  # he | lecun | seed (every weight and bias ~ N(0, weight_scale))
-    weight_scale: float = 0.01        # std of the seed init
+    init: str = "he"                  # he | lecun | normal (every weight and bias ~ N(0, weight_scale))
+    weight_scale: float = 0.01        # std of the normal init
     # Fields of the batch-normalised families (vgg, resnet).
     widths: tuple[int, ...] = (32, 64, 128)   # channels of each VGG block / ResNet stage
     depth: int = 2                    # conv layers per VGG block / residual blocks per ResNet stage
     dropout: float = 0.0              # dropout rate before the classifier (0: none)
     bn_momentum: float = 0.9          # batch norm: running average <- momentum * running + (1 - momentum) * batch
     # Optimisation.
-    optimizer: str = "adam"           # seed_sgd | sgd | momentum | adam | adamw
+    optimizer: str = "adam"           # sgd | momentum | adam | adamw
     learning_rate: float = 1e-3
     schedule: str = "constant"        # constant | cosine | onecycle | warmup_cosine (optax optimisers)
     momentum: float = 0.9
     weight_decay: float = 1e-4        # adamw only
-    loss_reduction: str = "mean"      # mean | sum (the seed sums the per-example loss over the batch)
+    loss_reduction: str = "mean"      # mean | sum (the tutorial sums the per-example loss over the batch)
     batch_size: int = 64
     epochs: int = 1
     seed: int = 0
     # Execution and reporting.
-    conv_impl: str = "auto"           # auto | lax | patches | winograd (auto: winograd on CPU, lax elsewhere)
+    # auto | lax | patches | winograd. auto on CPU: in the tutorial CNN's fused conv -> relu -> pool
+    # blocks Winograd where it applies, else patches; where a convolution runs alone (vgg, resnet,
+    # --debug, reduce_window pooling with NHWC) patches. auto elsewhere: lax (cnn_jax.lowering.resolve).
+    conv_impl: str = "auto"
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
     layout: str = "auto"              # auto | NHWC (reference) | CHWN (channel-major, batch-minor)
@@ -97,18 +102,18 @@ class Config:
     process_id: int = 0
     eval_batch_size: int = 1000
     train_eval: str = "full"          # full: evaluate the whole train set per epoch | running: during the epoch
-    loss_smoothing: float = 0.01      # the seed's moving-average loss
+    loss_smoothing: float = 0.01      # rate of the tutorial's moving-average loss
     log_every: int = 100              # steps between logged training losses
     debug: bool = False               # print every layer's output shape
 
 
 PRESETS: dict[str, Config] = {
     "default": Config(),
-    # The MXNet tutorial exactly: N(0, 0.01) init, hand-written SGD at lr 0.01 on the
-    # summed loss, average pooling, batch 64, one epoch.
-    "seed": Config(pool="avg", init="seed", weight_scale=0.01, optimizer="seed_sgd",
-                   learning_rate=0.01, loss_reduction="sum"),
-    # >= 0.99 test accuracy in the least wall time (WORKSPACE.md, Performance): the seed
+    # The MXNet tutorial exactly: N(0, 0.01) init, plain SGD (p <- p - lr * grad) at lr 0.01 on
+    # the summed loss, average pooling, batch 64, one epoch.
+    "tutorial": Config(pool="avg", init="normal", weight_scale=0.01, optimizer="sgd",
+                       learning_rate=0.01, loss_reduction="sum"),
+    # >= 0.99 test accuracy in the least wall time (docs/recipes.md): the tutorial's
     # network with max pooling, He init, Adam with a one-cycle schedule, one epoch at batch
     # 64, the training accuracy taken during the epoch instead of in an extra pass, and
     # evaluation in batches of 250 (XLA:CPU's forward pass is fastest there).
@@ -122,6 +127,47 @@ PRESETS: dict[str, Config] = {
     "resnet": Config(model="resnet", widths=(16, 32, 64), depth=2, dropout=0.0, bn_momentum=0.9, init="he",
                      optimizer="adam", learning_rate=0.003, schedule="onecycle", batch_size=128, epochs=5,
                      augment_shift=2, train_eval="running", eval_batch_size=500),
+}
+
+# Names that were renamed, old -> new: presets, and values of config fields. Given on the command
+# line or in a sweep or search spec, an old name is a one-line error naming the new one; in a run's
+# config.json it is migrated on read (`from_dict`), so runs written before still resume and evaluate.
+# (`seed_sgd` was the tutorial's hand-written SGD, p <- p - lr * grad: optax's sgd computes exactly that.)
+RENAMED_PRESETS: dict[str, str] = {"seed": "tutorial"}
+RENAMED_VALUES: dict[str, dict[str, str]] = {"init": {"seed": "normal"}, "optimizer": {"seed_sgd": "sgd"}}
+_RENAME_HINTS = {("optimizer", "seed_sgd"): " (the tutorial's recipe adds --loss_reduction=sum, as --preset=tutorial does)"}
+
+
+def check_renamed(name: str, value: Any, where: str = "") -> None:
+    """Raise a one-line ConfigError naming the new name if `value` of `name` (`preset` or a config
+    field) was renamed; `where` (e.g. `--sweep`) prefixes the message and drops the flags' `--`."""
+    renames = RENAMED_PRESETS if name == "preset" else RENAMED_VALUES.get(name, {})
+    if isinstance(value, str) and value in renames:
+        dashes, prefix = ("", f"{where}: ") if where else ("--", "")
+        raise ConfigError(f"{prefix}{dashes}{name}={value} was renamed: use {dashes}{name}={renames[value]}"
+                          + _RENAME_HINTS.get((name, value), ""))
+
+
+def preset(name: str) -> Config:
+    """The preset `name`; a renamed or unknown name is a one-line ConfigError."""
+    check_renamed("preset", name)
+    if name not in PRESETS:
+        raise ConfigError(f"--preset={shown(name)} is not allowed: use one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+# The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli):
+# every Config field, `--preset` and the compilation cache's flags, each in one group.
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data_dir", "train_subset", "test_subset", "augment_shift", "augment_flip"),
+    "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
+              "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
+              "dropout", "bn_momentum"),
+    "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "loss_reduction",
+                     "batch_size", "epochs", "seed"),
+    "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
+                  "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
+    "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
 }
 
 
@@ -154,8 +200,15 @@ def to_dict(config: Config) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+def migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values as an earlier version wrote them (a run's config.json), renamed values
+    replaced by their new names (`RENAMED_VALUES`)."""
+    return {k: RENAMED_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def from_dict(values: dict[str, Any]) -> Config:
-    """Inverse of `to_dict`; unknown keys are an error."""
+    """Inverse of `to_dict`, reading what earlier versions wrote too (`migrate`); unknown keys are an error."""
+    values = migrate(values)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -165,6 +218,7 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    check_renamed(name, value)
     if value not in allowed:
         raise ConfigError(f"--{name}={shown(value)} is not allowed: use one of {', '.join(allowed)}")
 
@@ -252,10 +306,6 @@ def validate(config: Config) -> Config:
         _positive(name, getattr(config, name), allow_zero=True)
     if not 0 < config.loss_smoothing <= 1:
         raise ConfigError(f"--loss_smoothing={shown(config.loss_smoothing)} is not allowed: it must be in (0, 1]")
-    if config.optimizer == "seed_sgd" and config.schedule != "constant":
-        raise ConfigError(f"--schedule={config.schedule!r} is not allowed with --optimizer=seed_sgd "
-                          "(the tutorial's SGD has a constant rate): use --schedule=constant "
-                          "or an optax optimiser")
     if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
         raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
     if config.augment_shift >= min(config.input_shape[:2]):

@@ -19,7 +19,7 @@ from cnn_jax import dataset_files
 
 def to_unit_float(images: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [0, 1]: exactly `images.astype(np.float32) / 255`, through a 256-entry
-    table (one pass, no float temporary: ~7x faster on MNIST's 47M pixels)."""
+    table: one pass and no float temporary, faster and lighter than the division on a whole dataset."""
     if images.dtype != np.uint8:
         return images.astype(np.float32) / 255.0
     return _UNIT_FLOAT[images]

@@ -11,7 +11,7 @@ equal to the reference in value and gradient):
   gradient goes to the *first* maximum of each window in row-major order, as
   `select_and_scatter` does, through a custom VJP (`max_pool_reshape`).
 - the block, with reshape pooling: only the conv outputs that the (VALID) pool reads are
-  computed (the seed's 9x9 conv2 output loses its last row and column, ~21% of its FLOPs),
+  computed (the tutorial's 9x9 conv2 output loses its last row and column, ~21% of its FLOPs),
   and for max pooling relu runs after the pool (relu and max commute exactly).
 - layout "CHWN": activations channel-major and batch-minor (C, H, W, N). The conv matmuls
   then have the long space x batch axis last, and every patch slice, pooling reduction and
@@ -22,7 +22,7 @@ equal to the reference in value and gradient):
 - conv "winograd": the same fused block by Winograd's minimal filtering F(4x4, 5x5) or
   F(2x2, 3x3) (`pooled_conv_winograd`) for the layers it applies to (`winograd_applies`:
   stride 1, whole tiles, enough input channels), patches for the rest. F(4x4, 5x5) does
-  6.25x fewer multiplications than the direct 5x5 conv; the seed's conv2 is its case.
+  6.25x fewer multiplications than the direct 5x5 conv; the tutorial's conv2 is its case.
 
 `resolve(config)` turns the config's `auto` choices into the concrete strategy for the
 backend, and `describe` names it for the start-up log line.
@@ -59,7 +59,8 @@ class Strategy:
 
 
 def resolve(config: Config, backend: str | None = None) -> Strategy:
-    """Replace every `auto` of the config by the choice measured fastest on `backend`.
+    """Replace every `auto` of the config by the choice measured fastest on `backend`
+    (docs/performance.md, docs/lowering.md).
 
     CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
     NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off.
@@ -76,7 +77,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
             if cpu else "lax"
     layout = config.layout if config.layout != "auto" else (
         "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
-    # A scanned epoch: on XLA:CPU ~1.4x the throughput of one call per batch at batch 64.
+    # A scanned epoch: the steps run inside one compiled call, without a host round trip and a
+    # dispatch per batch (the `default` against `default_step` rows of docs/performance.md).
     loop = config.loop if config.loop != "auto" else "scan"
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
     return Strategy(conv, pool, layout, loop, ynnpack)
@@ -87,8 +89,8 @@ def inference_config(config: Config) -> Config:
 
     Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
     faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
-    convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling
-    (measured: 18k and 12k test images/s; reshape average pooling 6k). Explicit choices are kept."""
+    convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling (the
+    faster average pooling of the forward pass; docs/performance.md). Explicit choices are kept."""
     if config.conv_impl != "auto" or config.layout != "auto":
         return config
     pool_impl = config.pool_impl
@@ -114,8 +116,8 @@ def compiler_options(config: Config) -> dict[str, str]:
     """XLA compiler options for the config's jitted steps (pass to `jax.jit(compiler_options=)`).
 
     With ynnpack off (auto on CPU) XLA:CPU runs dots on its own Eigen kernels and emits its
-    own reductions and elementwise loops instead of YNNPACK fusions, which measured slower
-    for this network's shapes (see WORKSPACE.md, Performance)."""
+    own reductions and elementwise loops instead of YNNPACK fusions, which run slower for this
+    network's shapes (docs/performance.md)."""
     if jax.default_backend() != "cpu" or resolve(config).ynnpack == "on" or not _ynn_option_known():
         return {}
     return {_YNN_OPTION: ""}
@@ -368,8 +370,8 @@ def winograd_applies(kernel: int, stride: int, in_channels: int, conv_out: tuple
     pooled part of the conv output (`conv_out` rows and columns) made of whole tiles of whole
     pool windows, and at least `WINOGRAD_MIN_CHANNELS` input channels: the (2m)^2 products
     contract over the input channels, and with few of them they are too thin to repay the
-    transforms (with the seed's conv1, one channel, as Winograd too the step runs ~30% slower;
-    conv2, 20 channels, as Winograd makes it ~1.3x faster)."""
+    transforms (the tutorial's conv1, one channel, runs slower as Winograd; its conv2, 20 channels,
+    faster: docs/lowering.md, docs/performance.md)."""
     m = kernel - 1
     used = [size // window * window for size in conv_out]
     return (stride == 1 and kernel in (3, 5) and in_channels >= WINOGRAD_MIN_CHANNELS
@@ -393,7 +395,7 @@ def _winograd_tiles(x: jax.Array, m: int, th: int, tw: int) -> jax.Array:
     column (t, u, n, c) = x[c, m*(t + h) + i, m*(u + v) + j, n]; a = 2m, so a tile is two
     m-blocks on each axis. Four transposed slices, one per (h, v), stacked on the leading
     axis. Channel last makes the transformed tiles (a*a, P, C): the layout in which the
-    weight-gradient products run fastest (measured 1.7x their (a*a, C, P) form)."""
+    weight-gradient products run fastest on XLA:CPU (docs/lowering.md, "The Winograd block")."""
     c, n = x.shape[0], x.shape[3]
     blocks = x[:, :m * (th + 1), :m * (tw + 1)].reshape(c, th + 1, m, tw + 1, m, n)
     parts = [blocks[:, h:h + th, :, v:v + tw].transpose(2, 4, 1, 3, 5, 0) for h in (0, 1) for v in (0, 1)]
@@ -477,7 +479,7 @@ def _winograd_bwd(padding, pool, k, residuals, g):
         dy = jnp.stack([jnp.where(mask[q], gz, zero) for q in range(k * k)])
     kb, kg, ka = _winograd_constants(r, k)
     dy = dy.reshape(k * k * (m // k) ** 2, -1)                                       # (m*m, O*P)
-    # The bias gradient through a product (XLA:CPU runs this reduction 5x faster as a dot).
+    # The bias gradient through a product (XLA:CPU runs this reduction faster as a dot).
     db = (jnp.ones((1, dy.shape[0]), dy.dtype) @ dy).reshape(o, -1).sum(axis=1)
     dprod = (ka.T @ dy).reshape(4 * m * m, o, -1)                                   # (a*a, O, P)
     du = lax.dot_general(dprod, v, (((2,), (1,)), ((0,), (0,))))                     # (a*a, O, C)
@@ -498,7 +500,7 @@ pooled_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 def dense_from_chwn(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """`layers.dense(layers.flatten(x_nhwc), w, b)` for channel-major x (C, H, W, N): the
     forward flattens in NHWC order (w's rows stay (h, w, c)). The backward forms the input
-    gradient batch-minor, as w @ g^T (I, N), which XLA:CPU multiplies ~2x faster than
+    gradient batch-minor, as w @ g^T (I, N), which XLA:CPU multiplies faster than
     g @ w^T, and moves it back to (C, H, W, N) with N staying the contiguous axis."""
     return _dense_from_chwn_fwd(x, w, b)[0]
 

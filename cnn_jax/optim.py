@@ -1,8 +1,8 @@
-"""Optimisers: the seed's hand-written SGD, and optax's sgd / momentum / adam / adamw.
+"""Optimisers: optax's sgd / momentum / adam / adamw with a learning-rate schedule.
 
 Every optimiser is an `optax.GradientTransformation`; `apply_updates` adds the
-updates to the params. The seed's SGD is written out by hand: its update is
-exactly `p - lr * grad`.
+updates to the params. Plain `sgd` at a constant rate is the tutorial's update,
+exactly `p - lr * grad` (on the summed loss with `--loss_reduction=sum`).
 
 `make_optimizer` wraps the optimiser in `optax.inject_hyperparams`: the learning rate (the
 schedule's peak), momentum and weight decay are arrays in the optimiser state
@@ -18,20 +18,6 @@ import jax
 import optax
 
 from cnn_jax.config import Config
-
-
-def seed_sgd(learning_rate: float) -> optax.GradientTransformation:
-    """The tutorial's SGD: params <- params - lr * grad, no state."""
-
-    def init(params: Any) -> optax.EmptyState:
-        del params
-        return optax.EmptyState()
-
-    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
-        del params
-        return jax.tree.map(lambda g: -learning_rate * g, grads), state
-
-    return optax.GradientTransformation(init, update)
 
 
 # The optimiser's per-run values: Config fields carried in `opt_state.hyperparams`.
@@ -61,8 +47,6 @@ def learning_rate_schedule(config: Config, total_steps: int, learning_rate: Any 
 def base_optimizer(config: Config, total_steps: int, learning_rate: Any, momentum: Any,
                    weight_decay: Any) -> optax.GradientTransformation:
     """The optimiser `config.optimizer` names with its schedule, for the given per-run values."""
-    if config.optimizer == "seed_sgd":
-        return seed_sgd(learning_rate)
     lr = learning_rate_schedule(config, total_steps, learning_rate)
     if config.optimizer == "sgd":
         return optax.sgd(lr)

@@ -1,6 +1,6 @@
 """Progress of an epoch: a tqdm bar on a terminal, plain log lines otherwise (CI, nohup, notebooks).
 
-    bar = progress.epoch_progress(epoch, num_steps, first_step, batch_size)
+    bar = progress.epoch_progress(epoch, num_steps, first_step)   # stream=, bar= optional
     bar.advance()                        # after every step (cheap: no device sync)
     bar.log(global_step, loss, ips)      # every log_every steps, with values already on the host
     bar.close()

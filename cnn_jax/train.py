@@ -4,7 +4,7 @@ epoch of steps, the host-side record of a run) are shared with the vmapped group
 
 The compiled step and runners are `cnn_jax.step`'s; the state they carry is
 `cnn_jax.state.TrainState`. What stays on the host is a `RunLog` per run: the step count, the
-seed's moving-average loss, this epoch's losses and correct counts, and one record per finished
+tutorial's moving-average loss, this epoch's losses and correct counts, and one record per finished
 epoch. Together, a TrainState and a RunLog are everything a run needs to continue exactly where
 it stopped (what a checkpoint holds).
 """
@@ -31,7 +31,7 @@ Record = dict[str, Any]
 
 
 def moving_average(values: np.ndarray, smoothing: float, start: float | None = None) -> float:
-    """The seed's moving-average loss: m <- (1 - s) * m + s * v, starting at the first value."""
+    """The tutorial's moving-average loss: m <- (1 - s) * m + s * v, starting at the first value."""
     m = start
     for v in np.asarray(values, np.float64):
         m = float(v) if m is None else (1.0 - smoothing) * m + smoothing * float(v)
@@ -39,7 +39,7 @@ def moving_average(values: np.ndarray, smoothing: float, start: float | None = N
 
 
 def format_epoch(record: Record) -> str:
-    """One line in the seed's form, plus time and throughput."""
+    """One line in the tutorial's form, plus time and throughput."""
     return (f"Epoch {record['epoch']}. Loss: {record['moving_loss']:.4g}, "
             f"Train_acc {record['train_accuracy']:.4f}, Test_acc {record['test_accuracy']:.4f}, "
             f"{record['epoch_time']:.1f} s, {record['images_per_second']:.0f} img/s")
@@ -55,7 +55,7 @@ def steps_per_epoch(config: Config, num_train: int) -> int:
 
 def resolve_loop(config: Config) -> str:
     """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
-    CPU too: `lowering.resolve`, WORKSPACE.md "Performance")."""
+    CPU too: `lowering.resolve`, docs/performance.md)."""
     return lowering.resolve(config).loop
 
 
@@ -64,7 +64,7 @@ class RunLog:
     """A run's host-side record: what `fit` and a sweep group keep per run besides the TrainState."""
 
     step: int = 0                          # training steps done, over all epochs
-    moving_loss: float | None = None       # the seed's moving-average loss after `step` steps
+    moving_loss: float | None = None       # the tutorial's moving-average loss after `step` steps
     epoch_losses: list[float] = dataclasses.field(default_factory=list)  # this epoch's step losses so far
     epoch_correct: int = 0                 # this epoch's correct training predictions so far
     history: list[Record] = dataclasses.field(default_factory=list)  # one record per finished epoch

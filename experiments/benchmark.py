@@ -3,8 +3,8 @@
     python experiments/benchmark.py --data_dir=../shared/data/mnist --output=bench.json
     python experiments/benchmark.py --batch_sizes=64 --pools=max --repeats=3   # quicker
 
-For each pooling (avg, max) and batch size (64 and a large one) it times the seed network
-with the seed's SGD (`--preset=seed`: N(0, 0.01) init, lr 0.01, summed loss) under every
+For each pooling (avg, max) and batch size (64 and a large one) it times the tutorial's network
+with the tutorial's SGD (`--preset=tutorial`: N(0, 0.01) init, lr 0.01, summed loss) under every
 execution strategy of the codebase (reference lax conv + reduce_window pool, the patches
 conv, reshape pooling, NHWC / channel-major layout, one jitted call per batch / a scanned
 run of batches) and, when `torch` is installed (requirements-bench.txt), the same network,
@@ -56,7 +56,7 @@ flags.DEFINE_list("runs", ["default", "fast"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
 flags.DEFINE_list("families", ["vgg", "resnet"],
-                  "Model families to time besides the seed network, each at its preset (config.PRESETS[name]) "
+                  "Model families to time besides the tutorial's network, each at its preset (config.PRESETS[name]) "
                   "on the same MNIST-shaped images; empty: none.")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
                    "processes to leave the CPUs idle (0: don't wait).")
@@ -145,7 +145,7 @@ def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Arra
 
 
 def torch_net(config: Config):
-    """The seed network in PyTorch (NCHW), init N(0, weight_scale) for every weight and bias."""
+    """The tutorial's network in PyTorch (NCHW), init N(0, weight_scale) for every weight and bias."""
     import torch
     from torch import nn
 
@@ -379,7 +379,7 @@ def format_families(rows: list[dict[str, Any]]) -> str:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
              f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
-             f"seed network, seed SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
+             f"the tutorial's network and SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
              f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
              f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
@@ -415,13 +415,15 @@ def checked_flags() -> list[int]:
     if too_big:
         raise ConfigError(f"--batch_sizes={too_big[0]} is larger than --train_images={FLAGS.train_images}")
     families = {name: name for name in config_lib.PRESETS if config_lib.PRESETS[name].model == name}
+    for value in FLAGS.runs:
+        config_lib.check_renamed("preset", value, "--runs")
     for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families)):
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
             raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
-            config_lib.validate(config_lib.replace(config_lib.PRESETS["seed"], pool=pool, batch_size=batch_size))
+            config_lib.validate(config_lib.replace(config_lib.PRESETS["tutorial"], pool=pool, batch_size=batch_size))
     folder = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else ""
     if folder and not os.path.isdir(folder):
         raise ConfigError(f"--output={FLAGS.output}: folder {folder} does not exist")
@@ -435,7 +437,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     batch_sizes = checked_flags()
     load_before = os.getloadavg()
-    base = config_lib.PRESETS["seed"]
+    base = config_lib.PRESETS["tutorial"]
     try:
         import torch
         torch_version = torch.__version__ if FLAGS.torch else None

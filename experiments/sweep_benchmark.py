@@ -1,7 +1,7 @@
 """Vectorised (vmapped) against sequential training of N runs that differ only in seed and learning rate.
 
-    # GPU: 16 runs of the seed network, one epoch each
-    python experiments/sweep_benchmark.py --preset=seed --data_dir=../shared/data/mnist --runs=16
+    # GPU: 16 runs of the tutorial's network, one epoch each
+    python experiments/sweep_benchmark.py --preset=tutorial --data_dir=../shared/data/mnist --runs=16
     # CPU: which lowering runs fastest under vmap (steady-state epoch time, no sequential runs)
     python experiments/sweep_benchmark.py --data_dir=../shared/data/mnist --runs=6 --epochs=2 \\
         --train_subset=12800 --sequential=false --variants="conv_impl=patches,lax loop=step,scan"

@@ -2,7 +2,7 @@
 
     python experiments/train.py --pool=max            # data: the first source found (cnn_jax/data.py)
     python experiments/train.py --pool=max --data_dir=../shared/data/mnist
-    python experiments/train.py --preset=seed          # the MXNet tutorial exactly
+    python experiments/train.py --preset=tutorial      # the MXNet tutorial exactly
     python experiments/train.py --workdir=runs/max --epochs=2        # keep the run (see WORKSPACE.md)
     python experiments/train.py --workdir=runs/max --resume          # continue it after a stop
 

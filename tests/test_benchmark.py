@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
 import benchmark  # noqa: E402
 
 
-def test_flops_of_the_seed_network_are_the_issues_figures():
-    forward, total = benchmark.model_flops(config_lib.PRESETS["seed"])
+def test_flops_of_the_tutorials_network_are_the_issues_figures():
+    forward, total = benchmark.model_flops(config_lib.PRESETS["tutorial"])
     # conv1 26*26*(3*3*1)*20, conv2 9*9*(5*5*20)*50, dense 800*128 + 128*10 multiply-adds.
     macs = [26 * 26 * 9 * 20, 9 * 9 * 500 * 50, 800 * 128, 128 * 10]
     assert forward == 2 * sum(macs)
@@ -31,7 +31,7 @@ def test_flops_of_the_seed_network_are_the_issues_figures():
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_torch_network_computes_the_jax_network(pool):
     torch = pytest.importorskip("torch")
-    config = config_lib.replace(config_lib.PRESETS["seed"], pool=pool, init="he")
+    config = config_lib.replace(config_lib.PRESETS["tutorial"], pool=pool, init="he")
     params, model_state = model.init(jax.random.key(3), config)
     net = benchmark.torch_net(config)
     convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
@@ -89,7 +89,8 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     (["--strategies=default,fastest"], "--strategies=fastest is not allowed: use one of default,"),
     (["--train_images=32"], "--batch_sizes=64 is larger than --train_images=32"),
     (["--repeats=0"], "--repeats=0 is not allowed: it must be positive"),
-    (["--runs=tutorial"], "--runs=tutorial is not allowed: use one of default"),
+    (["--runs=nope"], "--runs=nope is not allowed: use one of default"),
+    (["--runs=seed"], "--runs: preset=seed was renamed: use preset=tutorial"),
     (["--families=vgg,alexnet"], "--families=alexnet is not allowed: use one of vgg, resnet"),
     (["--pools=min"], "--pool='min' is not allowed"),
     (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import script_runner
+from cnn_jax import config as config_lib
 from conftest import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "experiments", "train.py")
@@ -31,10 +32,29 @@ def test_train_script_on_a_real_subset(mnist_dir):
     assert float(last.group(3)) > 0.7
 
 
-def test_seed_preset_runs_from_the_command_line(mnist_dir):
-    result = run("--preset=seed", f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200")
+def test_tutorial_preset_runs_from_the_command_line(mnist_dir):
+    result = run("--preset=tutorial", f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^Epoch 0\. Loss: ", result.stdout, re.M)
+
+
+def test_helpshort_lists_every_flag_the_script_takes_grouped():
+    result = run("--helpshort", timeout=120)
+    heading = re.compile(r"^(\S.*):$")
+    groups, current = {}, None
+    for line in result.stdout.splitlines():
+        if heading.match(line):
+            current = heading.match(line).group(1)
+        elif current and line.startswith("  --"):
+            groups.setdefault(current, []).append(re.match(r"  --(?:\[no\])?(\w+)", line).group(1))
+    assert next(iter(groups)) == TRAIN   # the script's own flags first, under its path (absl's heading)
+    assert groups.pop(TRAIN) == ["overwrite", "resume", "tensorboard", "workdir"]
+    assert {group: sorted(names) for group, names in groups.items()} == \
+        {group: sorted(names) for group, names in config_lib.FLAG_GROUPS.items()}
+    assert list(groups) == list(config_lib.FLAG_GROUPS)
+    assert "logtostderr" not in result.stdout and "--helpfull" in result.stdout
+    full = run("--helpfull", timeout=120).stdout
+    assert "logtostderr" in full and all(f"\n{group}:\n" in full for group in config_lib.FLAG_GROUPS)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -45,7 +65,8 @@ def test_seed_preset_runs_from_the_command_line(mnist_dir):
     (["--conv_kernels=3,30"], "conv2 kernel 30 is larger than its 13x13 input"),
     (["--conv_filters=8,8,8", "--conv_kernels=5,5,4"], "so the flattened size would be zero"),
     (["--conv_filters=20"], "--conv_filters=20 and --conv_kernels=3,5 differ in length"),
-    (["--preset=tutorial"], "--preset"),
+    (["--preset=nope"], "--preset"),
+    (["--preset=seed"], "--preset=seed was renamed: use --preset=tutorial"),
     (["--resume"], "--resume, --overwrite and --tensorboard need --workdir"),
     (["--optimizer=rmsprop"], "--optimizer='rmsprop'"),
     (["--dataset=cifar"], "--dataset='cifar'"),

@@ -94,7 +94,7 @@ def test_channel_major_batch_minor_patches_conv_equals_lax_conv(kernel, stride, 
 
 
 BLOCKS = [
-    {},                                                        # the seed's conv1 shape family
+    {},                                                        # the tutorial's conv1 shape family
     {"conv_stride": 2},
     {"conv_padding": "SAME"},
     {"pool_window": 3, "pool_stride": 3},
@@ -262,8 +262,8 @@ def test_winograd_matrices_compute_the_valid_correlation(m, r):
 
 def test_winograd_applies_where_its_tiles_fit_and_the_products_pay():
     applies = lowering.winograd_applies
-    assert applies(5, 1, 20, (9, 9), 2)            # the seed's conv2: 8x8 pooled outputs, 2x2 tiles
-    assert not applies(3, 1, 1, (26, 26), 2)       # the seed's conv1: one input channel
+    assert applies(5, 1, 20, (9, 9), 2)            # the tutorial's conv2: 8x8 pooled outputs, 2x2 tiles
+    assert not applies(3, 1, 1, (26, 26), 2)       # the tutorial's conv1: one input channel
     assert applies(3, 1, 8, (11, 11), 2)           # F(2x2, 3x3): 10 pooled rows, 5 tiles
     assert not applies(5, 2, 20, (9, 9), 2)        # stride 2
     assert not applies(7, 1, 20, (9, 9), 2)        # no 7x7 transform
@@ -272,7 +272,7 @@ def test_winograd_applies_where_its_tiles_fit_and_the_products_pay():
 
 
 def _winograd_block_cases():
-    # (C, H, W, kernel, O, padding): the seed's conv2, SAME padding, F(2x2, 3x3), rectangular
+    # (C, H, W, kernel, O, padding): the tutorial's conv2, SAME padding, F(2x2, 3x3), rectangular
     # inputs with a row and column the pool drops, and a single channel.
     return [(20, 13, 13, 5, 50, "VALID"), (3, 12, 12, 5, 7, "SAME"), (4, 10, 10, 3, 6, "SAME"),
             (2, 11, 15, 3, 5, "VALID"), (3, 13, 17, 5, 4, "VALID"), (1, 14, 14, 3, 3, "VALID")]

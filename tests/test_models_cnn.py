@@ -16,7 +16,7 @@ SEED_TRACE = ["conv1    26x26x20", "pool1    13x13x20", "conv2    9x9x50", "pool
               "flatten  800", "dense1   128", "output   10"]
 
 
-def test_debug_trace_of_the_seed_network(capsys):
+def test_debug_trace_of_the_tutorials_network(capsys):
     config = Config()
     params = cnn.init(jax.random.key(0), config)[0]
     logits = cnn.apply(params, {}, jnp.zeros((3, 28, 28, 1)), config, debug=True)[0]
@@ -46,8 +46,8 @@ def test_flattened_size_is_derived(overrides, flat):
     assert logits.shape == (2, config.num_classes)
 
 
-def test_seed_init_draws_every_weight_and_bias_from_n0_scale():
-    config = config_lib.replace(Config(), init="seed", weight_scale=0.05)
+def test_normal_init_draws_every_weight_and_bias_from_n0_scale():
+    config = config_lib.replace(Config(), init="normal", weight_scale=0.05)
     params = cnn.init(jax.random.key(0), config)[0]
     w = np.asarray(params["dense1"]["w"])
     assert abs(w.std() - 0.05) < 0.002 and abs(w.mean()) < 0.002
@@ -89,7 +89,7 @@ def test_conv_lowerings_give_the_same_logits_and_gradients():
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("overrides", [{}, {"init": "seed", "weight_scale": 0.01},
+@pytest.mark.parametrize("overrides", [{}, {"init": "normal", "weight_scale": 0.01},
                                        {"conv_filters": (8, 16, 32), "conv_kernels": (3, 3, 3),
                                         "conv_padding": "SAME", "num_fc": 33, "init": "lecun"}])
 def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
@@ -100,7 +100,7 @@ def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
     shapes = cnn.param_shapes(config)
     keys = jax.random.split(jax.random.key(11), 2 * len(shapes)).reshape(len(shapes), 2)
     for (name, layer), (kw, kb) in zip(shapes.items(), keys):
-        if config.init == "seed":
+        if config.init == "normal":
             expected_w = config.weight_scale * jax.random.normal(kw, layer["w"], jnp.float32)
             expected_b = config.weight_scale * jax.random.normal(kb, layer["b"], jnp.float32)
         else:
@@ -111,7 +111,7 @@ def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
         np.testing.assert_array_equal(params[name]["b"], expected_b)
 
 
-def test_flops_of_the_seed_network_come_from_the_shape_walk():
+def test_flops_of_the_tutorials_network_come_from_the_shape_walk():
     forward, total = cnn.flops(Config())
     conv1, conv2 = 2 * 26 * 26 * 9 * 20, 2 * 9 * 9 * 25 * 20 * 50
     assert forward == conv1 + conv2 + 2 * 800 * 128 + 2 * 128 * 10

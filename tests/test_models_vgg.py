@@ -135,11 +135,11 @@ def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path)
 
 def test_init_follows_the_init_flag():
     """he: std sqrt(2 / fan_in) for the convs; lecun: sqrt(1 / fan_in); seed: weight_scale; the output
-    layer at gain 1 (except seed)."""
+    layer at gain 1 (except normal)."""
     config = config_lib.replace(TINY, widths=(64, 64))
     for init, conv_std, output_std in [("he", np.sqrt(2 / (9 * 64)), np.sqrt(1 / (7 * 7 * 64))),
                                        ("lecun", np.sqrt(1 / (9 * 64)), np.sqrt(1 / (7 * 7 * 64))),
-                                       ("seed", 0.05, 0.05)]:
+                                       ("normal", 0.05, 0.05)]:
         params, _ = model.init(jax.random.key(0), config_lib.replace(config, init=init, weight_scale=0.05))
         assert np.std(params["conv2_1"]["w"]) == pytest.approx(conv_std, rel=0.05)
         assert np.std(params["output"]["w"]) == pytest.approx(output_std, rel=0.05)

@@ -1,4 +1,4 @@
-"""Optimisers: the seed's SGD is exactly p - lr * g; every optax choice builds and steps."""
+"""Optimisers: plain SGD is exactly p - lr * g (the tutorial's update); every optax choice builds and steps."""
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ def step(config):
     return optim.apply_updates(PARAMS, updates)
 
 
-def test_seed_sgd_is_exactly_p_minus_lr_grad():
-    new = step(config_lib.replace(Config(), optimizer="seed_sgd", learning_rate=0.01))
+def test_sgd_is_exactly_p_minus_lr_grad():
+    new = step(config_lib.replace(Config(), optimizer="sgd", learning_rate=0.01))
     for p, g, n in zip(jax.tree.leaves(PARAMS), jax.tree.leaves(GRADS), jax.tree.leaves(new)):
         np.testing.assert_array_equal(n, p - 0.01 * g)
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, lock, run, train
+from cnn_jax import checkpoint, lock, report, run, train
 from cnn_jax import config as config_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
@@ -163,6 +163,25 @@ def test_resume_extends_a_finished_run_and_keeps_its_history(tiny, tmp_path):
     assert both[0] == first[0] and len(both) == 2
     assert [h["test_accuracy"] for h in both] == [h["test_accuracy"] for h in whole]
     assert [r["step"] for r in workdir_lib.read_metrics(workdir) if r["kind"] == "epoch"] == [10, 20]
+
+
+def test_a_run_written_with_the_old_names_evaluates_and_resumes(tiny, tmp_path):
+    """A run of the tutorial's recipe whose config.json holds the names used before the renames
+    (init "seed", optimizer "seed_sgd"): migrated on read, it evaluates to the accuracy training
+    printed and resumes to the params of an uninterrupted run."""
+    tutorial = config_lib.replace(config_lib.PRESETS["tutorial"], epochs=2, log_every=3, loop="step",
+                                  train_eval="running")
+    workdir = str(tmp_path / "run")
+    first = run.train_and_evaluate(config_lib.replace(tutorial, epochs=1), workdir, dataset=tiny)
+    path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+    values = json.load(open(path))
+    json.dump({**values, "init": "seed", "optimizer": "seed_sgd"}, open(path, "w"))
+    config, state, meta = checkpoint.restore_run(workdir)
+    assert (config.init, config.optimizer) == ("normal", "sgd")
+    evaluated = report.evaluate_test(state.params, state.model_state, tiny, config)
+    assert evaluated["accuracy"] == first[0]["test_accuracy"] == meta["history"][-1]["test_accuracy"]
+    run.train_and_evaluate(tutorial, workdir, dataset=tiny, resume=True)
+    assert leaves_equal(checkpoint.restore(workdir, tutorial)[0].params, train.fit(tutorial, tiny)[0].params)
 
 
 def test_bad_data_writes_nothing(tmp_path):

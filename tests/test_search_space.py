@@ -47,6 +47,7 @@ def test_files_hold_strings_lists_or_type_low_high(tmp_path):
     ("learning_rate=uniform(a,b)", "bounds must be numbers"),
     ("pool=max,,avg", "empty choice"),
     ("pool=max,max", "twice"),
+    ("optimizer=adam,seed_sgd", "--space: optimizer=seed_sgd was renamed: use optimizer=sgd"),
     ("learning_rate", "is not name=distribution"),
     ("learning_rate=uniform(0.1,1) learning_rate=uniform(0.1,1)", "given twice"),
     ("", "empty"),

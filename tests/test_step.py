@@ -19,7 +19,7 @@ def small(mnist):
 
 
 def test_train_step_is_pure_and_matches_a_manual_update(small):
-    config = config_lib.replace(config_lib.PRESETS["seed"])
+    config = config_lib.replace(config_lib.PRESETS["tutorial"])
     opt = optim.make_optimizer(config, 1)
     start = state.create(config, opt)
     params = start.params
@@ -55,7 +55,7 @@ def test_the_step_augments_its_batch_from_the_step_key(small):
     fold_in(step key, AUGMENT_STREAM): the same update as the manual one on those images, and not
     the update on the raw images; the same state gives the same augmentation."""
     from cnn_jax import augment
-    config = config_lib.replace(config_lib.PRESETS["seed"], augment_shift=3, augment_flip=True)
+    config = config_lib.replace(config_lib.PRESETS["tutorial"], augment_shift=3, augment_flip=True)
     opt = optim.make_optimizer(config, 1)
     start = state.create(config, opt).replace(step=jnp.asarray(7, jnp.int32))
     images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])

@@ -61,6 +61,7 @@ def test_run_names_are_the_sorted_settings():
     ("seed=0,1,0", "seed lists 0 twice"),
     ("conv_filters=20:x", "conv_filters='20:x'"),
     ("learning_rate=nan", "learning_rate='nan'"),
+    ("optimizer=adam,seed_sgd", "--sweep: optimizer=seed_sgd was renamed: use optimizer=sgd"),
     ("", "--sweep is empty"),
 ])
 def test_malformed_spec_is_one_line_naming_the_part(spec, named):
@@ -99,6 +100,7 @@ def test_spec_files_hold_a_grid_or_a_list_of_runs(tmp_path):
     ("unknown.yaml", "- {sead: 1}\n", "unknown flag 'sead'"),
     ("value.json", "{\"batch_size\": [32, \"big\"]}", "batch_size='big'"),
     ("nolist.json", "{\"seed\": []}", "seed has no values"),
+    ("renamed.json", "{\"init\": [\"he\", \"seed\"]}", "init=seed was renamed: use init=normal"),
 ])
 def test_malformed_spec_files_are_refused(tmp_path, name, text, named):
     path = tmp_path / name
@@ -130,7 +132,7 @@ def test_runs_differing_only_in_shape_free_values_share_a_group():
     assert len(groups) == 2 and [len(g) for g in groups] == [8, 8]
     assert {r.config.pool for r in groups[0]} == {"max"} and {r.config.pool for r in groups[1]} == {"avg"}
     for shape_changing in ("batch_size=32,64", "conv_filters=8:16,20:50", "optimizer=adam,sgd",
-                           "num_fc=64,128", "init=he,seed"):
+                           "num_fc=64,128", "init=he,normal"):
         runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec(shape_changing + " seed=0,1")))
         assert [len(g) for g in sweep.group_runs(runs, 100)] == [2, 2], shape_changing
 

@@ -60,12 +60,12 @@ def test_step_and_scan_loops_agree(small):
     assert abs(results[0][1][0]["moving_loss"] - results[1][1][0]["moving_loss"]) < 1e-4
 
 
-def test_moving_average_is_the_seeds():
+def test_moving_average_is_the_tutorials():
     assert train.moving_average(np.array([2.0, 1.0]), 0.01) == pytest.approx(0.99 * 2.0 + 0.01 * 1.0)
     assert train.moving_average(np.array([1.0]), 0.5, start=3.0) == pytest.approx(2.0)
 
 
-def test_format_epoch_is_the_seeds_line():
+def test_format_epoch_is_the_tutorials_line():
     line = train.format_epoch({"epoch": 0, "moving_loss": 0.1712, "train_accuracy": 0.9651,
                                "test_accuracy": 0.9628, "epoch_time": 19.83, "images_per_second": 3030.4})
     assert line == "Epoch 0. Loss: 0.1712, Train_acc 0.9651, Test_acc 0.9628, 19.8 s, 3030 img/s"

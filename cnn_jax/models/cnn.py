@@ -1,6 +1,6 @@
 """The tutorial's CNN (`--model=cnn`, the default): a model family of `cnn_jax.models`.
 
-Architecture (the seed's by default): for each conv layer i, conv{i} -> relu ->
+Architecture (the tutorial's by default): for each conv layer i, conv{i} -> relu ->
 pool{i}; then flatten -> dense1 -> relu -> output (logits). Params are a nested
 dict keyed by layer name: {"conv1": {"w", "b"}, ..., "dense1": {...}, "output": {...}}.
 It has no model state and no randomness: `init` returns `{}` as the model state and
@@ -123,7 +123,7 @@ def _normal(key: jax.Array, shape: tuple[int, ...], draw_size: int, prefix_ok: b
 def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
     """Draw initial params; the model state is empty.
 
-    `init="seed"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
+    `init="normal"`: every weight and bias ~ N(0, weight_scale) (the tutorial).
     `init="he"` / `"lecun"`: weights ~ N(0, gain / fan_in) with gain 2 / 1, biases 0.
     """
     params: Params = {}
@@ -133,7 +133,7 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
     keys = jax.random.split(key, 2 * len(shapes))
     for (name, layer), (kw, kb) in zip(shapes.items(), keys.reshape(len(shapes), 2, *keys.shape[1:])):
         w_shape, b_shape = layer["w"], layer["b"]
-        if config.init == "seed":
+        if config.init == "normal":
             w = config.weight_scale * normal(kw, w_shape)
             b = config.weight_scale * normal(kb, b_shape)
         else:
@@ -146,11 +146,11 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 
 
 def conv_fn(config: Config):
-    """The convolution lowering the config selects (`lax` is the reference)."""
-    impl = config.conv_impl
-    if impl == "auto":
-        impl = "patches" if jax.default_backend() == "cpu" else "lax"
-    return layers.conv2d_patches if impl == "patches" else layers.conv2d
+    """The convolution of the layer-by-layer path (`--debug`, or reduce_window pooling with an
+    NHWC layout). The fused blocks of `cnn_jax.lowering`, Winograd among them, do not run there, so
+    `auto` means patches + matmul on CPU (as for the batch-normalised families, `common.conv_fn`)
+    and the reference `lax` convolution elsewhere or when asked for."""
+    return common.conv_fn(config)
 
 
 def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,

@@ -23,7 +23,8 @@ Conv = Callable[..., jax.Array]
 
 
 def conv_impl(config: Config, backend: str | None = None) -> str:
-    """The convolution that runs: `lax` when asked for (or `auto` off CPU), else `patches`."""
+    """The convolution that runs: `lax` when asked for (or `auto` off CPU), else `patches` (also
+    for `winograd`, which needs the fused conv -> relu -> pool block these convolutions are not in)."""
     impl = config.conv_impl
     if impl == "auto":
         impl = "patches" if (backend or jax.default_backend()) == "cpu" else "lax"
@@ -58,9 +59,9 @@ def strategy(config: Config, pool: str) -> lowering.Strategy:
 def weight(key: jax.Array, shape: tuple[int, ...], config: Config, gain: float = 2.0) -> jax.Array:
     """Initial weights of `shape` (fan_in: every axis but the last) as `--init` says: N(0, gain /
     fan_in) for `he` (gain 2 for a layer followed by relu; pass 1 for the classifier), N(0, 1 /
-    fan_in) for `lecun`, N(0, weight_scale) for `seed`."""
+    fan_in) for `lecun`, N(0, weight_scale) for `normal`."""
     normal = jax.random.normal(key, shape, jnp.float32)
-    if config.init == "seed":
+    if config.init == "normal":
         return config.weight_scale * normal
     gain = gain if config.init == "he" else 1.0
     return math.sqrt(gain / math.prod(shape[:-1])) * normal

@@ -48,7 +48,7 @@ def run_memory_bytes(config: Config) -> int:
     """A rough upper bound on the memory one run of a group needs, for any model: float32
     params with optimiser state and gradients, and per example every layer's output plus, for
     a conv layer, its im2col patches (kernel area x input channels per output position; taken
-    as 25x the output, the seed's conv2), for a training batch (x3: forward, saved, backward)
+    as 25x the output, the tutorial's conv2), for a training batch (x3: forward, saved, backward)
     or an eval batch."""
     params, _ = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
     num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
@@ -81,9 +81,8 @@ def auto_max_parallel(config: Config, budget_bytes: int) -> int:
 def default_max_parallel(config: Config) -> int:
     """`--max_parallel=0`: as many runs of `config`'s group as fit in `memory_budget()`.
 
-    On the 2-core CPU of WORKSPACE.md ("Sweeps") the training throughput per image of a
-    scanned group of 1, 3 or 6 runs was the same within the machine's noise, so the memory
-    bound is the only bound there too; on accelerators vmapping is where the speed comes from.
+    On CPU a larger group does not train more images per second (docs/sweeps.md, "Group size"), so
+    the memory bound is the only bound there too; on accelerators vmapping is where the speed comes from.
     """
     return auto_max_parallel(config, memory_budget())
 
@@ -126,8 +125,8 @@ def resolve_loop(config: Config) -> str:
     """The execution strategy of a group: `--loop` when given, else `scan` on every backend.
 
     A vmapped group runs steps inside `lax.scan` (in chunks of `log_every` steps, for
-    progress and logs): on the 2-core CPU of WORKSPACE.md ("Sweeps") a scanned group of 6
-    runs trained 2.5x the images per second of the same group called once per step."""
+    progress and logs): on CPU that trains more images per second than one call per step
+    (docs/sweeps.md, "Lowering under vmap")."""
     return train.resolve_loop(config)
 
 

@@ -45,6 +45,7 @@ def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
     """`value` (text from the command line, or a JSON/YAML scalar or list) as field `name`'s type."""
     if name not in config_lib.field_names():
         raise _unknown(name, where)
+    config_lib.check_renamed(name, value, where)
     kind = field_kind(name)
     bad = ConfigError(f"{where}: {name}={shown(value)} is not a valid {kind.__name__ if kind is not tuple else 'list of integers'}"
                       + {tuple: " (write one value's entries joined by ':', e.g. conv_filters=20:50,32:64)",
