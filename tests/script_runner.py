@@ -21,17 +21,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(REPO_ROOT, "tests", "script_server.py")
 IMPORT_TIME_PREFIXES = ("JAX_", "XLA_", "TF_", "PYTHON", "CNN_JAX_MODELS")
 
+MAX_SERVERS = 3   # the environments used most recently; an older server is stopped
 _servers: dict[frozenset, subprocess.Popen] = {}
 
 
 def _server(env: dict[str, str]) -> subprocess.Popen:
     key = frozenset((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES))
-    proc = _servers.get(key)
+    proc = _servers.pop(key, None)
     if proc is None or proc.poll() is not None:
         proc = subprocess.Popen([sys.executable, SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 cwd=REPO_ROOT, env=env)
         atexit.register(proc.kill)
-        _servers[key] = proc
+    _servers[key] = proc   # now the most recent
+    while len(_servers) > MAX_SERVERS:
+        oldest = _servers.pop(next(iter(_servers)))
+        oldest.stdin.close()   # the server's loop ends with its input
+        oldest.wait()
     return proc
 
 
@@ -49,7 +54,10 @@ def run(command: list[str], *, env: dict[str, str] | None = None, cwd: str = REP
         proc = _server(env)
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
-        reply = json.loads(proc.stdout.readline())
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the script server (tests/script_server.py) ended while running {command[1:]}")
+        reply = json.loads(line)
         stdout, stderr = (open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""
                           for path in (out, err))
     if reply["timed_out"]:
