@@ -454,7 +454,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
              "PyTorch's most)",
-             "", format_training(report["training"])]
+             ""] + ([format_training(report["training"])] if report["training"] else [])
     if report["families"]:
         lines += ["model families at their presets (training, MNIST-shaped images; no PyTorch rows yet):",
                   format_families(report["families"]), ""]
