@@ -499,6 +499,7 @@ def full_runs(report: dict[str, Any], presets: list[str], seeds: list[int], peer
     extra = subset_args(FLAGS.run_subset)
     report["run_data"] = (f"MNIST from {FLAGS.data_dir}" + (f", first {FLAGS.run_subset} images of each split"
                                                            if FLAGS.run_subset else ""))
+
     def busy() -> float:
         return wait_for_quiet(FLAGS.quiet_wait) if FLAGS.quiet_wait > 0 else busy_fraction()
 

@@ -61,7 +61,7 @@ class CompileLog:
             lines.append(f"{name[:48]:48s} {stages['trace']:8.3f} {stages['lower']:8.3f} {stages['backend']:9.3f}")
         rest = rows[top:]
         if rest:
-            lines.append(f"{f'({len(rest)} more programs)':48s} "
+            lines.append(f"{f'({len(rest)} more functions)':48s} "
                          + " ".join(f"{sum(s[k] for _, s in rest):{w}.3f}"
                                     for k, w in (("trace", 8), ("lower", 8), ("backend", 9))))
         totals = {k: sum(s[k] for _, s in rows) for k in ("trace", "lower", "backend")}

@@ -114,7 +114,7 @@ def train(seed: int, epochs: int, batch_size: int, learning_rate: float, data, u
             schedule.step()
         seconds = time.perf_counter() - start
         test_acc = accuracy(net, test_x, test_y)
-        print(f"Epoch {epoch}. Loss: {float(loss):.5f}, Test_acc {test_acc:.4f}, {seconds:.1f} s, "
+        print(f"Epoch {epoch}. Loss: {loss.item():.5f}, Test_acc {test_acc:.4f}, {seconds:.1f} s, "
               f"{steps_per_epoch * batch_size / seconds:.0f} img/s", flush=True)
     return test_acc
 
