@@ -53,7 +53,7 @@ class CompileLog:
             with self._lock:
                 self.cache_hits += 1
 
-    def format(self, wall: float, top: int = 12) -> str:
+    def format(self, wall: float, top: int = 12, wall_label: str = "process wall") -> str:
         """The programs by total seconds (the `top` largest, the rest summed), then the totals."""
         rows = sorted(self.seconds.items(), key=lambda kv: -sum(kv[1].values()))
         lines = [f"{'function':48s} {'trace s':>8s} {'lower s':>8s} {'backend s':>9s}"]
@@ -67,7 +67,7 @@ class CompileLog:
         totals = {k: sum(s[k] for _, s in rows) for k in ("trace", "lower", "backend")}
         lines.append(f"{sum(self.compiled.values())} programs, {self.cache_hits} loaded from the persistent cache; "
                      f"trace {totals['trace']:.2f} s, lower {totals['lower']:.2f} s, backend "
-                     f"{totals['backend']:.2f} s (sum {sum(totals.values()):.2f} s); process wall {wall:.1f} s")
+                     f"{totals['backend']:.2f} s (sum {sum(totals.values()):.2f} s); {wall_label} {wall:.1f} s")
         return "\n".join(lines)
 
 
