@@ -6,9 +6,8 @@ The network is `--preset=fast`'s (conv 3x3x20 -> relu -> 2x2 max pool -> conv 5x
 2x2 max pool -> dense 128 -> relu -> dense 10) in PyTorch's own layout (NCHW) and default init;
 the recipe is PyTorch's best practice on a CPU: the whole data set in memory as tensors, batches
 gathered by index, one intra-op thread per core (OpenMP threads that sleep rather than spin
-while waiting), Adam with `OneCycleLR`, evaluation under
-`torch.inference_mode`. The flags' defaults are the recipe that reaches test accuracy >= 0.99
-on every seed (docs/performance.md). `experiments/benchmark.py` runs this script in a
+while waiting), Adam with `OneCycleLR`, evaluation under `torch.inference_mode`. The flags'
+defaults are the recipe that reaches test accuracy >= 0.99 on every seed (docs/performance.md). `experiments/benchmark.py` runs this script in a
 subprocess, timed from process start to exit; its last line is `Test_acc <accuracy>`.
 
 It imports neither JAX nor cnn_jax's command-line module (which imports JAX), so its process
