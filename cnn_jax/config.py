@@ -113,12 +113,14 @@ PRESETS: dict[str, Config] = {
     # the summed loss, average pooling, batch 64, one epoch.
     "tutorial": Config(pool="avg", init="normal", weight_scale=0.01, optimizer="sgd",
                        learning_rate=0.01, loss_reduction="sum"),
-    # >= 0.99 test accuracy in the least wall time (docs/recipes.md): the tutorial's
-    # network with max pooling, He init, Adam with a one-cycle schedule, one epoch at batch
-    # 64, the training accuracy taken during the epoch instead of in an extra pass, and
-    # evaluation in batches of 250 (XLA:CPU's forward pass is fastest there).
+    # >= 0.99 test accuracy on every seed in the least wall time (docs/recipes.md,
+    # docs/performance.md): the tutorial's network with max pooling, He init, Adam with a one-cycle
+    # schedule peaking at 0.006, batch 64, two epochs (one epoch lands on the 0.99 line, some seeds
+    # and CPUs below it; the second clears it with margin), the training accuracy taken during the
+    # epoch instead of in an extra pass, and evaluation in batches of 250 (XLA:CPU's forward pass is
+    # fastest there).
     "fast": Config(pool="max", init="he", optimizer="adam", learning_rate=0.006, schedule="onecycle",
-                   batch_size=64, epochs=1, train_eval="running", eval_batch_size=250),
+                   batch_size=64, epochs=2, train_eval="running", eval_batch_size=250),
     # The batch-normalised families: starting points, NOT YET TUNED (to be chosen on a validation
     # split carved from the training set): Adam with a one-cycle schedule, shifts of up to 2 pixels.
     "vgg": Config(model="vgg", widths=(32, 64, 128), depth=2, dropout=0.3, bn_momentum=0.9, init="he",

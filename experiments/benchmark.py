@@ -12,7 +12,10 @@ init and update in PyTorch, interleaved in rounds so machine load hits all alike
 figure is the median over `--repeats` timed repeats after a warm-up; compile time is
 reported separately. It also prints evaluation throughput, the achieved GFLOP/s against
 this machine's measured f32 matmul peak, and (with real data) the wall time, peak resident
-memory and accuracy of full MNIST training runs of `experiments/train.py` in subprocesses.
+memory and accuracy of full MNIST training runs of `experiments/train.py` in subprocesses,
+one per preset and seed, alternated seed by seed with PyTorch's time-to-99% peer
+(`experiments/torch_peer.py`: the fast preset's network with PyTorch's own recipe), and the
+ratio of their mean wall times from process start to exit, measured side by side.
 Output: a table on stdout and, with --output, a JSON file.
 """
 
@@ -55,6 +58,11 @@ flags.DEFINE_boolean("eval", True, "Time evaluation (forward only, batches of ev
 flags.DEFINE_list("runs", ["default", "fast"],
                   "Full training runs of experiments/train.py to time, by preset (needs --data_dir); "
                   "empty: none.")
+flags.DEFINE_list("run_seeds", ["0", "1", "2", "3", "4"], "Seeds of each full run (and of the PyTorch peer).")
+flags.DEFINE_integer("run_subset", 0, "Full runs train and evaluate on the first N images of each split only "
+                     "(0: all; a quick check of the run rows, not a measurement).")
+flags.DEFINE_boolean("torch_peer", True, "Alternate the full runs with experiments/torch_peer.py, seed by seed, "
+                     "when torch is installed and --torch.")
 flags.DEFINE_list("families", ["vgg", "resnet"],
                   "Model families to time besides the tutorial's network, each at its preset (config.PRESETS[name]) "
                   "on the same MNIST-shaped images; empty: none.")
@@ -145,20 +153,16 @@ def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Arra
 
 
 def torch_net(config: Config):
-    """The tutorial's network in PyTorch (NCHW), init N(0, weight_scale) for every weight and bias."""
+    """The tutorial's network in PyTorch (NCHW; experiments/torch_peer.py's `make_net`), init
+    N(0, weight_scale) for every weight and bias."""
     import torch
-    from torch import nn
+    import torch_peer   # experiments/, beside this script
 
-    pool = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}[config.pool]
-    modules, channels = [], config.input_shape[2]
-    for filters, kernel in zip(config.conv_filters, config.conv_kernels):
-        modules += [nn.Conv2d(channels, filters, kernel, config.conv_stride), nn.ReLU(),
-                    pool(config.pool_window, config.pool_stride)]
-        channels = filters
-    flat = dict(model.layer_shapes(config))["flatten"][0]
-    modules += [nn.Flatten(), nn.Linear(flat, config.num_fc), nn.ReLU(),
-                nn.Linear(config.num_fc, config.num_classes)]
-    net = nn.Sequential(*modules)
+    net = torch_peer.make_net(pool=config.pool, conv_filters=config.conv_filters,
+                              conv_kernels=config.conv_kernels, pool_window=config.pool_window,
+                              pool_stride=config.pool_stride,
+                              num_fc=config.num_fc, num_classes=config.num_classes,
+                              input_shape=config.input_shape, conv_stride=config.conv_stride)
     torch.manual_seed(config.seed)
     with torch.no_grad():
         for p in net.parameters():
@@ -319,10 +323,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def training_run(preset: str, data_dir: str, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run `experiments/train.py --preset=...` in a subprocess: wall time, peak RSS, test accuracy."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    args = [script, f"--preset={preset}", f"--data_dir={data_dir}", *extra_args]
+def timed_process(args: list[str]) -> dict[str, Any]:
+    """Run the script `args[0]` with flags `args[1:]` in a subprocess: wall time from process start
+    to exit, its peak RSS, exit status, the last `Test_acc` it printed and its output."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS_WRAPPER, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -335,12 +338,78 @@ def training_run(preset: str, data_dir: str, extra_args: tuple[str, ...] = ()) -
     peak = re.findall(r"^PEAK_RSS_KIB (\d+)$", out, re.M)
     maxrss_kib = int(peak[-1]) if peak else usage.ru_maxrss
     accuracies = [float(a) for a in re.findall(r"Test_acc ([0-9.]+)", out)]
+    return {"command": " ".join(args), "exit_status": proc.returncode, "wall_s": wall,
+            "peak_rss_mib": maxrss_kib / 1024, "test_accuracy": accuracies[-1] if accuracies else None,
+            "output": out}
+
+
+def subset_args(subset: int) -> tuple[str, ...]:
+    return (f"--train_subset={subset}", f"--test_subset={subset}") if subset else ()
+
+
+def training_run(preset: str, data_dir: str, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run `experiments/train.py --preset=...` in a subprocess: wall time, peak RSS, test accuracy,
+    the lowering it chose and whether the compilation cache was hit."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    run = timed_process([script, f"--preset={preset}", f"--data_dir={data_dir}", *extra_args])
+    out = run.pop("output")
     strategy = re.findall(r"^(?:I\S+ )?.*strategy: (.*)$", out, re.M)
-    return {"preset": preset, "command": " ".join(args), "exit_status": proc.returncode,
-            "wall_s": wall, "peak_rss_mib": maxrss_kib / 1024,
-            "test_accuracy": accuracies[-1] if accuracies else None,
-            "strategy": strategy[0] if strategy else None,
+    cache = re.findall(r"^compilation cache (.*?) \(", out, re.M)
+    return {"name": f"--preset={preset}", "preset": preset, "framework": "jax", **run,
+            "strategy": strategy[0] if strategy else None, "compilation_cache": cache[-1] if cache else None,
             "output_tail": out.strip().splitlines()[-3:]}
+
+
+def torch_peer_run(data_dir: str, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run `experiments/torch_peer.py` (its own recipe) in a subprocess: as `training_run`."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_peer.py")
+    run = timed_process([script, f"--data_dir={data_dir}", *extra_args])
+    out = run.pop("output")
+    recipe = re.findall(r"^(PyTorch .*)$", out, re.M)
+    return {"name": "torch_peer", "preset": None, "framework": "torch", **run,
+            "strategy": recipe[0] if recipe else None, "compilation_cache": None,
+            "output_tail": out.strip().splitlines()[-3:]}
+
+
+def summarize_runs(runs: list[dict[str, Any]], target: float = 0.99) -> dict[str, Any]:
+    """One row from the runs of one command over seeds: each seed's accuracy and wall time, their
+    min and mean, the largest peak RSS, and whether every run exited 0 at >= `target` accuracy."""
+    accuracies = [r["test_accuracy"] for r in runs]
+    walls = [r["wall_s"] for r in runs]
+    known = [a for a in accuracies if a is not None]
+    return {"name": runs[0]["name"], "framework": runs[0]["framework"], "seeds": [r["seed"] for r in runs],
+            "test_accuracies": accuracies, "wall_s": walls,
+            "min_test_accuracy": min(known) if len(known) == len(runs) else None,
+            "mean_test_accuracy": float(np.mean(known)) if len(known) == len(runs) else None,
+            "mean_wall_s": float(np.mean(walls)), "max_peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "all_reached_target": all(r["exit_status"] == 0 and r["test_accuracy"] is not None
+                                      and r["test_accuracy"] >= target for r in runs),
+            "target": target}
+
+
+def time_to_target_ratio(jax_row: dict[str, Any], torch_row: dict[str, Any]) -> float | None:
+    """JAX's mean wall time over PyTorch's, when every run of both reached the target; else None."""
+    if not (jax_row["all_reached_target"] and torch_row["all_reached_target"]):
+        return None
+    return jax_row["mean_wall_s"] / torch_row["mean_wall_s"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name, family and model number (Linux /proc/cpuinfo; the platform elsewhere)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 # --- Report ---------------------------------------------------------------------------------
@@ -377,14 +446,15 @@ def format_families(rows: list[dict[str, Any]]) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"cnn_jax benchmark: {report['machine']['device']}, {report['machine']['cpu_count']} CPUs, "
+    lines = [f"cnn_jax benchmark: {report['machine']['device']} ({report['machine']['cpu_model']}), "
+             f"{report['machine']['cpu_count']} CPUs, "
              f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
              f"the tutorial's network and SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
              f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
              f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
              "PyTorch's most)",
-             "", format_training(report["training"])]
+             ""] + ([format_training(report["training"])] if report["training"] else [])
     if report["families"]:
         lines += ["model families at their presets (training, MNIST-shaped images; no PyTorch rows yet):",
                   format_families(report["families"]), ""]
@@ -393,11 +463,62 @@ def format_table(report: dict[str, Any]) -> str:
         for e in report["evaluation"]:
             lines.append(f"  {e['pool']:4s} {e['name']:14s} {e['images_per_second']:9.0f} img/s")
         lines.append("")
-    for run in report["runs"]:
-        lines.append(f"full run --preset={run['preset']}: {run['wall_s']:.1f} s wall (process start to "
-                     f"exit), peak RSS {run['peak_rss_mib']:.0f} MiB, test accuracy {run['test_accuracy']}, "
-                     f"exit {run['exit_status']}")
+    if report["run_rows"]:
+        lines += [format_runs(report), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def format_runs(report: dict[str, Any]) -> str:
+    """The full-run rows (one per command, over its seeds) and the time-to-99% ratio."""
+    accuracy = lambda a: "-" if a is None else f"{a:.4f}"   # noqa: E731
+    lines = [f"full training runs, wall time from process start to exit ({report['machine']['cpu_model']}, "
+             f"{report['machine']['cpu_count']} CPUs; data: {report['run_data']}):",
+             f"{'run':16s} {'seeds':>9s} {'min acc':>7s} {'mean acc':>8s} {'>=0.99':>6s} {'mean s':>6s} "
+             f"{'peak MiB':>8s}  test accuracy and wall s per seed"]
+    for row in report["run_rows"]:
+        per_seed = ", ".join(f"{s}: {accuracy(a)} {w:.1f}s" for s, a, w in
+                             zip(row["seeds"], row["test_accuracies"], row["wall_s"]))
+        lines.append(f"{row['name']:16s} {','.join(map(str, row['seeds'])):>9s} "
+                     f"{accuracy(row['min_test_accuracy']):>7s} {accuracy(row['mean_test_accuracy']):>8s} "
+                     f"{'yes' if row['all_reached_target'] else 'NO':>6s} {row['mean_wall_s']:6.1f} "
+                     f"{row['max_peak_rss_mib']:8.0f}  {per_seed}")
+    for ratio in report["time_to_99"]:
+        figure = "-" if ratio["ratio"] is None else f"{ratio['ratio']:.2f}x"
+        lines.append(f"time to 99% (mean wall over the seeds), {ratio['jax']} / {ratio['torch']}: {figure}"
+                     + ("" if ratio["ratio"] is not None else " (not every run reached 0.99)"))
+    for run in report["runs"]:
+        cache = f", compilation cache {run['compilation_cache']}" if run["compilation_cache"] else ""
+        lines.append(f"  {run['name']} seed {run['seed']}: CPUs {100 * run['busy_before']:.0f}% busy with other "
+                     f"work before it{cache}")
+    return "\n".join(lines)
+
+
+def full_runs(report: dict[str, Any], presets: list[str], seeds: list[int], peer: bool) -> None:
+    """Every preset's full run and the PyTorch peer for each seed, alternated seed by seed so
+    machine load hits all alike; then one row per command and JAX's time-to-99% ratio to the peer."""
+    extra = subset_args(FLAGS.run_subset)
+    report["run_data"] = (f"MNIST from {FLAGS.data_dir}" + (f", first {FLAGS.run_subset} images of each split"
+                                                           if FLAGS.run_subset else ""))
+
+    def busy() -> float:
+        return wait_for_quiet(FLAGS.quiet_wait) if FLAGS.quiet_wait > 0 else busy_fraction()
+
+    for seed in seeds:
+        for preset in presets:
+            before = busy()
+            report["runs"].append({**training_run(preset, FLAGS.data_dir, (f"--seed={seed}", *extra)),
+                                   "seed": seed, "busy_before": before})
+        if peer:
+            before = busy()
+            report["runs"].append({**torch_peer_run(FLAGS.data_dir, (f"--seed={seed}", *extra)),
+                                   "seed": seed, "busy_before": before})
+    names = list(dict.fromkeys(r["name"] for r in report["runs"]))
+    report["run_rows"] = [summarize_runs([r for r in report["runs"] if r["name"] == n]) for n in names]
+    torch_rows = [row for row in report["run_rows"] if row["framework"] == "torch"]
+    for row in report["run_rows"]:
+        if row["framework"] == "jax" and torch_rows:
+            report["time_to_99"].append({"jax": row["name"], "torch": torch_rows[0]["name"],
+                                         "ratio": time_to_target_ratio(row, torch_rows[0])})
 
 
 def checked_flags() -> list[int]:
@@ -417,6 +538,15 @@ def checked_flags() -> list[int]:
     families = {name: name for name in config_lib.PRESETS if config_lib.PRESETS[name].model == name}
     for value in FLAGS.runs:
         config_lib.check_renamed("preset", value, "--runs")
+    try:
+        [int(s) for s in FLAGS.run_seeds]
+    except ValueError:
+        raise ConfigError(f"--run_seeds={','.join(FLAGS.run_seeds)} is not allowed: give comma-separated "
+                          "integers, e.g. 0,1,2,3,4") from None
+    if not FLAGS.run_seeds and any(FLAGS.runs):
+        raise ConfigError("--run_seeds is empty: give at least one seed, or --runs= for no full runs")
+    if FLAGS.run_subset < 0:
+        raise ConfigError(f"--run_subset={FLAGS.run_subset} is not allowed: it must be 0 (all) or positive")
     for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families)):
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
@@ -459,11 +589,12 @@ def main(argv: list[str]) -> None:
     peak = matmul_peak_gflops()
     report: dict[str, Any] = {
         "machine": {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                    "cpu_count": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                    "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "jax": jax.__version__,
                     "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "data": data, "flops_per_image": total, "forward_flops_per_image": forward,
         "matmul_peak_gflops": peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
-        "families": [],
+        "families": [], "run_rows": [], "time_to_99": [], "run_data": None,
     }
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
@@ -507,8 +638,8 @@ def main(argv: list[str]) -> None:
         report["families"].append(row)
         print(format_families(report["families"][-1:]), flush=True)
     if FLAGS.data_dir:
-        for preset in [r for r in FLAGS.runs if r]:
-            report["runs"].append(training_run(preset, FLAGS.data_dir))
+        full_runs(report, [r for r in FLAGS.runs if r], [int(s) for s in FLAGS.run_seeds],
+                  peer=bool(torch_version) and FLAGS.torch_peer)
     report["machine"]["load_average_1min"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     print(format_table(report), end="")
     if FLAGS.output:

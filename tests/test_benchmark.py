@@ -94,6 +94,9 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     (["--families=vgg,alexnet"], "--families=alexnet is not allowed: use one of vgg, resnet"),
     (["--pools=min"], "--pool='min' is not allowed"),
     (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),
+    (["--run_seeds=0,one"], "--run_seeds=0,one is not allowed: give comma-separated integers"),
+    (["--run_seeds="], "--run_seeds is empty: give at least one seed, or --runs= for no full runs"),
+    (["--run_subset=-1"], "--run_subset=-1 is not allowed: it must be 0 (all) or positive"),
 ])
 def test_bad_flags_are_refused_before_any_timing(args, fragment):
     proc = script_runner.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"),
@@ -113,3 +116,67 @@ def test_training_run_reports_the_childs_own_peak_memory(mnist_dir):
     assert run["exit_status"] == 0, run["output_tail"]
     assert run["strategy"] and run["test_accuracy"] is not None
     assert 100 < run["peak_rss_mib"] < 2048
+
+
+def _run(name, framework, seed, accuracy, wall, status=0, rss=900.0):
+    return {"name": name, "framework": framework, "seed": seed, "test_accuracy": accuracy, "wall_s": wall,
+            "exit_status": status, "peak_rss_mib": rss}
+
+
+def test_a_run_row_and_the_time_to_99_ratio_come_from_the_runs():
+    jax_runs = [_run("--preset=fast", "jax", s, a, w, rss=r)
+                for s, a, w, r in [(0, 0.9921, 40.0, 1000.0), (1, 0.9905, 44.0, 1100.0), (2, 0.993, 42.0, 1050.0)]]
+    torch_runs = [_run("torch_peer", "torch", s, a, w) for s, a, w in [(0, 0.991, 80.0), (1, 0.992, 90.0),
+                                                                       (2, 0.990, 85.0)]]
+    row = benchmark.summarize_runs(jax_runs)
+    assert row["seeds"] == [0, 1, 2] and row["test_accuracies"] == [0.9921, 0.9905, 0.993]
+    assert row["wall_s"] == [40.0, 44.0, 42.0] and row["mean_wall_s"] == pytest.approx(42.0)
+    assert row["min_test_accuracy"] == 0.9905 and row["mean_test_accuracy"] == pytest.approx(0.99186666)
+    assert row["max_peak_rss_mib"] == 1100.0 and row["all_reached_target"]
+    peer = benchmark.summarize_runs(torch_runs)
+    assert benchmark.time_to_target_ratio(row, peer) == pytest.approx(42.0 / 85.0)
+    # One run under 0.99, one crashed (no accuracy): the row says so and no ratio is claimed.
+    below = benchmark.summarize_runs([*jax_runs[:2], _run("--preset=fast", "jax", 2, 0.9899, 41.0)])
+    assert not below["all_reached_target"] and below["min_test_accuracy"] == 0.9899
+    assert benchmark.time_to_target_ratio(below, peer) is None
+    crashed = benchmark.summarize_runs([*torch_runs[:2], _run("torch_peer", "torch", 2, None, 3.0, status=1)])
+    assert crashed["min_test_accuracy"] is None and crashed["mean_test_accuracy"] is None
+    assert benchmark.time_to_target_ratio(row, crashed) is None
+
+
+def test_full_runs_alternate_the_fast_preset_and_the_torch_peer_seed_by_seed(tmp_path, mnist_dir):
+    """Two seeds on a 640-image subset: every run's accuracy and wall time land in its row, and the
+    ratio is the rows' mean walls (whether 0.99 is reached on the subset is not the point)."""
+    output = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), f"--data_dir={mnist_dir}",
+         "--batch_sizes=8", "--pools=max", "--strategies=default", "--repeats=1", "--repeat_images=8",
+         "--train_images=64", "--eval=false", "--families=", "--quiet_wait=0", "--runs=fast",
+         "--run_seeds=3,4", "--run_subset=640", f"--output={output}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(output.read_text())
+    has_torch = report["machine"]["torch"] is not None
+    order = [(r["name"], r["seed"]) for r in report["runs"]]
+    peer = lambda seed: [("torch_peer", seed)] if has_torch else []   # noqa: E731
+    assert order == [("--preset=fast", 3), *peer(3), ("--preset=fast", 4), *peer(4)]
+    for run in report["runs"]:
+        assert run["exit_status"] == 0, run["output_tail"]
+        assert run["test_accuracy"] is not None and run["wall_s"] > 0 and run["peak_rss_mib"] > 0
+        assert "--train_subset=640" in run["command"] and f"--seed={run['seed']}" in run["command"]
+    for row in report["run_rows"]:
+        mine = [r for r in report["runs"] if r["name"] == row["name"]]
+        assert row["test_accuracies"] == [r["test_accuracy"] for r in mine]
+        assert row["wall_s"] == [r["wall_s"] for r in mine]
+        assert row["min_test_accuracy"] == min(row["test_accuracies"])
+    fast = report["run_rows"][0]
+    assert fast["name"] == "--preset=fast" and fast["seeds"] == [3, 4]
+    assert report["runs"][0]["strategy"] and report["runs"][0]["compilation_cache"]
+    assert report["machine"]["cpu_model"] in proc.stdout and "full training runs" in proc.stdout
+    if has_torch:
+        ratio, = report["time_to_99"]
+        torch_row = report["run_rows"][1]
+        expected = fast["mean_wall_s"] / torch_row["mean_wall_s"] if (
+            fast["all_reached_target"] and torch_row["all_reached_target"]) else None
+        assert ratio == {"jax": "--preset=fast", "torch": "torch_peer", "ratio": expected}
+        assert "time to 99%" in proc.stdout

@@ -107,7 +107,7 @@ def test_fast_preset_trains_the_tutorials_network(mnist_dir):
     assert cnn.param_shapes(fast) == cnn.param_shapes(Config())   # same network, other recipe
     config = config_lib.replace(fast, data_dir=mnist_dir, train_subset=6400, test_subset=2000)
     history = run.train_and_evaluate(config)
-    assert history[-1]["test_accuracy"] > 0.92   # 0.944 after these 100 steps (the full epoch: >= 0.99)
+    assert history[-1]["test_accuracy"] > 0.94   # 0.9625 after these 2 x 100 steps (full data: >= 0.99)
 
 
 @pytest.mark.parametrize("overrides, fragment", [
