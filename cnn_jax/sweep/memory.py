@@ -5,9 +5,8 @@ The estimate walks the jaxprs of the programs a group really runs (`step.make_tr
 `batch_size`, `step.eval_batch` at `eval_batch_size` with the inference lowering), so it follows
 whatever a model family and its lowerings materialise (im2col patches, Winograd tiles, saved
 residuals of custom VJPs, batch-norm statistics) without knowing the family. Why the jaxpr and
-not XLA's own `compiled.memory_analysis()`: that needs a full compile of each program, seconds
-to tens of seconds on CPU for a figure the sweep only uses to pick a group size, while tracing
-costs a fraction of a second. A jaxpr's live values at its peak bound what the compiled program
+not XLA's own `compiled.memory_analysis()`: that needs a full compile of each program, far
+slower than a trace on CPU, for a figure the sweep only uses to pick a group size. A jaxpr's live values at its peak bound what the compiled program
 holds from above: XLA fuses elementwise chains and reuses buffers, it never keeps more alive.
 """
 
