@@ -29,6 +29,7 @@ PER_RUN_FIELDS = optim.HYPERPARAMS + ("weight_scale", "seed", "loss_smoothing", 
 # Fields that select the data: runs sharing them share one loaded dataset.
 DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
 
+
 def group_key(config: Config) -> Config:
     """The config with every per-run field at its default: runs with equal keys share one program."""
     defaults = Config()
