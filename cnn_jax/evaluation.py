@@ -57,6 +57,12 @@ def _eval_runs_fn(config: Config):
                             in_axes=(0, 0, None, None, None)))
 
 
+def runs_evaluated_together() -> bool:
+    """Whether `evaluate_runs` evaluates the runs of a group together by default (vmapped, on
+    accelerators) rather than one after another (on CPU)."""
+    return jax.default_backend() != "cpu"
+
+
 def evaluate_runs(params: model.Params, model_state: model.ModelState, images: jax.Array, labels: jax.Array,
                   config: Config, return_predictions: bool = False,
                   vectorised: bool | None = None) -> dict[str, np.ndarray]:
@@ -67,7 +73,7 @@ def evaluate_runs(params: model.Params, model_state: model.ModelState, images: j
     larger, and on CPU the time per image grows with the size of the arrays).
     """
     if vectorised is None:
-        vectorised = jax.default_backend() != "cpu"
+        vectorised = runs_evaluated_together()
     if not vectorised:
         results = [evaluate(unstack(params, r), unstack(model_state, r), images, labels, config,
                             return_predictions)

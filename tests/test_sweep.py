@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numerics
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
-from cnn_jax import step, sweep, train
+from cnn_jax import evaluation, models, optim, step, sweep, train
+from cnn_jax import state as state_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
@@ -146,11 +149,66 @@ def test_max_parallel_splits_a_group_into_near_equal_chunks():
 
 def test_auto_max_parallel_follows_the_memory_estimate():
     small, big = Config(), config_lib.replace(Config(), conv_filters=(64, 128), eval_batch_size=4000)
-    assert sweep.run_memory_bytes(big) > 4 * sweep.run_memory_bytes(small)
-    budget = 10 * sweep.run_memory_bytes(small)
+    assert sweep.run_memory_bytes(big) > 2 * sweep.run_memory_bytes(small)
+    budget = 10 * sweep.run_memory_bytes(small) + sweep.shared_memory_bytes(small)
     assert sweep.auto_max_parallel(small, budget) == 10
     assert sweep.auto_max_parallel(big, budget) < 10
     assert sweep.auto_max_parallel(small, 1) == 1
+
+
+def test_peak_live_bytes_frees_each_value_after_its_last_use():
+    x = jax.ShapeDtypeStruct((1000,), jnp.float32)
+
+    def chain(x):          # each value dies at the next equation: two arrays live at once
+        for _ in range(10):
+            x = x * 2.0 + 1.0
+        return x
+
+    def kept(x):           # every value lives to the end: eleven arrays
+        values = [x]
+        for _ in range(10):
+            values.append(values[-1] * 2.0)
+        return sum(v.sum() for v in values)
+
+    assert sweep.peak_live_bytes(jax.make_jaxpr(chain)(x).jaxpr) == 2 * 4000
+    assert sweep.peak_live_bytes(jax.make_jaxpr(kept)(x).jaxpr) >= 10 * 4000
+    # A jitted call holds its body's peak while it runs.
+    assert sweep.peak_live_bytes(jax.make_jaxpr(lambda x: jax.jit(kept)(x) + 1.0)(x).jaxpr) >= 10 * 4000
+
+
+def test_the_default_group_holds_many_runs_and_its_estimate_bounds_xlas_own_figure():
+    """The default config's per-run estimate lies within [1x, 4x] of what XLA's compiled train step
+    holds (arguments, outputs, temporaries), and a 4 GiB budget holds a real group of it."""
+    config = config_lib.validate(Config())
+    optimizer = optim.make_optimizer(config, 1)
+    state = state_lib.abstract(config, optimizer)
+    batch = (jax.ShapeDtypeStruct((config.batch_size, *config.input_shape), jnp.float32),
+             jax.ShapeDtypeStruct((config.batch_size,), jnp.int32))
+    compiled = jax.jit(step.make_train_step(config, optimizer)).lower(state, batch).compile()
+    stats = compiled.memory_analysis()
+    xla_bytes = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    assert xla_bytes <= sweep.run_memory_bytes(config) <= 4 * xla_bytes
+    assert sweep.auto_max_parallel(config, 4 << 30) >= 16
+
+
+def test_the_estimate_follows_every_family_and_where_evaluation_runs(monkeypatch):
+    models.register("tiny", "test_models")   # the family defined in tests/test_models.py
+    for family in ("cnn", "vgg", "resnet", "tiny"):
+        config = config_lib.validate(config_lib.replace(Config(), model=family))
+        memory = sweep.program_memory(config)
+        assert memory.state > 0, family
+        doubled = sweep.program_memory(config_lib.replace(config, batch_size=2 * config.batch_size))
+        assert 1.5 * memory.train_step < doubled.train_step < 2.5 * memory.train_step, family
+        assert doubled.eval_batch == memory.eval_batch, family
+    # Evaluated one after another (CPU), a group holds one evaluation; together, one per run.
+    config = Config()
+    memory = sweep.program_memory(config)
+    monkeypatch.setattr(evaluation, "runs_evaluated_together", lambda: False)
+    assert sweep.run_memory_bytes(config) == memory.state + memory.train_step
+    assert sweep.shared_memory_bytes(config) == memory.eval_batch
+    monkeypatch.setattr(evaluation, "runs_evaluated_together", lambda: True)
+    assert sweep.run_memory_bytes(config) == memory.state + max(memory.train_step, memory.eval_batch)
+    assert sweep.shared_memory_bytes(config) == 0
 
 
 # ----------------------------------------------------------------------------- vectorised training

@@ -21,12 +21,15 @@ Fields that change shapes or the program (filters, kernels, batch size, pool, op
 ...) split runs into separate groups.
 
 The package's modules, each importing only those before it: `spec` (grids, runs, shards),
-`group` (grouping, vmapped training), `rundirs` (run directories), `results` (tables, plot).
+`memory` (how many runs fit in a group), `group` (grouping, vmapped training), `rundirs` (run
+directories), `results` (tables, plot).
 """
 
-from cnn_jax.sweep.group import (DATA_FIELDS, MEMORY_FRACTION, PER_RUN_FIELDS, GroupResult, auto_max_parallel,
-                                 compiled_group, data_key, default_max_parallel, group_key, group_runs,
-                                 group_state, memory_budget, resolve_loop, run_memory_bytes, train_group)
+from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, compiled_group, data_key, group_key,
+                                 group_runs, group_state, resolve_loop, train_group)
+from cnn_jax.sweep.memory import (MEMORY_FRACTION, ProgramMemory, auto_max_parallel, default_max_parallel,
+                                  memory_budget, peak_live_bytes, program_memory, run_memory_bytes,
+                                  shared_memory_bytes, tree_bytes)
 from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, results_csv,
                                    results_figure, results_markdown, summarize, swept_fields, write_results)
 from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE, is_finished,

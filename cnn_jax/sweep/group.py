@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax import evaluation, model, optim, progress, train
+from cnn_jax import evaluation, optim, progress, train
 from cnn_jax import state as state_lib
 from cnn_jax import step as step_lib
 from cnn_jax.config import Config
@@ -29,8 +28,6 @@ from cnn_jax.sweep.spec import Run
 PER_RUN_FIELDS = optim.HYPERPARAMS + ("weight_scale", "seed", "loss_smoothing", "log_every")
 # Fields that select the data: runs sharing them share one loaded dataset.
 DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
-# Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
-MEMORY_FRACTION = 0.25
 
 
 def group_key(config: Config) -> Config:
@@ -42,49 +39,6 @@ def group_key(config: Config) -> Config:
 def data_key(config: Config) -> tuple[Any, ...]:
     """What selects the data: runs with equal keys share one loaded dataset."""
     return tuple(getattr(config, f) for f in DATA_FIELDS)
-
-
-def run_memory_bytes(config: Config) -> int:
-    """A rough upper bound on the memory one run of a group needs, for any model: float32
-    params with optimiser state and gradients, and per example every layer's output plus, for
-    a conv layer, its im2col patches (kernel area x input channels per output position; taken
-    as 25x the output, the tutorial's conv2), for a training batch (x3: forward, saved, backward)
-    or an eval batch."""
-    params, _ = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
-    num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
-    per_example = math.prod(config.input_shape)
-    for _, shape in model.layer_shapes(config):
-        per_example += math.prod(shape) * (1 + (25 if len(shape) == 3 else 0))
-    activations = per_example * max(3 * config.batch_size, config.eval_batch_size)
-    return 4 * (activations + 5 * num_params)
-
-
-def memory_budget() -> int:
-    """Bytes a group may use: a fraction of the accelerator's memory, or of free host memory on CPU."""
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and stats.get("bytes_limit"):
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            free = 4 << 30
-    return int(free * MEMORY_FRACTION)
-
-
-def auto_max_parallel(config: Config, budget_bytes: int) -> int:
-    """How many runs of `config`'s group fit in `budget_bytes` (at least 1)."""
-    return max(1, budget_bytes // run_memory_bytes(config))
-
-
-def default_max_parallel(config: Config) -> int:
-    """`--max_parallel=0`: as many runs of `config`'s group as fit in `memory_budget()`.
-
-    On CPU a larger group does not train more images per second (docs/sweeps.md, "Group size"), so
-    the memory bound is the only bound there too; on accelerators vmapping is where the speed comes from.
-    """
-    return auto_max_parallel(config, memory_budget())
 
 
 def group_runs(runs: Sequence[Run], max_parallel: int | Callable[[Config], int]) -> list[list[Run]]:
