@@ -132,8 +132,7 @@ def auto_max_parallel(config: Config, budget_bytes: int) -> int:
 def default_max_parallel(config: Config) -> int:
     """`--max_parallel=0`: as many runs of `config`'s group as fit in `memory_budget()`.
 
-    On the 2-core CPU of WORKSPACE.md ("Sweeps") the training throughput per image of a
-    scanned group of 1, 3 or 6 runs was the same within the machine's noise, so the memory
-    bound is the only bound there too; on accelerators vmapping is where the speed comes from.
+    On CPU a larger group does not train more images per second (docs/sweeps.md, "Group size"), so
+    the memory bound is the only bound there too; on accelerators vmapping is where the speed comes from.
     """
     return auto_max_parallel(config, memory_budget())
