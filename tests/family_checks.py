@@ -33,10 +33,12 @@ def shapes_match_the_real_ones(config, input_shape, capsys):
     """apply's logits for `input_shape`, and `layer_shapes` equal to the shapes apply really makes."""
     config = config_lib.validate(config_lib.replace(config, input_shape=input_shape))
     family = model.family(config)
-    params, model_state = model.init(jax.random.key(0), config)
+    params, model_state = jax.jit(model.init, static_argnums=1)(jax.random.key(0), config)
     images = jax.random.uniform(jax.random.key(1), (3, *input_shape))
     capsys.readouterr()
-    logits, _ = family.apply(params, model_state, images, config, train=True, rng=jax.random.key(2), debug=True)
+    # Traced once (the shapes print while tracing, as when --debug runs eagerly), compiled once.
+    apply = jax.jit(lambda p, s, x, rng: family.apply(p, s, x, config, train=True, rng=rng, debug=True))
+    logits, _ = apply(params, model_state, images, jax.random.key(2))
     assert logits.shape == (3, config.num_classes)
     assert capsys.readouterr().out.strip() == model.format_layer_shapes(config)
     assert model.first_conv(params, config).shape[:3] == (3, 3, input_shape[2])
@@ -57,8 +59,9 @@ def conv_lowerings_agree(config):
     def loss(params, c):
         logits, _ = model.apply(params, model_state, images, c, train=True, rng=jax.random.key(3))
         return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
-    for a, b in zip(jax.tree.leaves(jax.value_and_grad(loss)(params, patches)),
-                    jax.tree.leaves(jax.value_and_grad(loss)(params, lax))):
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)   # one program per lowering
+    for a, b in zip(jax.tree.leaves(value_and_grad(params, patches)),
+                    jax.tree.leaves(value_and_grad(params, lax))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
