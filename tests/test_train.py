@@ -77,8 +77,8 @@ def test_an_epoch_record_holds_each_held_out_split_and_the_epoch_sums_restart():
         == (0.3, 0.9, 0.4, 0.8)
     assert record["images_per_second"] == 4.0 and log.history == [record]
     assert (log.epoch_losses, log.epoch_correct, log.step) == ([], 0, 2)
-    only_validation = log.finish_epoch(1, {"loss": 0.1, "accuracy": 1.0}, {"validation": {"loss": 0.2, "accuracy": 0.7}},
-                                       1.0, 8)
+    only_validation = log.finish_epoch(1, {"loss": 0.1, "accuracy": 1.0},
+                                       {"validation": {"loss": 0.2, "accuracy": 0.7}}, 1.0, 8)
     assert "test_accuracy" not in only_validation and only_validation["validation_accuracy"] == 0.7
 
 

@@ -40,7 +40,7 @@ class TrialResult:
     status: str                              # complete | pruned | diverged
     message: str                             # why it stopped early ("" when complete)
     evaluations: list[dict[str, Any]]        # one record per evaluation it reached
-    records: list[dict[str, Any]]            # metrics records ("train" every log_every steps, "epoch")
+    records: list[dict[str, Any]]            # metrics records ("train" every log_every steps, "evaluation", "epoch")
     state: Any                               # final TrainState on the host (None when diverged)
     log: train.RunLog                        # steps done, moving loss, epoch sums, per-epoch history
     seconds: float                           # wall time from the group's start to this member's end

@@ -27,10 +27,11 @@ The package's modules, each importing only those before it: `spec` (grids, runs,
 from cnn_jax.sweep.group import (DATA_FIELDS, MEMORY_FRACTION, PER_RUN_FIELDS, GroupResult, auto_max_parallel,
                                  compiled_group, data_key, default_max_parallel, group_key, group_runs,
                                  group_state, memory_budget, resolve_loop, run_memory_bytes, train_group)
-from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, ranked_by, results_csv,
-                                   results_figure, results_markdown, summarize, swept_fields, write_results)
-from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE, VALIDATION_FIELDS,
-                                   is_finished,
-                                   pending_runs, read_row, result_row, run_dir, run_group)
+from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, ranked_by,
+                                   results_csv, results_figure, results_markdown, summarize, swept_fields,
+                                   write_results)
+from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE,
+                                   VALIDATION_FIELDS, is_finished, pending_runs, read_row, result_row, run_dir,
+                                   run_group)
 from cnn_jax.sweep.spec import (FIX_SPEC, MAX_RUNS, Run, coerce_value, field_kind, format_value, grid_settings,
                                 load_spec_file, make_runs, parse_shard, parse_spec, run_name, shard)
