@@ -398,6 +398,8 @@ def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
         ([f"--workdir={training_run}", "--sweep=seed=0,1"], "holds a training run (config.json), not a sweep"),
         ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--data_dir=/nowhere/mnist"],
          "--data_dir=/nowhere/mnist: no such directory"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--validation_size=-1"],
+         "--validation_size=-1 is not allowed: give 0 or a positive count"),
     ]
     for args, fragment in cases:
         result = _sweep_cli(*args)
