@@ -19,7 +19,6 @@ MAX_RUNS = 100_000
 # How to mend a spec file that cannot be used (the end of its one-line error).
 FIX_SPEC = ("write a grid (a mapping of flag to list of values) or a list of runs (mappings of flag "
             "to value), e.g. {\"learning_rate\": [0.01, 0.1], \"seed\": [0, 1]}")
-# Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
 
 
 @dataclasses.dataclass(frozen=True)
