@@ -51,7 +51,7 @@ FORMAT = 2             # meta["format"] of checkpoints holding a whole TrainStat
 RUN_META_FIELDS = {"step": readers.COUNT, "steps_per_epoch": readers.POSITIVE,
                    "moving_loss": readers.NUMBER_OR_NULL, "epoch_losses": readers.list_of(readers.NUMBER),
                    "epoch_correct": readers.COUNT,
-                   "history": readers.list_of(readers.record_of(workdir_lib.EPOCH_FIELDS, "epoch record"))}
+                   "history": readers.list_of(workdir_lib.EPOCH_RECORD)}
 
 
 class CheckpointError(DataError):

@@ -29,7 +29,7 @@ import socket
 import numpy as np
 
 from cnn_jax import datasets
-from cnn_jax.config import Config
+from cnn_jax.config import Config, ConfigError
 from cnn_jax.dataset_files import IDX_FILES, DataError, read_idx  # noqa: F401 - part of this module's API
 
 CLASS_NAMES = {name: spec.class_names for name, spec in datasets.REGISTRY.items()}
@@ -249,6 +249,21 @@ def load(config: Config) -> Dataset:
             dataset, train_images=dataset.train_images[:n_train], train_labels=dataset.train_labels[:n_train],
             test_images=dataset.test_images[:n_test], test_labels=dataset.test_labels[:n_test])
     return dataset
+
+
+def hold_out(dataset: Dataset, size: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """(the dataset without its last `size` training images, those images, their labels): a
+    validation split carved from the training set, which the training part never sees.
+
+    The *last* images are held out, so a `--train_subset` keeps its first images for training.
+    ConfigError unless 0 < size < the training images."""
+    n = len(dataset.train_labels)
+    if not 0 < size < n:
+        raise ConfigError(f"--validation_size={size} is not allowed: the validation images are carved from the "
+                          f"{n} training images, so give 1..{n - 1}")
+    train_part = dataclasses.replace(dataset, train_images=dataset.train_images[:n - size],
+                                     train_labels=dataset.train_labels[:n - size])
+    return train_part, dataset.train_images[n - size:], dataset.train_labels[n - size:]
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.config import Config
 
 PLOT_FILES = {
@@ -33,7 +34,8 @@ def run_label(config: Config) -> str:
 
 
 def learning_curves_figure(records: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    """Loss against training step (logged windows and per-epoch train/test) and accuracy per epoch."""
+    """Loss against training step (logged windows and per-epoch train/test, or train/validation for
+    a search's trial) and accuracy per epoch."""
     train = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -44,11 +46,14 @@ def learning_curves_figure(records: Sequence[dict[str, Any]], title: str = "") -
     if epochs:
         steps = [r["step"] for r in epochs]
         loss_ax.plot(steps, [r["train_loss"] for r in epochs], "o-", color="C0", label="train (epoch end)")
-        loss_ax.plot(steps, [r["test_loss"] for r in epochs], "s-", color="C1", label="test (epoch end)")
         done = [r["epoch"] + 1 for r in epochs]
         acc_ax.plot(done, [100 * r["train_accuracy"] for r in epochs], "o-", color="C0", label="train")
-        acc_ax.plot(done, [100 * r["test_accuracy"] for r in epochs], "s-", color="C1",
-                    label=f"test (last: {100 * epochs[-1]['test_accuracy']:.2f}%)")
+        split = workdir_lib.held_out_split(epochs[-1])   # test, or a search trial's validation split
+        held = [r for r in epochs if workdir_lib.held_out_split(r) == split]
+        loss_ax.plot([r["step"] for r in held], [r[f"{split}_loss"] for r in held], "s-", color="C1",
+                     label=f"{split} (epoch end)")
+        acc_ax.plot([r["epoch"] + 1 for r in held], [100 * r[f"{split}_accuracy"] for r in held], "s-", color="C1",
+                    label=f"{split} (last: {100 * held[-1][f'{split}_accuracy']:.2f}%)")
         acc_ax.set_xticks(done if len(done) <= 12 else np.linspace(1, done[-1], 12).round())
     loss_ax.set(title="Cross-entropy loss", xlabel="training step", ylabel="loss (nats per image)")
     loss_ax.set_yscale("log")

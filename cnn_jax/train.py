@@ -96,13 +96,16 @@ class RunLog:
         return {"loss": float(np.mean(np.asarray(self.epoch_losses, np.float32))) if self.epoch_losses
                 else float("nan"), "accuracy": self.epoch_correct / (num_steps * batch_size)}
 
-    def finish_epoch(self, epoch: int, train_eval: dict[str, Any], test_eval: dict[str, Any],
+    def finish_epoch(self, epoch: int, train_eval: dict[str, Any], held_out: dict[str, dict[str, Any]],
                      epoch_time: float, images: int) -> Record:
-        """The epoch's record (appended to `history`); the epoch's sums start again."""
+        """The epoch's record (appended to `history`); the epoch's sums start again. `held_out`
+        maps each evaluated split ("test", "validation") to its loss and accuracy, the record's
+        `{split}_loss` and `{split}_accuracy`."""
         record = {
             "epoch": epoch, "step": self.step, "moving_loss": self.moving_loss,
             "train_loss": float(train_eval["loss"]), "train_accuracy": float(train_eval["accuracy"]),
-            "test_loss": float(test_eval["loss"]), "test_accuracy": float(test_eval["accuracy"]),
+            **{f"{split}_{key}": float(result[key]) for split, result in held_out.items()
+               for key in ("loss", "accuracy")},
             "epoch_time": epoch_time, "images_per_second": images / epoch_time,
         }
         self.history.append(record)
@@ -283,7 +286,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
         else:
             train_eval = log.running_train_eval(num_steps, config.batch_size)
         test_eval = evaluation.evaluate(state.params, state.model_state, test_images, test_labels, config)
-        record = log.finish_epoch(epoch, train_eval, test_eval, epoch_time,
+        record = log.finish_epoch(epoch, train_eval, {"test": test_eval}, epoch_time,
                                   (num_steps - first) * config.batch_size)
         print(format_epoch(record), flush=True)
         hooks.on_epoch(state, log, record)

@@ -121,11 +121,33 @@ def write_json(path: str, value: Any) -> None:
 DAMAGED_RUN_FILE = "the run directory is damaged: restore the file from a copy, or start a new --workdir"
 DAMAGED_METRICS = "the file is damaged: delete that line (or the file, losing the curves)"
 
-# The fields of metrics.jsonl's records that their readers use (plots, resume), by kind.
+# The fields of metrics.jsonl's records that their readers use (plots, resume), by kind. An epoch
+# record also holds the loss and accuracy of one held-out split (`epoch_fields`): the test set's
+# (a training run, a sweep's run) or a validation split's (a search's trial, which also writes an
+# "evaluation" record at each of its evaluations).
 TRAIN_FIELDS = {"step": readers.COUNT, "loss": readers.NUMBER}
 EPOCH_FIELDS = {"epoch": readers.COUNT, "step": readers.COUNT, "train_loss": readers.NUMBER,
-                "train_accuracy": readers.NUMBER, "test_loss": readers.NUMBER, "test_accuracy": readers.NUMBER}
-RECORD_FIELDS = {"train": TRAIN_FIELDS, "epoch": EPOCH_FIELDS}
+                "train_accuracy": readers.NUMBER}
+EVALUATION_FIELDS = {"step": readers.COUNT, "validation_loss": readers.NUMBER,
+                     "validation_accuracy": readers.NUMBER}
+RECORD_FIELDS = {"train": TRAIN_FIELDS, "epoch": EPOCH_FIELDS, "evaluation": EVALUATION_FIELDS}
+
+
+def held_out_split(record: dict[str, Any]) -> str:
+    """The split whose loss and accuracy an epoch record holds: "test", or "validation" when it
+    has no test accuracy (`train.RunLog.finish_epoch` names them)."""
+    return "test" if "test_accuracy" in record else "validation"
+
+
+def epoch_fields(record: dict[str, Any]) -> dict[str, readers.Kind]:
+    """The fields an epoch record must hold: `EPOCH_FIELDS` and its held-out split's loss and accuracy."""
+    split = held_out_split(record)
+    return {**EPOCH_FIELDS, f"{split}_loss": readers.NUMBER, f"{split}_accuracy": readers.NUMBER}
+
+
+# An epoch record, as a checkpoint's history holds them.
+EPOCH_RECORD = readers.Kind("an epoch record", lambda v: isinstance(v, dict) and all(
+    f in v and kind.accepts(v[f]) for f, kind in epoch_fields(v).items()))
 
 
 def read_json(path: str, fix: str = DAMAGED_RUN_FILE) -> Any:
@@ -226,7 +248,8 @@ def start(workdir: str, config: Config, overwrite: bool = False) -> None:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of metrics.jsonl (an empty list when there is none), each checked to be a
-    "train" or "epoch" record holding the fields its readers use (`RECORD_FIELDS`)."""
+    "train", "epoch" or "evaluation" record holding the fields its readers use (`RECORD_FIELDS`,
+    `epoch_fields`)."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
@@ -234,7 +257,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     for number, value in readers.read_json_lines(path, DAMAGED_METRICS):
         where = f"{path}: line {number}"
         record = readers.check_fields(value, {"kind": readers.one_of(*RECORD_FIELDS)}, where, DAMAGED_METRICS)
-        records.append(readers.check_fields(record, RECORD_FIELDS[record["kind"]], where, DAMAGED_METRICS))
+        fields = epoch_fields(record) if record["kind"] == "epoch" else RECORD_FIELDS[record["kind"]]
+        records.append(readers.check_fields(record, fields, where, DAMAGED_METRICS))
     return records
 
 

@@ -9,6 +9,10 @@
 Takes every flag of experiments/train.py (the base config of every run). Each run gets
 a run directory in --workdir named after its settings; rerunning the same command skips
 finished runs. Results: --workdir/results.csv, results.md and results.png.
+
+Runs are ranked by test accuracy, or with --validation_size=N by the accuracy on the last N
+training images, which the runs then do not train on (the split of experiments/search.py:
+select on validation, report the test accuracy of the selected run).
 """
 
 import sys
@@ -31,6 +35,8 @@ flags.DEFINE_integer("max_parallel", 0, "Most runs trained together in one vmapp
                      "(0: as many as fit in a quarter of the free memory).")
 flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (0-based), for job arrays.")
 flags.DEFINE_boolean("summarize", False, "Only merge the finished runs of --workdir into the results files.")
+flags.DEFINE_integer("validation_size", 0, "Hold out the last N training images: the runs do not train on "
+                     "them and are ranked by their accuracy on them (0: no validation split, ranked on test).")
 flags.DEFINE_boolean("dry_run", False, "Print the runs and groups that would train, then exit.")
 FLAGS = flags.FLAGS
 
@@ -38,12 +44,15 @@ FLAGS = flags.FLAGS
 def print_summary(rows) -> None:
     finished = sum(r["status"] == "ok" for r in rows)
     print(f"{len(rows)} finished runs ({finished} ok, {len(rows) - finished} diverged) in {FLAGS.workdir}:")
+    validated = sweep.ranked_by(rows) == "validation_accuracy"
     for e in sweep.summarize(rows)[:10]:
         settings = ",".join(f"{k}={sweep.format_value(tuple(v) if isinstance(v, list) else v)}"
                             for k, v in sorted(e["settings"].items())) or "(all)"
         mean, std = e["test_accuracy_mean"], e["test_accuracy_std"]
         shown = "n/a" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
-        print(f"  test acc {shown}  {settings}  ({e['ok']}/{e['runs']} runs)")
+        val = e["validation_accuracy_mean"]
+        ranked = (f"val acc {'n/a' if val is None else f'{val:.4f}'}  ") if validated else ""
+        print(f"  {ranked}test acc {shown}  {settings}  ({e['ok']}/{e['runs']} runs)")
     print(f"tables: {FLAGS.workdir}/{sweep.RESULTS_MD}, {sweep.RESULTS_CSV}; plot: {sweep.RESULTS_PLOT}")
 
 
@@ -62,8 +71,9 @@ def main(argv):
         return
     if (FLAGS.sweep is None) == (FLAGS.sweep_file is None):
         raise ConfigError("give exactly one of --sweep (a grid on one line) or --sweep_file")
-    if FLAGS.max_parallel < 0:
-        raise ConfigError(f"--max_parallel={FLAGS.max_parallel} is not allowed: give 0 (auto) or a positive count")
+    for name in ("max_parallel", "validation_size"):
+        if FLAGS[name].value < 0:
+            raise ConfigError(f"--{name}={FLAGS[name].value} is not allowed: give 0 or a positive count")
     index, count = sweep.parse_shard(FLAGS.shard)
     base = cli.config_from_flags()
     if base.num_processes > 1:
@@ -77,7 +87,7 @@ def main(argv):
             raise ConfigError(f"--{name} is given as a flag and swept by {where}: drop one of them")
     runs = sweep.make_runs(base, settings, where)
     selected = sweep.shard(runs, index, count)
-    todo, done = sweep.pending_runs(FLAGS.workdir, selected)
+    todo, done = sweep.pending_runs(FLAGS.workdir, selected, FLAGS.validation_size)
     max_parallel = FLAGS.max_parallel or sweep.default_max_parallel
     groups = sweep.group_runs(todo, max_parallel)
     shard_note = f" (shard {index}/{count}: {len(selected)} of them)" if count > 1 else ""
@@ -90,11 +100,14 @@ def main(argv):
             print(f"group {i}: " + "  ".join(r.name for r in group))
         return
     # Load every dataset before training anything: a data error stops the sweep before it starts.
-    datasets = {}
+    datasets, held_out = {}, {}   # by data key: training data, and the validation split (or None)
     for group in groups:
         key = sweep.data_key(group[0].config)
         if key not in datasets:
-            datasets[key] = data.load(group[0].config)
+            datasets[key], held_out[key] = data.load(group[0].config), None
+            if FLAGS.validation_size:
+                datasets[key], *validation = data.hold_out(datasets[key], FLAGS.validation_size)
+                held_out[key] = tuple(validation)
         n = len(datasets[key].train_labels)
         if group[0].config.batch_size > n:
             raise ConfigError(f"run {group[0].name}: --batch_size={group[0].config.batch_size} is larger "
@@ -102,8 +115,9 @@ def main(argv):
     for i, group in enumerate(groups):
         print(f"group {i + 1}/{len(groups)}: {len(group)} run(s) together: "
               + "  ".join(r.name for r in group), flush=True)
-        rows = sweep.run_group(FLAGS.workdir, group, datasets[sweep.data_key(group[0].config)],
-                               print_fn=lambda line: print(line, flush=True))
+        key = sweep.data_key(group[0].config)
+        rows = sweep.run_group(FLAGS.workdir, group, datasets[key], print_fn=lambda line: print(line, flush=True),
+                               validation=held_out[key])
         seconds = rows[0]["time_s"]
         print(f"group {i + 1}/{len(groups)} done in {seconds:.1f} s", flush=True)
         sweep.write_results(FLAGS.workdir)

@@ -41,6 +41,19 @@ def test_load_applies_subsets(mnist_dir):
     assert len(ds.train_labels) == 100 and len(ds.test_images) == 50
 
 
+def test_hold_out_carves_the_last_training_images(mnist):
+    small = dataclasses.replace(mnist, train_images=mnist.train_images[:100], train_labels=mnist.train_labels[:100])
+    train_part, images, labels = data.hold_out(small, 30)
+    assert len(train_part.train_labels) == 70 and len(labels) == 30
+    np.testing.assert_array_equal(train_part.train_images, small.train_images[:70])
+    np.testing.assert_array_equal(images, small.train_images[70:])
+    np.testing.assert_array_equal(labels, small.train_labels[70:])
+    assert train_part.test_images is small.test_images
+    for size in (0, 100):
+        with pytest.raises(config_lib.ConfigError, match=rf"--validation_size={size} is not allowed: .* give 1..99$"):
+            data.hold_out(small, size)
+
+
 def test_raw_idx_files_work_too(tmp_path, mnist_dir):
     for stem in data.IDX_FILES.values():
         with gzip.open(os.path.join(mnist_dir, stem + ".gz")) as f:

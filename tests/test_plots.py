@@ -45,6 +45,19 @@ def test_learning_curves_show_loss_by_step_and_accuracy_by_epoch():
     np.testing.assert_allclose(acc_ax.get_lines()[1].get_ydata(), [78.0, 83.0])
 
 
+def test_a_search_trials_curves_show_its_validation_split():
+    """A search's trial evaluates a validation split, not the test set: its epoch records (and
+    evaluation records, which the curves pass over) say so, and so does the figure."""
+    trial = [{**{k: v for k, v in r.items() if not k.startswith("test_")},
+              **({"validation_loss": r["test_loss"], "validation_accuracy": r["test_accuracy"]}
+                 if r["kind"] == "epoch" else {})} for r in records()]
+    trial.append({"kind": "evaluation", "evaluation": 1, "step": 10, "epoch": 0, "validation_loss": 0.6,
+                  "validation_accuracy": 0.78})
+    fig = plots.learning_curves_figure(trial)
+    assert "validation (last: 83.00%)" in texts(fig) and not any("test" in t for t in texts(fig))
+    np.testing.assert_allclose(fig.axes[1].get_lines()[1].get_ydata(), [78.0, 83.0])
+
+
 def test_filters_grid_shows_every_filter_on_one_scale():
     weights = np.random.default_rng(0).normal(size=(5, 5, 1, 20)).astype(np.float32)
     fig = plots.filters_figure(weights, title="conv1 filters")

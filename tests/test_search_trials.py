@@ -54,7 +54,15 @@ def test_pruned_members_are_dropped_and_survivors_end_with_their_unpruned_params
         for mine, theirs in zip(jax.tree.leaves(pruned[i].params), jax.tree.leaves(full[i].params)):
             np.testing.assert_array_equal(mine, theirs)
         assert pruned[i].evaluations == full[i].evaluations
-    assert [r["kind"] for r in pruned[0].records].count("epoch") == 2
+    # Each member's host-side record is a train.RunLog, as train.fit keeps it: its epoch records
+    # are the metrics' "epoch" records, with the validation split's loss and accuracy.
+    epochs = [r for r in pruned[0].records if r["kind"] == "epoch"]
+    assert [{"kind": "epoch", **h} for h in pruned[0].log.history] == epochs and len(epochs) == 2
+    ends = [ev for ev in pruned[0].evaluations if ev["step"] % 8 == 0]
+    assert [e["validation_accuracy"] for e in epochs] == [ev["validation_accuracy"] for ev in ends]
+    assert "test_accuracy" not in epochs[0] and 0 <= epochs[0]["train_accuracy"] <= 1
+    assert pruned[1].log.step == 8 and len(pruned[1].log.history) == 1
+    assert [r["step"] for r in pruned[0].records if r["kind"] == "train"] == [4, 8, 12, 16]
     assert pruned[0].evaluations[-1]["validation_accuracy"] > 0.3   # it learned something in 16 steps
 
 

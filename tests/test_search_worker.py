@@ -23,6 +23,8 @@ import script_runner
 
 from cnn_jax import config as config_lib
 from cnn_jax import data
+from cnn_jax import run as run_lib
+from cnn_jax import workdir as workdir_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import worker as worker_lib
@@ -78,6 +80,12 @@ def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path,
         assert result["status"] == "pruned" and result["step"] == 8
         assert os.listdir(run_dir / "checkpoints") == ["8"]
         assert t.user_attrs["outcome"] == "pruned"
+        # The trial's directory reads as a training run's (what plot.py and evaluate.py read).
+        records = workdir_lib.read_metrics(str(run_dir))
+        assert [r["kind"] for r in records].count("evaluation") == 2
+        assert [r["validation_accuracy"] for r in records if r["kind"] == "epoch"] == [t.intermediate_values[2]]
+        _, log = run_lib.restore_state(str(run_dir), workdir_lib.read_config(str(run_dir)), 8)
+        assert log.step == 8 and [r["validation_accuracy"] for r in log.history] == [t.intermediate_values[2]]
 
 
 def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requeued(tmp_path, mnist_dir):

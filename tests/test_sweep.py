@@ -458,6 +458,8 @@ def test_command_line_bad_flags_and_workdirs_are_one_line(tmp_path):
         ([f"--workdir={training_run}", "--sweep=seed=0,1"], "holds a training run (config.json), not a sweep"),
         ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--data_dir=/nowhere/mnist"],
          "--data_dir=/nowhere/mnist: no such directory"),
+        ([f"--workdir={tmp_path}/s", "--sweep=seed=0,1", "--validation_size=-1"],
+         "--validation_size=-1 is not allowed: give 0 or a positive count"),
     ]
     for args, fragment in cases:
         result = _sweep_cli(*args)
@@ -503,6 +505,58 @@ def test_a_run_whose_optimiser_state_overflows_is_marked_diverged_and_the_others
     assert rows[1]["message"].startswith("parameters or optimiser state became non-finite at step")
     assert rows[0]["test_accuracy"] > 0.3
     assert sorted(sweep.collect_rows(str(tmp_path)), key=lambda r: r["name"]) == sorted(rows, key=lambda r: r["name"])
+
+
+def test_a_validation_split_is_evaluated_each_epoch_and_kept_in_the_rows(small_dataset, tmp_path):
+    """With a validation split each epoch's record and the row hold the accuracy on the held-out
+    images (what `evaluate` gives for the run's final params), besides the test accuracy."""
+    from cnn_jax import data, evaluation, state
+    base = config_lib.replace(Config(), optimizer="momentum", batch_size=32, eval_batch_size=200,
+                              train_eval="running", epochs=2)
+    train_part, val_x, val_y = data.hold_out(small_dataset, 64)
+    configs = [config_lib.replace(base, learning_rate=lr) for lr in (0.05, 0.001)]
+    result = sweep.train_group(configs, train_part, validation=(val_x, val_y))
+    assert result.steps_per_epoch == 6   # 192 of the 256 images train
+    for i, config in enumerate(configs):
+        run = state.unstack(result.state, i)
+        alone = evaluation.evaluate(run.params, run.model_state, val_x, val_y, config)
+        assert [r["epoch"] for r in result.histories[i]] == [0, 1]
+        assert result.histories[i][-1]["validation_accuracy"] == pytest.approx(float(alone["accuracy"]))
+        assert result.histories[i][-1]["validation_loss"] == pytest.approx(float(alone["loss"]), rel=1e-5)
+        assert "test_accuracy" in result.histories[i][-1]
+    runs = sweep.make_runs(base, [{"learning_rate": 0.05}])
+    row = sweep.run_group(str(tmp_path), runs, train_part, print_fn=lambda line: None, validation=(val_x, val_y))[0]
+    assert row["validation_size"] == 64
+    assert row["validation_accuracy"] == pytest.approx(result.histories[0][-1]["validation_accuracy"])
+    assert sweep.collect_rows(str(tmp_path)) == [row]
+
+
+def test_a_finished_run_is_not_mixed_with_a_sweep_holding_out_another_validation_split(tmp_path):
+    runs = sweep.make_runs(Config(), sweep.grid_settings(sweep.parse_spec("seed=0,1")))
+    path = sweep.run_dir(str(tmp_path), runs[0])
+    workdir_lib.start(path, runs[0].config)
+    workdir_lib.write_json(os.path.join(path, sweep.SWEEP_RESULT_FILE),
+                           sweep.result_row(runs[0], [], "diverged", "loss became nan", 1.0, 2, validation_size=500))
+    assert [r.name for r in sweep.pending_runs(str(tmp_path), runs, validation_size=500)[1]] == ["seed=0"]
+    with pytest.raises(ConfigError, match=r"seed=0 was trained with --validation_size=500, not 0; give the same"):
+        sweep.pending_runs(str(tmp_path), runs)
+    # A row written before sweeps held out validation images reads as "none held out".
+    old = {k: v for k, v in _row(0.01, "max", 0, 0.97).items()}
+    workdir_lib.write_json(os.path.join(path, sweep.SWEEP_RESULT_FILE), old)
+    row = sweep.read_row(os.path.join(path, sweep.SWEEP_RESULT_FILE))
+    assert (row["validation_size"], row["validation_accuracy"], row["validation_loss"]) == (0, None, None)
+
+
+def test_with_validation_accuracies_the_summary_ranks_on_them_not_on_test():
+    rows = [{**_row(0.01, "max", 0, 0.99), "validation_accuracy": 0.90},
+            {**_row(0.1, "max", 0, 0.95), "validation_accuracy": 0.97}]
+    assert sweep.ranked_by(ROWS) == "test_accuracy" and sweep.ranked_by(rows) == "validation_accuracy"
+    assert [e["settings"]["learning_rate"] for e in sweep.summarize(rows)] == [0.1, 0.01]
+    assert [e["settings"]["learning_rate"] for e in sweep.summarize(ROWS)][0] == 0.01
+    markdown = sweep.results_markdown(rows, plot_name=None)
+    assert "sorted by mean validation accuracy" in markdown
+    assert "| 0.1 | max | 1 | 0.9700 | 0.9500 |" in markdown
+    assert "val acc" not in sweep.results_markdown(ROWS, plot_name=None)
 
 
 # ----------------------------------------------------------------------------- reading files back

@@ -65,6 +65,23 @@ def test_moving_average_is_the_tutorials():
     assert train.moving_average(np.array([1.0]), 0.5, start=3.0) == pytest.approx(2.0)
 
 
+def test_an_epoch_record_holds_each_held_out_split_and_the_epoch_sums_restart():
+    log = train.RunLog()
+    records, diverged = log.absorb(np.array([1.0, 0.5]), np.array([3, 4]), np.array([True, True]), 0,
+                                   config_lib.replace(Config(), log_every=2), 100.0)
+    assert diverged is None and [r["loss"] for r in records] == [0.75]
+    record = log.finish_epoch(0, log.running_train_eval(2, 4), {"test": {"loss": 0.3, "accuracy": 0.9},
+                                                                "validation": {"loss": 0.4, "accuracy": 0.8}}, 2.0, 8)
+    assert (record["train_loss"], record["train_accuracy"]) == (0.75, 7 / 8)
+    assert (record["test_loss"], record["test_accuracy"], record["validation_loss"], record["validation_accuracy"]) \
+        == (0.3, 0.9, 0.4, 0.8)
+    assert record["images_per_second"] == 4.0 and log.history == [record]
+    assert (log.epoch_losses, log.epoch_correct, log.step) == ([], 0, 2)
+    only_validation = log.finish_epoch(1, {"loss": 0.1, "accuracy": 1.0},
+                                       {"validation": {"loss": 0.2, "accuracy": 0.7}}, 1.0, 8)
+    assert "test_accuracy" not in only_validation and only_validation["validation_accuracy"] == 0.7
+
+
 def test_format_epoch_is_the_tutorials_line():
     line = train.format_epoch({"epoch": 0, "moving_loss": 0.1712, "train_accuracy": 0.9651,
                                "test_accuracy": 0.9628, "epoch_time": 19.83, "images_per_second": 3030.4})

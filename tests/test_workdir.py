@@ -189,6 +189,25 @@ def test_good_metrics_are_read_whole(tmp_path):
     assert workdir_lib.read_metrics(str(tmp_path)) == [json.loads(line) for line in GOOD_METRICS.splitlines()]
 
 
+def test_a_search_trials_metrics_with_validation_epochs_and_evaluations_are_read(tmp_path):
+    lines = [{"kind": "train", "step": 4, "loss": 0.9},
+             {"kind": "evaluation", "evaluation": 1, "step": 8, "epoch": 0, "validation_loss": 0.5,
+              "validation_accuracy": 0.8},
+             {"kind": "epoch", "epoch": 0, "step": 8, "train_loss": 0.6, "train_accuracy": 0.7,
+              "validation_loss": 0.5, "validation_accuracy": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert workdir_lib.read_metrics(str(tmp_path)) == lines
+    assert [workdir_lib.held_out_split(r) for r in lines[1:]] == ["validation", "validation"]
+    assert workdir_lib.EPOCH_RECORD.accepts(lines[2])
+    # An epoch record without a held-out split's loss and accuracy is still refused.
+    for damaged_line in ({k: v for k, v in lines[2].items() if k != "validation_loss"},
+                         {k: v for k, v in lines[2].items() if not k.startswith("validation_")}):
+        assert not workdir_lib.EPOCH_RECORD.accepts(damaged_line)
+        (tmp_path / "metrics.jsonl").write_text(json.dumps(damaged_line) + "\n")
+        with pytest.raises(ConfigError, match='line 1: no "validation_loss" field'):
+            workdir_lib.read_metrics(str(tmp_path))
+
+
 @PROPERTY
 @given(data=damaged(GOOD_CONFIG) | st.binary(max_size=200))
 def test_any_bytes_as_config_json_give_a_config_or_one_line(tmp_path, data):
@@ -211,14 +230,15 @@ def test_any_bytes_as_metrics_give_records_or_one_line(tmp_path, data):
     (tmp_path / "metrics.jsonl").write_bytes(data)
     records = value_or_one_line_error(lambda: workdir_lib.read_metrics(str(tmp_path)), tmp_path / "metrics.jsonl")
     for record in records or []:
-        assert record["kind"] in ("train", "epoch") and isinstance(record["step"], int)
+        assert record["kind"] in ("train", "epoch", "evaluation") and isinstance(record["step"], int)
 
 
 @settings(PROPERTY, max_examples=30)   # a figure per example: fewer
 @given(lines=st.lists(json_values | st.fixed_dictionaries(
-    {"kind": st.sampled_from(["train", "epoch"])},
+    {"kind": st.sampled_from(["train", "epoch", "evaluation"])},
     optional={name: json_values | st.integers(0, 99) | st.floats(0, 1)
-              for name in ("step", "epoch", "loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy")}),
+              for name in ("step", "epoch", "loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                           "validation_loss", "validation_accuracy")}),
     max_size=4))
 def test_any_json_lines_as_metrics_give_records_the_plots_draw_or_one_line(tmp_path, lines):
     from cnn_jax import plots

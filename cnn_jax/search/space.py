@@ -34,10 +34,6 @@ _RANGE = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$")
 Space = dict[str, optuna.distributions.BaseDistribution]
 
 
-def _field_kind(name: str) -> type:
-    return type(getattr(Config(), name))
-
-
 def _unknown(name: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown field {name!r}; searchable fields are the config fields: "
                        f"{', '.join(config_lib.field_names())}")
@@ -50,7 +46,7 @@ def _choice_value(name: str, value: Any, where: str) -> Any:
 
 
 def _range(name: str, kind: str, low: Any, high: Any, where: str) -> optuna.distributions.BaseDistribution:
-    field_kind = _field_kind(name)
+    field_kind = sweep.field_kind(name)
     term = f"{name}={kind}({low},{high})"
     if kind in ("uniform", "loguniform") and field_kind is not float:
         raise ConfigError(f"{where}: {term}: {name} is not a float field; use int(...) for integers "

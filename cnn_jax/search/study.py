@@ -82,14 +82,7 @@ def split_validation(dataset: data_lib.Dataset, settings: Settings) -> tuple[dat
     test set."""
     if settings.objective.startswith("test_"):
         return dataset, dataset.test_images, dataset.test_labels
-    n = len(dataset.train_labels)
-    size = settings.validation_size or n // 6
-    if not 0 < size < n:
-        raise ConfigError(f"--validation_size={size} is not allowed: the validation images are carved from the "
-                          f"{n} training images, so give 1..{n - 1}")
-    train_part = dataclasses.replace(dataset, train_images=dataset.train_images[:n - size],
-                                     train_labels=dataset.train_labels[:n - size])
-    return train_part, dataset.train_images[n - size:], dataset.train_labels[n - size:]
+    return data_lib.hold_out(dataset, settings.validation_size or len(dataset.train_labels) // 6)
 
 
 # ----------------------------------------------------------------------------- storage and study

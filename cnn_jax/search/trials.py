@@ -10,7 +10,9 @@ or diverged: non-finite loss or state) are *dropped*: their slices of the stacke
 params, optimiser state and hyperparameters are removed, and the survivors continue
 as a smaller group (a smaller vmapped program, so pruning saves compute). Each run of a
 vmapped group computes what it computes alone, so a survivor ends with the params it
-would have had with nobody pruned.
+would have had with nobody pruned. Each member's losses, moving loss and epoch records are
+kept by a `train.RunLog`, as `train.fit` and the sweep's groups keep theirs; the steps run
+through `train.run_epoch_steps`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import data as data_lib
-from cnn_jax import evaluation, sweep, train
+from cnn_jax import evaluation, progress, sweep, train
 from cnn_jax import state as state_lib
-from cnn_jax.config import Config, ConfigError
+from cnn_jax.config import Config
 
 COMPLETE, PRUNED, DIVERGED = "complete", "pruned", "diverged"
 
@@ -38,16 +40,20 @@ class TrialResult:
     status: str                              # complete | pruned | diverged
     message: str                             # why it stopped early ("" when complete)
     evaluations: list[dict[str, Any]]        # one record per evaluation it reached
-    records: list[dict[str, Any]]            # metrics records ("train" every log_every steps, "epoch")
+    records: list[dict[str, Any]]            # metrics records ("train" every log_every steps, "evaluation", "epoch")
     state: Any                               # final TrainState on the host (None when diverged)
-    step: int                                # training steps done
-    moving_loss: float | None
+    log: train.RunLog                        # steps done, moving loss, epoch sums, per-epoch history
     seconds: float                           # wall time from the group's start to this member's end
 
     @property
     def params(self) -> Any:
         """The final params on the host (None when diverged)."""
         return None if self.state is None else self.state.params
+
+    @property
+    def step(self) -> int:
+        """Training steps done."""
+        return self.log.step
 
 
 def eval_steps(steps_per_epoch: int, epochs: int, eval_every: int) -> list[int]:
@@ -88,9 +94,7 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
     start_time = time.perf_counter()
     config = configs[0]
     n = len(dataset.train_labels)
-    steps_per_epoch = train.steps_per_epoch(config, n)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch_size={config.batch_size} is larger than the {n} training images")
+    steps_per_epoch = train.steps_per_epoch(config, n)   # ConfigError when there is no full batch
     total_steps = steps_per_epoch * config.epochs
     loop = sweep.resolve_loop(config)
     runner = sweep.compiled_group(sweep.group_key(config), total_steps, loop)
@@ -102,18 +106,16 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
     results: list[TrialResult | None] = [None] * len(configs)
     evaluations: list[list[dict[str, Any]]] = [[] for _ in configs]
     records: list[list[dict[str, Any]]] = [[] for _ in configs]
-    moving: list[float | None] = [None] * len(configs)
-    epoch_losses: list[list[float]] = [[] for _ in configs]
-    epoch_correct = [0] * len(configs)
+    logs = [train.RunLog() for _ in configs]  # each member's host-side record, as `train.fit` keeps it
     diverged: dict[int, str] = {}
 
     def record(i: int, rec: dict[str, Any]) -> None:
         records[i].append(rec)
         on_record(i, rec)
 
-    def finish(i: int, status: str, message: str, slot: int | None, step: int) -> None:
+    def finish(i: int, status: str, message: str, slot: int | None) -> None:
         final = None if slot is None else jax.device_get(state_lib.unstack(state, slot))
-        results[i] = TrialResult(status, message, evaluations[i], records[i], final, step, moving[i],
+        results[i] = TrialResult(status, message, evaluations[i], records[i], final, logs[i],
                                  time.perf_counter() - start_time)
         on_stop(i, results[i])
 
@@ -131,58 +133,48 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
         if step % steps_per_epoch == 0:
             epoch_start = time.perf_counter()
         order = jnp.asarray(np.stack([data_lib.epoch_permutation(configs[i].seed, epoch, n) for i in live]))
-        first = step % steps_per_epoch
-        if loop == "step":
-            chunks = []
-            for s in range(first, first + point - step):
-                state, metrics = runner(state, images, labels, order, np.int32(s))
-                chunks.append(metrics)
-            host = jax.device_get(chunks)
-            host = {key: np.stack([m[key] for m in host]) for key in host[0]}
-        else:
-            state, metrics = runner(state, images, labels, order, np.int32(first), point - step)
-            host = jax.device_get(metrics)
-        losses, correct = np.asarray(host["loss"]), np.asarray(host["correct"])   # (steps, members)
-        finite = np.asarray(host["finite"]) & np.isfinite(losses)
-        for slot, i in enumerate(live):
-            c = configs[i]
-            for s in range(len(losses)):
-                global_step = step + s + 1
-                if not finite[s, slot]:
-                    what = (f"loss became {losses[s, slot]}" if not np.isfinite(losses[s, slot])
-                            else "parameters or optimiser state became non-finite")
-                    diverged[i] = f"{what} at step {global_step} (epoch {epoch}); lower --learning_rate"
-                    break
-                moving[i] = train.moving_average([losses[s, slot]], c.loss_smoothing, moving[i])
-                epoch_losses[i].append(float(losses[s, slot]))
-                epoch_correct[i] += int(correct[s, slot])
-                if global_step % c.log_every == 0:
-                    window = epoch_losses[i][-c.log_every:]
-                    record(i, {"kind": "train", "step": global_step, "epoch": epoch,
-                               "loss": float(np.mean(window)), "moving_loss": moving[i]})
+        first, count = step % steps_per_epoch, point - step
+        chunk_start = [time.perf_counter()]
+
+        def absorb(step_metrics: Any) -> None:
+            """Each live member's losses of the steps since the last call, into its RunLog."""
+            host = train.host_metrics(step_metrics)   # (steps, members)
+            now = time.perf_counter()
+            ips = len(host["loss"]) * config.batch_size / max(now - chunk_start[0], 1e-9)
+            chunk_start[0] = now
+            for slot, i in enumerate(live):
+                if i in diverged:
+                    continue
+                new, why = logs[i].absorb(host["loss"][:, slot], host["correct"][:, slot], host["finite"][:, slot],
+                                          epoch, configs[i], ips)
+                for rec in new:
+                    record(i, rec)
+                if why:
+                    diverged[i] = why
+
+        state, _ = train.run_epoch_steps(
+            runner, loop, state, (images, labels), order, first, first + count, step_offset=epoch * steps_per_epoch,
+            absorb_every=count, scan_chunk=count, absorb=absorb, bar=progress.silent())
         step = point
-        for slot, i in enumerate(live):
+        for i in live:
             if i in diverged:
-                finish(i, DIVERGED, diverged[i], None, step)
+                finish(i, DIVERGED, diverged[i], None)
         drop(set(diverged))
         if not live:
             break
         val = evaluation.evaluate_runs(state.params, state.model_state, val_x, val_y, config)
         evals = []
         for slot, i in enumerate(live):
+            held_out = {"loss": float(val["loss"][slot]), "accuracy": float(val["accuracy"][slot])}
             ev = {"evaluation": number, "step": step, "epoch": epoch,
-                  "validation_loss": float(val["loss"][slot]), "validation_accuracy": float(val["accuracy"][slot])}
+                  "validation_loss": held_out["loss"], "validation_accuracy": held_out["accuracy"]}
             evaluations[i].append(ev)
             record(i, {"kind": "evaluation", **ev})
             if step % steps_per_epoch == 0:
-                seen = len(epoch_losses[i])
-                record(i, {"kind": "epoch", "epoch": epoch, "step": step, "moving_loss": moving[i],
-                           "train_loss": float(np.mean(epoch_losses[i])) if seen else None,
-                           "train_accuracy": epoch_correct[i] / (seen * configs[i].batch_size) if seen else None,
-                           "validation_loss": ev["validation_loss"],
-                           "validation_accuracy": ev["validation_accuracy"],
-                           "epoch_time": time.perf_counter() - epoch_start})
-                epoch_losses[i], epoch_correct[i] = [], 0
+                epoch_record = logs[i].finish_epoch(
+                    epoch, logs[i].running_train_eval(steps_per_epoch, config.batch_size), {"validation": held_out},
+                    time.perf_counter() - epoch_start, steps_per_epoch * config.batch_size)
+                record(i, {"kind": "epoch", **epoch_record})
             evals.append(ev)
         last = number == len(points)
         stop = list(decide(list(live), evals))
@@ -191,9 +183,9 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
         pruned = {i for i, s in zip(live, stop) if s}
         for slot, i in enumerate(live):
             if i in pruned:
-                finish(i, PRUNED, f"pruned after evaluation {number} (step {step})", slot, step)
+                finish(i, PRUNED, f"pruned after evaluation {number} (step {step})", slot)
             elif last:
-                finish(i, COMPLETE, "", slot, step)
+                finish(i, COMPLETE, "", slot)
         drop(pruned)
         if not live:
             break

@@ -109,12 +109,10 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
             workdir_lib.write_json(os.path.join(path, workdir_lib.RESULTS_FILE),
                                    report.results_json(test, dataset.class_names, outcome.step))
             row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-        history = [r for r in outcome.records if r["kind"] == "epoch"]
-        log = train.RunLog(step=outcome.step, moving_loss=outcome.moving_loss, history=history)
         steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
         manager = checkpoint.open_manager(path)
         try:
-            checkpoint.save(manager, outcome.state, run_lib.checkpoint_meta(log, config, steps_per_epoch))
+            checkpoint.save(manager, outcome.state, run_lib.checkpoint_meta(outcome.log, config, steps_per_epoch))
         finally:
             manager.close()
     workdir_lib.write_json(os.path.join(path, TRIAL_RESULT_FILE), row)

@@ -30,9 +30,11 @@ from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, compi
 from cnn_jax.sweep.memory import (MEMORY_FRACTION, ProgramMemory, auto_max_parallel, default_max_parallel,
                                   memory_budget, peak_live_bytes, program_memory, run_memory_bytes,
                                   shared_memory_bytes, tree_bytes)
-from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, results_csv,
-                                   results_figure, results_markdown, summarize, swept_fields, write_results)
-from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE, is_finished,
-                                   pending_runs, read_row, result_row, run_dir, run_group)
+from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, ranked_by,
+                                   results_csv, results_figure, results_markdown, summarize, swept_fields,
+                                   write_results)
+from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE,
+                                   VALIDATION_FIELDS, is_finished, pending_runs, read_row, result_row, run_dir,
+                                   run_group)
 from cnn_jax.sweep.spec import (FIX_SPEC, MAX_RUNS, Run, coerce_value, field_kind, format_value, grid_settings,
                                 load_spec_file, make_runs, parse_shard, parse_spec, run_name, shard)

@@ -107,12 +107,15 @@ def _noop(*args: Any) -> None:
 
 def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
                 on_log: Callable[[int, dict[str, Any]], None] = _noop,
-                on_epoch: Callable[[int, dict[str, Any]], None] = _noop) -> GroupResult:
+                on_epoch: Callable[[int, dict[str, Any]], None] = _noop,
+                validation: tuple[np.ndarray, np.ndarray] | None = None) -> GroupResult:
     """Train runs that share a `group_key` together; each computes what `train.fit` computes alone.
 
     on_log(run_index, record) gets `{"kind": "train", ...}` records every `log_every` steps,
     on_epoch(run_index, record) the per-epoch record. A run whose loss or params become
-    non-finite is marked diverged (its history stops) while the others go on.
+    non-finite is marked diverged (its history stops) while the others go on. With
+    `validation` (images, labels held out of `dataset`'s training images: `data.hold_out`),
+    each epoch's record also holds `validation_loss` and `validation_accuracy`.
     """
     keys = {group_key(c) for c in configs}
     if len(keys) != 1:
@@ -171,11 +174,15 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
             train_eval = {key: [r[key] for r in runs] for key in ("loss", "accuracy")}
         test = evaluation.evaluate_runs(state.params, state.model_state, test_images, test_labels, config,
                                         return_predictions=last)
+        held_out = {"test": test}
+        if validation is not None:
+            held_out["validation"] = evaluation.evaluate_runs(state.params, state.model_state, *validation, config)
         for r in range(num_runs):
             if diverged[r]:
                 continue
             record = logs[r].finish_epoch(
                 epoch, {key: train_eval[key][r] for key in ("loss", "accuracy")},
-                {key: test[key][r] for key in ("loss", "accuracy")}, epoch_time, num_steps * config.batch_size)
+                {split: {key: result[key][r] for key in ("loss", "accuracy")} for split, result in held_out.items()},
+                epoch_time, num_steps * config.batch_size)
             on_epoch(r, record)
     return GroupResult(state, logs, diverged, test, num_steps, time.perf_counter() - start_time)

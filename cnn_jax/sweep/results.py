@@ -37,9 +37,15 @@ def swept_fields(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({k for row in rows for k in row["settings"]})
 
 
+def ranked_by(rows: Sequence[dict[str, Any]]) -> str:
+    """The metric that ranks the runs: validation accuracy when the sweep held out a validation
+    split (`--validation_size`), else test accuracy."""
+    return "validation_accuracy" if any(r.get("validation_accuracy") is not None for r in rows) else "test_accuracy"
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows grouped over seeds: mean and sample std of the final metrics of the runs that finished,
-    sorted by mean test accuracy (best first)."""
+    sorted by the mean of `ranked_by(rows)` (best first)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     settings_of: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -52,13 +58,13 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [m for m in members if m["status"] == "ok"]
         entry = {"settings": settings_of[key], "runs": len(members), "ok": len(ok),
                  "seeds": [m["settings"].get("seed") for m in members]}
-        for metric in ("test_accuracy", "train_accuracy", "test_loss", "train_loss"):
-            values = np.array([m[metric] for m in ok], np.float64)
+        for metric in ("test_accuracy", "train_accuracy", "test_loss", "train_loss", "validation_accuracy"):
+            values = np.array([m[metric] for m in ok if m.get(metric) is not None], np.float64)
             entry[f"{metric}_mean"] = float(values.mean()) if len(values) else None
             entry[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
         out.append(entry)
-    out.sort(key=lambda e: -1.0 if e["test_accuracy_mean"] is None else e["test_accuracy_mean"],
-             reverse=True)
+    rank = f"{ranked_by(rows)}_mean"
+    out.sort(key=lambda e: -1.0 if e[rank] is None else e[rank], reverse=True)
     return out
 
 
@@ -76,11 +82,12 @@ def results_csv(rows: Sequence[dict[str, Any]]) -> str:
     fields = swept_fields(rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    metrics = ["train_loss", "train_accuracy", "test_loss", "test_accuracy", "moving_loss"]
+    metrics = ["train_loss", "train_accuracy", "test_loss", "test_accuracy", "validation_loss",
+               "validation_accuracy", "moving_loss"]
     writer.writerow(["name", *fields, "status", "epochs", *metrics, "time_s", "group_size", "message"])
     for row in rows:
         writer.writerow([row["name"], *_settings_text(row["settings"], fields), row["status"], row["epochs"],
-                         *["" if row[m] is None else repr(row[m]) for m in metrics],
+                         *["" if row.get(m) is None else repr(row[m]) for m in metrics],
                          f"{row['time_s']:.2f}", row["group_size"], row["message"]])
     return out.getvalue()
 
@@ -90,22 +97,26 @@ def results_markdown(rows: Sequence[dict[str, Any]], plot_name: str | None = RES
     fields = swept_fields(rows)
     group_fields = [f for f in fields if f != "seed"]
     lines = [f"# Sweep results ({len(rows)} runs)", ""]
-    lines += ["## Summary over seeds (sorted by mean test accuracy)", "",
-              "| " + " | ".join([*group_fields, "runs", "test acc mean", "test acc std",
+    validated = ranked_by(rows) == "validation_accuracy"
+    val_head = ["val acc mean"] if validated else []
+    lines += [f"## Summary over seeds (sorted by mean {'validation' if validated else 'test'} accuracy)", "",
+              "| " + " | ".join([*group_fields, "runs", *val_head, "test acc mean", "test acc std",
                                  "train acc mean", "test loss mean"]) + " |",
-              "|" + "---|" * (len(group_fields) + 5)]
+              "|" + "---|" * (len(group_fields) + 5 + len(val_head))]
     for e in summarize(rows):
         runs = f"{e['ok']}/{e['runs']}" if e["ok"] != e["runs"] else str(e["runs"])
         lines.append("| " + " | ".join([*_settings_text(e["settings"], group_fields), runs,
+                                        *([_num(e["validation_accuracy_mean"])] if validated else []),
                                         _num(e["test_accuracy_mean"]), _num(e["test_accuracy_std"]),
                                         _num(e["train_accuracy_mean"]), _num(e["test_loss_mean"])]) + " |")
     lines += ["", "## Runs", "",
-              "| " + " | ".join([*fields, "status", "train loss", "train acc", "test loss", "test acc",
-                                 "time (s)", "runs together"]) + " |",
-              "|" + "---|" * (len(fields) + 7)]
+              "| " + " | ".join([*fields, "status", "train loss", "train acc", *(["val acc"] if validated else []),
+                                 "test loss", "test acc", "time (s)", "runs together"]) + " |",
+              "|" + "---|" * (len(fields) + 7 + len(val_head))]
     for row in rows:
         lines.append("| " + " | ".join([*_settings_text(row["settings"], fields), row["status"],
                                         _num(row["train_loss"]), _num(row["train_accuracy"]),
+                                        *([_num(row.get("validation_accuracy"))] if validated else []),
                                         _num(row["test_loss"]), _num(row["test_accuracy"]),
                                         f"{row['time_s']:.1f}", str(row["group_size"])]) + " |")
     lines += ["", "Time is the wall-clock time of the run's group: runs trained together (vmapped) share it.",
