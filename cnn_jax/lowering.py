@@ -144,32 +144,29 @@ def max_pool_reshape(x: jax.Array, window: int, axes: tuple[int, int] = (1, 2)) 
     return jnp.max(_windows(x, window, axes), axis=(ha + 1, wa + 2))
 
 
+def _flat_windows(x: jax.Array, k: int, axes: tuple[int, int]) -> jax.Array:
+    """`_windows` with each window's k x k values moved last, in row-major order: (..., k * k)."""
+    ha, wa = axes
+    xw = jnp.moveaxis(_windows(x, k, axes), (ha + 1, wa + 2), (-2, -1))
+    return xw.reshape(*xw.shape[:-2], k * k)
+
+
 def _max_pool_fwd(x, window, axes):
-    y = max_pool_reshape(x, window, axes)
-    return y, (x, y)
+    # The gradient goes to the first maximum of each window, found here and kept as an index: the
+    # backward pass must not look for the maximum again by comparing values, since under jit XLA
+    # may recompute x there with other rounding and then match no element, or another one.
+    windows = _flat_windows(x, window, axes)
+    return jnp.max(windows, axis=-1), (jnp.argmax(windows, axis=-1), x)
 
 
 def _max_pool_bwd(window, axes, residuals, g):
-    x, y = residuals
+    first, x = residuals                                 # x only for its shape
     ha, wa = axes
-    xw = _windows(x, window, axes)                       # ..., oh, k, ..., ow, k, ...
-    y_b = jnp.expand_dims(jnp.expand_dims(y, ha + 1), wa + 2)
-    g_b = jnp.expand_dims(jnp.expand_dims(g, ha + 1), wa + 2)
-    hit = xw == y_b
-    # Keep only the first hit of each window, scanning its rows then columns.
-    taken = jnp.zeros(y_b.shape, bool)
-    rows = []
-    for i in range(window):
-        cols = []
-        for j in range(window):
-            h_ij = lax.index_in_dim(lax.index_in_dim(hit, j, wa + 2), i, ha + 1)
-            first = h_ij & ~taken
-            taken = taken | first
-            cols.append(jnp.where(first, g_b, jnp.zeros_like(g_b)))
-        rows.append(jnp.concatenate(cols, axis=wa + 2))
+    gw = jax.nn.one_hot(first, window * window, dtype=g.dtype) * g[..., None]
+    gw = jnp.moveaxis(gw.reshape(*gw.shape[:-1], window, window), (-2, -1), (ha + 1, wa + 2))
     cropped = list(x.shape)
-    cropped[ha], cropped[wa] = y.shape[ha] * window, y.shape[wa] * window
-    gx = jnp.concatenate(rows, axis=ha + 1).reshape(cropped)
+    cropped[ha], cropped[wa] = g.shape[ha] * window, g.shape[wa] * window
+    gx = gw.reshape(cropped)
     pads = [(0, 0, 0)] * x.ndim
     pads[ha] = (0, x.shape[ha] - gx.shape[ha], 0)
     pads[wa] = (0, x.shape[wa] - gx.shape[wa], 0)

@@ -6,7 +6,6 @@ import os
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_LIMIT = 16 * 2**30   # bytes; far above what the suite writes
 MNIST_DIR = os.environ.get("CNN_JAX_MNIST_DIR", os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
 
 
@@ -25,22 +24,19 @@ def mnist(mnist_dir):
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-    """One persistent compilation cache per test run, in pytest's temporary folder: the same programs
-    (a training step compiled by several tests and scripts) are compiled once. Set through jax.config
-    here and through the JAX_* variables for subprocesses; every entry is cached. Under pytest-xdist
-    the workers share it (the folder above each worker's own), and a size limit turns on JAX's file
-    lock around each entry, so that one process never reads an entry another is still writing."""
+    """One persistent compilation cache per test process, in pytest's temporary folder: the same
+    programs (a training step compiled by several tests and scripts) are compiled once. Set through
+    jax.config here and through the JAX_* variables for subprocesses; every entry is cached. Each
+    pytest-xdist worker has its own (JAX writes an entry in place, so processes that run at the
+    same time must not share a folder), and no size limit (a limit makes JAX scan the whole folder
+    at every write)."""
     import jax
-    base = tmp_path_factory.getbasetemp()
-    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    folder = folder / "jax_cache"
-    folder.mkdir(exist_ok=True)
+    folder = tmp_path_factory.mktemp("jax_cache")
     values = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_LIMIT)}
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", CACHE_LIMIT)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in values.items():
             patch.setenv(name, value)

@@ -69,6 +69,27 @@ def test_max_pool_ties_route_the_gradient_to_the_first_maximum_like_select_and_s
     assert np.sum(grad_new != 0) == np.sum(np.asarray(g) != 0)
 
 
+def test_max_pool_gradient_inside_one_jitted_training_program():
+    """The reshape pool's gradient inside a jitted VGG loss (conv -> batch norm -> relu -> pool,
+    twice, then dropout) equals reduce_window's: XLA may recompute the pooled input in the backward
+    pass with other rounding, so the backward must not find each window's maximum again by value
+    (it then sent gradients to no element or the wrong one)."""
+    from cnn_jax import model
+    config = config_lib.replace(Config(), model="vgg", widths=(4, 8), depth=1, dropout=0.25, conv_impl="lax")
+    params, model_state = model.init(jax.random.key(0), config)
+    images = jax.random.uniform(jax.random.key(1), (4, *config.input_shape))
+
+    def loss(params, config):
+        logits, _ = model.apply(params, model_state, images, config, train=True, rng=jax.random.key(3))
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), jnp.arange(4)])
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    got = grad(params, config_lib.replace(config, pool_impl="reshape"))
+    want = grad(params, config_lib.replace(config, pool_impl="reduce_window"))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(w).max())))
+
+
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_reshape_pool_on_other_spatial_axes(pool):
     x = _random((3, 2, 10, 9))   # (C, N, H, W)

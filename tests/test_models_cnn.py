@@ -42,7 +42,7 @@ def test_flattened_size_is_derived(overrides, flat):
     assert dict(cnn.layer_shapes(config))["flatten"] == (flat,)
     params = cnn.init(jax.random.key(1), config)[0]
     assert params["dense1"]["w"].shape == (flat, config.num_fc)
-    logits = cnn.apply(params, {}, jnp.ones((2,) + config.input_shape), config)[0]
+    logits = jax.jit(lambda p, x: cnn.apply(p, {}, x, config)[0])(params, jnp.ones((2,) + config.input_shape))
     assert logits.shape == (2, config.num_classes)
 
 

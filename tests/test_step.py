@@ -25,7 +25,7 @@ def test_train_step_is_pure_and_matches_a_manual_update(small):
     params = start.params
     images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
     new, metrics = jax.jit(step.make_train_step(config, opt))(start, (images, labels))
-    grads = jax.grad(lambda p: step.loss_fn(p, {}, (images, labels), None, config)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: step.loss_fn(p, {}, (images, labels), None, config)[0]))(params)
     for p, g, n in zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
         np.testing.assert_allclose(n, p - 0.01 * g, rtol=1e-5, atol=1e-7)
     assert int(new.step) == 1 and np.array_equal(new.rng, start.rng)
