@@ -72,8 +72,12 @@ class CompileLog:
 
 
 def main() -> None:
-    if len(sys.argv) < 2:
-        print("error: give the script to run, e.g. experiments/train.py --pool=max", file=sys.stderr)
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "--helpshort", "--helpfull"):
+        print(__doc__.strip())
+        return
+    if len(sys.argv) < 2 or not sys.argv[1].endswith(".py"):
+        print("error: give the script to run first, then its flags, e.g. "
+              "python experiments/compile_times.py experiments/train.py --pool=max", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
     log = CompileLog()

@@ -10,7 +10,10 @@ It prepares two TFDS copies under /tmp (tfds_measure, tfds_measure_ar) and repla
 import json
 import os
 import shutil
+import sys
 import time
+
+from absl import app
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
@@ -44,7 +47,10 @@ def data_source_loop(builder):
         np.array([r["label"] for r in records])
 
 
-def main():
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])}: this script takes no flags", file=sys.stderr)
+        sys.exit(2)
     out = {"import_tensorflow_and_tfds_s": t_import}
     out["idx_s"] = best(lambda: data.load_folder(MNIST, "mnist"))
     prepared = "/tmp/tfds_measure"
@@ -63,4 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
