@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = """
@@ -42,8 +44,17 @@ def test_the_scripts_programs_are_listed_and_a_second_process_loads_them(tmp_pat
     assert programs >= 1 and loaded == programs   # every program of the second process came from the cache
 
 
-def test_no_script_is_one_line_and_status_2():
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "compile_times.py")],
+@pytest.mark.parametrize("args", [[], ["--pool=max"]])
+def test_no_script_is_one_line_and_status_2(args):
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "compile_times.py"), *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: give the script to run, e.g. experiments/train.py --pool=max"]
+        "error: give the script to run first, then its flags, e.g. "
+        "python experiments/compile_times.py experiments/train.py --pool=max"]
+
+
+def test_helpshort_prints_the_usage_and_runs_nothing():
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "compile_times.py"),
+                           "--helpshort"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "python experiments/compile_times.py experiments/train.py --pool=max" in proc.stdout
