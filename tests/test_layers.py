@@ -180,8 +180,8 @@ def test_conv_property(h, w, c, o, k, stride, padding, seed):
     else:
         assert expected_shape[1:3] == ((h - k) // stride + 1, (w - k) // stride + 1)
     want = np_conv(x, wt, b, stride, padding)
-    for conv in (layers.conv2d, layers.conv2d_patches):
-        got = conv(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride, padding)
+    for conv in (layers.conv2d, layers.conv2d_patches):   # each one program, not op by op
+        got = jax.jit(conv, static_argnums=(3, 4))(jnp.asarray(x), jnp.asarray(wt), jnp.asarray(b), stride, padding)
         assert got.shape == expected_shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
