@@ -1,11 +1,12 @@
 """Run a script of experiments/ as the tests' subprocess.run would, but forked from a warm server
 (tests/script_server.py) that has already imported JAX, cnn_jax, optuna and matplotlib: each run is
 still a process of its own (its exit status, stdout, stderr, signals, atexit handlers), minus the
-second or two that importing costs. One server per test process, started on first use.
+second or two that importing costs. Servers start on first use, in each test process.
 
 A server is started for each environment the tests use, as far as variables read at import time
 go (JAX_*, XLA_*, TF_*, PYTHON*, CNN_JAX_MODELS): a child never sees modules imported under other
-values. The rest of the environment, the working directory and the arguments are the child's own.
+values (the three used most recently are kept). The rest of the environment, the working
+directory and the arguments are the child's own.
 """
 
 from __future__ import annotations
