@@ -18,6 +18,10 @@ from cnn_jax.config import ConfigError
 
 HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
+# The stages of compiling one program: Python to jaxpr, jaxpr to StableHLO (both needed for the
+# cache key, so they run on a hit too), and XLA's compile or, on a hit, the load from the cache.
+STAGE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                "/jax/core/compile/backend_compile_duration")
 
 
 def default_dir() -> str:
@@ -36,6 +40,7 @@ class CacheStats:
     directory: str
     hits: int = 0
     misses: int = 0
+    seconds: float = 0.0   # in the stages of STAGE_EVENTS, summed over threads
 
     def record(self, event: str, **kwargs: object) -> None:
         del kwargs
@@ -44,9 +49,15 @@ class CacheStats:
         elif event == MISS_EVENT:
             self.misses += 1
 
+    def record_duration(self, event: str, seconds: float, **kwargs: object) -> None:
+        del kwargs
+        if event in STAGE_EVENTS:
+            self.seconds += seconds
+
     def describe(self) -> str:
         verdict = "hit" if self.hits and not self.misses else ("partly hit" if self.hits else "missed")
-        return (f"compilation cache {verdict}: {self.hits} programs loaded, {self.misses} compiled "
+        return (f"compilation cache {verdict}: {self.hits} programs loaded, {self.misses} compiled, "
+                f"{self.seconds:.2f} s compiling (trace, lower, XLA or cache load) "
                 f"({self.directory}; --nocompilation_cache turns it off)")
 
 
@@ -67,4 +78,5 @@ def enable(directory: str | None = None) -> CacheStats:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     stats = CacheStats(directory)
     monitoring.register_event_listener(stats.record)
+    monitoring.register_event_duration_secs_listener(stats.record_duration)
     return stats

@@ -33,15 +33,16 @@ def shapes_match_the_real_ones(config, input_shape, capsys):
     """apply's logits for `input_shape`, and `layer_shapes` equal to the shapes apply really makes."""
     config = config_lib.validate(config_lib.replace(config, input_shape=input_shape))
     family = model.family(config)
-    params, model_state = jax.jit(model.init, static_argnums=1)(jax.random.key(0), config)
-    images = jax.random.uniform(jax.random.key(1), (3, *input_shape))
+    # Shapes come from tracing alone: eval_shape traces apply once (the shapes print while tracing,
+    # as when --debug runs eagerly) and compiles nothing.
+    params, model_state = jax.eval_shape(lambda key: model.init(key, config), jax.random.key(0))
+    images = jax.ShapeDtypeStruct((3, *input_shape), jnp.float32)
     capsys.readouterr()
-    # Traced once (the shapes print while tracing, as when --debug runs eagerly), compiled once.
-    apply = jax.jit(lambda p, s, x, rng: family.apply(p, s, x, config, train=True, rng=rng, debug=True))
-    logits, _ = apply(params, model_state, images, jax.random.key(2))
+    logits, _ = jax.eval_shape(lambda p, s, x, rng: family.apply(p, s, x, config, train=True, rng=rng, debug=True),
+                               params, model_state, images, jax.random.key(2))
     assert logits.shape == (3, config.num_classes)
     assert capsys.readouterr().out.strip() == model.format_layer_shapes(config)
-    assert model.first_conv(params, config).shape[:3] == (3, 3, input_shape[2])
+    assert family.first_conv(params).shape[:3] == (3, 3, input_shape[2])
 
 
 def conv_lowerings_agree(config):
@@ -98,14 +99,17 @@ def evaluation_is_deterministic_and_uses_running_averages(config, final, dataset
     b = evaluation.evaluate(final.params, final.model_state, images, labels, config)
     assert a == b
     x = jnp.asarray(images)
-    eval_logits, same = model.apply(final.params, final.model_state, x, config)
-    assert same is final.model_state
-    np.testing.assert_array_equal(eval_logits, model.apply(final.params, final.model_state, x, config)[0])
-    train_logits, _ = model.apply(final.params, final.model_state, x, config, train=True, rng=jax.random.key(0))
+    # Jitted (one program per mode) rather than op by op, which compiles every primitive on its own.
+    apply = jax.jit(lambda p, s, x, train: model.apply(p, s, x, config, train=train, rng=jax.random.key(0)),
+                    static_argnums=3)
+    eval_logits, same = apply(final.params, final.model_state, x, False)
+    assert leaves_equal(same, final.model_state)
+    np.testing.assert_array_equal(eval_logits, apply(final.params, final.model_state, x, False)[0])
+    train_logits, _ = apply(final.params, final.model_state, x, True)
     assert not np.allclose(eval_logits, train_logits)
     # Other running averages, other evaluation: the running averages are what evaluation reads.
     shifted = jax.tree.map(lambda v: v * 1.5 + 0.1, final.model_state)
-    assert not np.allclose(eval_logits, model.apply(final.params, shifted, x, config)[0])
+    assert not np.allclose(eval_logits, apply(final.params, shifted, x, False)[0])
 
 
 def stop_and_resume_is_bit_exact(config, dataset, stop_at):

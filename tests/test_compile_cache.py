@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import script_runner
 from conftest import REPO_ROOT
 
 from cnn_jax import compile_cache
@@ -29,8 +30,11 @@ def test_stats_count_hits_and_misses_only():
     for event in (compile_cache.MISS_EVENT, compile_cache.HIT_EVENT, compile_cache.HIT_EVENT,
                   "/jax/compilation_cache/compile_requests_use_cache"):
         stats.record(event)
+    for event, seconds in ((compile_cache.STAGE_EVENTS[0], 0.25), (compile_cache.STAGE_EVENTS[2], 1.0),
+                           ("/jax/some/other_duration", 5.0)):
+        stats.record_duration(event, seconds)
     assert (stats.hits, stats.misses) == (2, 1)
-    assert stats.describe().startswith("compilation cache partly hit: 2 programs loaded, 1 compiled")
+    assert stats.describe().startswith("compilation cache partly hit: 2 programs loaded, 1 compiled, 1.25 s compiling")
 
 
 PROBE = """
@@ -59,14 +63,13 @@ def test_a_second_process_loads_every_program_from_the_cache(mnist_dir, tmp_path
         pytest.skip("this CPU's XLA rejects the programs it cached (openxla/xla#44565)")
 
     def train(*extra):
-        result = subprocess.run(
+        result = script_runner.run(
             [sys.executable, TRAIN, f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200",
-             f"--compilation_cache_dir={tmp_path / 'cache'}", *extra],
-            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+             f"--compilation_cache_dir={tmp_path / 'cache'}", *extra], timeout=300)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    pattern = r"^compilation cache (\w+(?: hit)?): (\d+) programs loaded, (\d+) compiled"
+    pattern = r"^compilation cache (\w+(?: hit)?): (\d+) programs loaded, (\d+) compiled, [\d.]+ s compiling"
     first_out = train()
     first = re.search(pattern, first_out, re.M)
     assert first and first.group(1) == "missed" and int(first.group(3)) > 0, first

@@ -236,17 +236,20 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_pa
     workdir = str(tmp_path / "shared")
     args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=3", "--batch=2", "--heartbeat_interval=1",
                   "--grace_period=3")
+    # The survivor starts once the doomed worker has made the study; the doomed one is killed as
+    # soon as it says it starts training (its trials then stay RUNNING, their heartbeat going stale).
     doomed = _worker(args)
-    _wait_for(doomed, "training trial(s)")
-    survivor = _worker(args)
+    survivor = None
     try:
-        _wait_for(survivor, "study 'search'")
+        _wait_for(doomed, "study 'search'")
+        survivor = _worker(args)
+        _wait_for(doomed, "training trial(s)")
         os.kill(doomed.pid, signal.SIGKILL)
         doomed.wait()
         out, _ = survivor.communicate(timeout=600)
     finally:
         for p in (doomed, survivor):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
     assert survivor.returncode == 0, out[-3000:]
     study = _check_exactly(study_lib.default_storage(workdir), 3)
