@@ -6,6 +6,19 @@ import os
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The suite's programs train on a few hundred images, so compiling them is most of their cost, and
+# LLVM's optimisation level 0 compiles them ~40% faster (docs/testing.md). XLA's own passes (fusion
+# included) are unchanged; the results differ from -O3's by rounding only, as they do between CPUs,
+# which every tolerance must hold against anyway (tests/numerics.py). Set before JAX starts, here
+# and, through the environment, in every process the tests start.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a process the tests start: the suite's own, plus `extra`."""
+    return " ".join([os.environ["XLA_FLAGS"], *extra])
 MNIST_DIR = os.environ.get("CNN_JAX_MNIST_DIR", os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
 
 

@@ -15,7 +15,7 @@ import family_checks as checks
 from cnn_jax import config as config_lib
 from cnn_jax import model
 from cnn_jax.config import Config, ConfigError
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, xla_flags
 
 TINY = config_lib.replace(Config(), model="vgg", widths=(4, 8), depth=1, dropout=0.25, epochs=2, batch_size=32,
                           loop="step", train_eval="running", eval_batch_size=100, log_every=5,
@@ -95,7 +95,7 @@ def test_batch_norm_under_four_forced_cpu_devices_matches_one_device(mnist_dir, 
     outputs = {}
     for devices in (1, 4):
         path = str(tmp_path / f"d{devices}.npz")
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO_ROOT)
+        env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"), PYTHONPATH=REPO_ROOT)
         done = subprocess.run([sys.executable, "-c", DP_SCRIPT, json.dumps(config_lib.to_dict(config)), path],
                               capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]

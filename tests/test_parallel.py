@@ -18,6 +18,7 @@ import pytest
 from cnn_jax import config as config_lib
 from cnn_jax import data, model, optim, parallel, step, train
 from cnn_jax.config import Config, ConfigError
+from conftest import xla_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two steps of plain SGD (128 images, batch 64), compared per leaf relative to each leaf's update
@@ -107,7 +108,7 @@ def one_device(mnist_dir):
 @pytest.mark.slow
 def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_path):
     proc = _run([mnist_dir, str(tmp_path / "four"), "step,scan"],
-                {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "data parallel over 4 cpu devices (1 process)" in out
@@ -121,7 +122,7 @@ def test_four_forced_cpu_devices_match_one_device(mnist_dir, one_device, tmp_pat
 @pytest.mark.slow
 def test_four_forced_cpu_devices_match_one_device_with_winograd(mnist_dir, tmp_path):
     proc = _run([mnist_dir, str(tmp_path / "four"), "scan"],
-                {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4"),
                  "CONFIG_OVERRIDES": json.dumps(WINOGRAD)})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
