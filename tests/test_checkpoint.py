@@ -184,15 +184,17 @@ def test_restore_run_rebuilds_from_config_json_alone(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
+    import jax
     import numpy as np
     from cnn_jax import checkpoint, optim, state
     from cnn_jax import config as config_lib
     config = config_lib.replace(config_lib.Config(), optimizer="adam", schedule="cosine", num_fc=1024)
     manager = checkpoint.open_manager(sys.argv[1])
     step = (manager.latest_step() or 0) + 1
-    while True:
-        fresh = state.create(config_lib.replace(config, seed=step), optim.make_optimizer(config, 100))
-        checkpoint.save(manager, fresh.replace(step=np.int32(step)), {"step": step})
+    fresh = jax.device_get(state.create(config, optim.make_optimizer(config, 100)))
+    while True:   # each save's params: seed 0's, plus the step (so a restore shows which save it is)
+        params = jax.tree.map(lambda p: p + np.float32(step), fresh.params)
+        checkpoint.save(manager, fresh.replace(params=params, step=np.int32(step)), {"step": step})
         print(step, flush=True)
         step += 1
 """)
@@ -220,7 +222,8 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint_readable(tmp_path):
         assert latest >= last_printed
         restored, meta = checkpoint.restore(workdir, config)
         assert meta["step"] == latest
-        assert leaves_equal(restored.params, jax.device_get(model.init(jax.random.key(latest), config)[0]))
+        seed0 = jax.device_get(model.init(jax.random.key(0), config)[0])
+        assert leaves_equal(restored.params, jax.tree.map(lambda p: p + np.float32(latest), seed0))
     assert caught_mid_write >= 1, "no kill landed inside a checkpoint write"
 
 
