@@ -19,6 +19,8 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".
 def xla_flags(*extra: str) -> str:
     """XLA_FLAGS for a process the tests start: the suite's own, plus `extra`."""
     return " ".join([os.environ["XLA_FLAGS"], *extra])
+
+
 MNIST_DIR = os.environ.get("CNN_JAX_MNIST_DIR", os.path.join(REPO_ROOT, "..", "shared", "data", "mnist"))
 
 

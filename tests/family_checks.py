@@ -180,3 +180,18 @@ def interrupted_and_resumed(args, reference, workdir, env, marker):
     want = checkpoint.restore(reference, workdir_lib.read_config(reference))
     got = checkpoint.restore(workdir, workdir_lib.read_config(workdir))
     return done.stdout, want, got, stopped
+
+
+def command_line_resumes_bit_exactly(args, tmp_path):
+    """`args(workdir, *extra)`, a train.py command of 2 epochs of 20 steps, SIGTERMed in its second
+    epoch and --resumed: the same state (params, batch-norm statistics, optimiser, rng, step) and
+    accuracy as the uninterrupted run. Returns the uninterrupted run's output and the final state."""
+    import os
+    from conftest import REPO_ROOT
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    out, (want, want_meta), (got, got_meta), stopped = interrupted_and_resumed(
+        args, str(tmp_path / "reference"), str(tmp_path / "interrupted"), env, "(epoch 1, 4/20)")
+    assert 20 < stopped < 40
+    assert int(got.step) == 40 and leaves_equal(got, want)
+    assert got_meta["history"][-1]["test_accuracy"] == want_meta["history"][-1]["test_accuracy"]
+    return out, got

@@ -120,16 +120,11 @@ def _cli(mnist_dir, workdir, *extra):
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     """SIGTERM mid-run, then --resume: the same params, batch-norm statistics and accuracy as an
     uninterrupted run (dropout and augmentation keys come from the step)."""
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    out, (want, want_meta), (got, got_meta), stopped = checks.interrupted_and_resumed(
-        lambda workdir, *extra: _cli(mnist_dir, workdir, *extra), str(tmp_path / "reference"),
-        str(tmp_path / "interrupted"), env, "(epoch 1, 4/20)")
+    out, got = checks.command_line_resumes_bit_exactly(lambda workdir, *extra: _cli(mnist_dir, workdir, *extra),
+                                                       tmp_path)
     assert "strategy: conv=patches pool=reshape layout=NHWC" in out
     assert "conv1_1  28x28x4\npool1    14x14x4\nconv2_1  14x14x8\npool2    7x7x8\nflatten  392\noutput   10" \
         in out   # --debug
-    assert 20 < stopped < 40
-    assert int(got.step) == 40 and checks.leaves_equal(got, want)
-    assert got_meta["history"][-1]["test_accuracy"] == want_meta["history"][-1]["test_accuracy"]
     assert not np.array_equal(got.model_state["bn1_1"]["var"], np.ones(4))   # the statistics moved
 
 
