@@ -212,6 +212,59 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
     return candidate
 
 
+def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
+    """A model family's network in PyTorch (experiments/torch_peer.py's make_vgg / make_resnet),
+    trained as the family's preset trains: Adam at its learning rate (constant: a schedule costs
+    nothing per step), batch norm in training mode, dropout, and the preset's random shifts of up
+    to `augment_shift` pixels per image (pad, then gather each image's window)."""
+    import torch
+    import torch.nn.functional as F
+    import torch_peer   # experiments/, beside this script
+
+    device = torch_device()
+    make = {"vgg": torch_peer.make_vgg, "resnet": torch_peer.make_resnet}[config.model]
+    torch.manual_seed(config.seed)
+    net = make(config.widths, config.depth, config.dropout, config.bn_momentum, config.num_classes,
+               tuple(config.input_shape)).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    x_all = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+    y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+    order = torch.from_numpy(data_lib.epoch_permutation(config.seed, 0, len(labels)).astype(np.int64)).to(device)
+    per_epoch, bs, shift = len(labels) // config.batch_size, config.batch_size, config.augment_shift
+    height, width = x_all.shape[2:]
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    position = [0]
+
+    def shifted(x: torch.Tensor) -> torch.Tensor:
+        if not shift:
+            return x
+        padded = F.pad(x, (shift, shift, shift, shift))
+        offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator, device=device)
+        r = (offsets[:, 0, None] + rows)[:, :, None]                # (N, H, 1)
+        c = (offsets[:, 1, None] + cols)[:, None, :]                # (N, 1, W)
+        n = torch.arange(len(x), device=device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[n, r, c].permute(0, 3, 1, 2)
+
+    def run() -> None:
+        for _ in range(steps):
+            idx = order[(position[0] % per_epoch) * bs:(position[0] % per_epoch + 1) * bs]
+            position[0] += 1
+            loss = F.cross_entropy(net(shifted(x_all[idx])), y_all[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    run()
+    where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
+    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, steps * bs)
+    candidate.compile_s = time.perf_counter() - start
+    return candidate
+
+
 def busy_fraction(seconds: float = 0.3) -> float:
     """Fraction of all CPUs busy over `seconds` (Linux /proc/stat; 0 elsewhere), this
     process included (it sleeps meanwhile)."""
@@ -436,10 +489,13 @@ def format_training(groups: list[dict[str, Any]]) -> str:
 
 def format_families(rows: list[dict[str, Any]]) -> str:
     """The model-family rows: each family at its preset."""
-    lines = [f"{'family':8s} {'batch':>5s} {'img/s':>8s} {'MFLOP/img':>9s} {'GFLOP/s':>8s} {'% peak':>6s} "
-             f"{'compile s':>9s}  lowering"]
+    lines = [f"{'family':8s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
+             f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
     for r in rows:
-        lines.append(f"{r['name']:8s} {r['batch_size']:5d} {r['images_per_second']:8.0f} "
+        peer = r.get("torch")
+        torch_ips = f"{peer['images_per_second']:11.0f}" if peer else f"{'-':>11s}"
+        ratio = f"{r['images_per_second'] / peer['images_per_second']:7.2f}x" if peer else f"{'-':>8s}"
+        lines.append(f"{r['name']:8s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
                      f"{r['flops_per_image'] / 1e6:9.1f} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} "
                      f"{r['compile_s']:9.2f}  {r['description']}")
     return "\n".join(lines)
@@ -456,7 +512,8 @@ def format_table(report: dict[str, Any]) -> str:
              "PyTorch's most)",
              ""] + ([format_training(report["training"])] if report["training"] else [])
     if report["families"]:
-        lines += ["model families at their presets (training, MNIST-shaped images; no PyTorch rows yet):",
+        lines += ["model families at their presets (training, MNIST-shaped images; PyTorch: the same network, "
+                  "Adam, shifts and dropout):",
                   format_families(report["families"]), ""]
     if report["evaluation"]:
         lines.append("evaluation (forward only, test set, eval_batch_size per call):")
@@ -629,10 +686,12 @@ def main(argv: list[str]) -> None:
         preset = config_lib.PRESETS[name]
         config = config_lib.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
         steps = min(max(1, round(FLAGS.repeat_images / config.batch_size)), len(train_y) // config.batch_size)
-        candidate = jax_candidate(name, config, images, labels, steps)
-        busy = time_interleaved([candidate], FLAGS.repeats, FLAGS.quiet_wait)
-        row = {**candidate.result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
-               "busy_before_rounds": busy}
+        candidates = [jax_candidate(name, config, images, labels, steps)]
+        if torch_version:
+            candidates.append(torch_family_candidate(config, train_x, train_y, steps))
+        busy = time_interleaved(candidates, FLAGS.repeats, FLAGS.quiet_wait)
+        row = {**candidates[0].result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
+               "busy_before_rounds": busy, "torch": candidates[1].result() if torch_version else None}
         row["gflops"] = row["images_per_second"] * row["flops_per_image"] / 1e9
         row["percent_of_peak"] = 100.0 * row["gflops"] / peak
         report["families"].append(row)

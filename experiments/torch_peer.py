@@ -52,6 +52,92 @@ def make_net(pool: str = "max", conv_filters: tuple[int, ...] = (20, 50), conv_k
     return nn.Sequential(*features, nn.Linear(flat, num_fc), nn.ReLU(), nn.Linear(num_fc, num_classes))
 
 
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(low, high) zero padding of XLA's SAME for one spatial axis (the high side gets the odd pixel)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _conv3x3(cin: int, cout: int, size: int, stride: int = 1):
+    """A bias-free 3x3 convolution with XLA's SAME padding for a `size` x `size` input."""
+    from torch import nn
+
+    low, high = _same_padding(size, 3, stride)
+    conv = nn.Conv2d(cin, cout, 3, stride, padding=low if low == high else 0, bias=False)
+    return conv if low == high else nn.Sequential(nn.ZeroPad2d((low, high, low, high)), conv)
+
+
+def make_vgg(widths: tuple[int, ...], depth: int, dropout: float, bn_momentum: float,
+             num_classes: int = 10, input_shape: tuple[int, int, int] = (28, 28, 1)):
+    """cnn_jax's `vgg` family in PyTorch (NCHW): per block `depth` x (3x3 conv -> batch norm ->
+    relu), then 2x2 max pooling; dropout and the output layer. PyTorch's default init."""
+    from torch import nn
+
+    from cnn_jax.layers import BN_EPSILON
+
+    import torch
+
+    layers, channels, size = [], input_shape[2], input_shape[0]
+    for width in widths:
+        for _ in range(depth):
+            layers += [_conv3x3(channels, width, size), nn.BatchNorm2d(width, BN_EPSILON, 1.0 - bn_momentum), nn.ReLU()]
+            channels = width
+        layers.append(nn.MaxPool2d(2, 2))
+        size //= 2
+    features = nn.Sequential(*layers, nn.Flatten())
+    with torch.no_grad():
+        flat = features.eval()(torch.zeros(1, input_shape[2], *input_shape[:2])).shape[1]
+    return nn.Sequential(*features.train(), nn.Dropout(dropout), nn.Linear(flat, num_classes))
+
+
+def _pre_act_block_class():
+    import torch
+    from torch import nn
+
+    from cnn_jax.layers import BN_EPSILON
+
+    class PreActBlock(nn.Module):
+        """relu(bn1(x)) -> conv1 (stride) -> relu(bn2) -> conv2, plus the shortcut: x, or the
+        1x1 projection of relu(bn1(x)) where the shape changes (cnn_jax's resnet block)."""
+
+        def __init__(self, cin: int, cout: int, size: int, stride: int, bn_momentum: float):
+            super().__init__()
+            self.bn1 = nn.BatchNorm2d(cin, BN_EPSILON, 1.0 - bn_momentum)
+            self.conv1 = _conv3x3(cin, cout, size, stride)
+            self.bn2 = nn.BatchNorm2d(cout, BN_EPSILON, 1.0 - bn_momentum)
+            self.conv2 = _conv3x3(cout, cout, -(-size // stride))
+            self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.bn1(x))
+            y = self.conv2(torch.relu(self.bn2(self.conv1(h))))
+            return y + (self.proj(h) if self.proj is not None else x)
+
+    return PreActBlock
+
+
+def make_resnet(widths: tuple[int, ...], depth: int, dropout: float, bn_momentum: float,
+                num_classes: int = 10, input_shape: tuple[int, int, int] = (28, 28, 1)):
+    """cnn_jax's `resnet` family in PyTorch (NCHW): a 3x3 stem, stages of pre-activation blocks
+    (the first block of every stage but the first at stride 2), batch norm, relu, global average
+    pooling, dropout and the output layer. PyTorch's default init."""
+    from torch import nn
+
+    from cnn_jax.layers import BN_EPSILON
+
+    block = _pre_act_block_class()
+    size, channels = input_shape[0], widths[0]
+    layers = [_conv3x3(input_shape[2], channels, size)]
+    for s, width in enumerate(widths):
+        for b in range(depth):
+            stride = 2 if s > 0 and b == 0 else 1
+            layers.append(block(channels, width, size, stride, bn_momentum))
+            channels, size = width, -(-size // stride)
+    return nn.Sequential(*layers, nn.BatchNorm2d(channels, BN_EPSILON, 1.0 - bn_momentum), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+
 def load_mnist(data_dir: str, train_subset: int = 0, test_subset: int = 0):
     """(train images NCHW float32 in [0, 1], train labels int64, test images, test labels) as tensors,
     normalised as cnn_jax normalises MNIST."""

@@ -75,10 +75,12 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     assert "conv=winograd pool=reshape layout=CHWN loop=scan ynnpack=off" in group["results"][0]["description"]
     assert "vs torch" in proc.stdout and "default" in proc.stdout
     # A row per model family asked for (one: they share the code), at its preset, the batch capped at
-    # the 64 images, its own FLOP count.
+    # the 64 images, its own FLOP count, and PyTorch's throughput where it is installed.
     assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64)]
     for r in report["families"]:
         assert r["images_per_second"] > 0 and r["compile_s"] > 0
+        assert (r["torch"] is not None) == has_torch   # the same network in PyTorch, side by side
+        assert not has_torch or (r["torch"]["images_per_second"] > 0 and len(r["torch"]["repeats_images_per_second"]) == 2)
         assert r["flops_per_image"] == model.flops(config_lib.PRESETS[r["name"]])[1]
         assert "layout=NHWC" in r["description"] and "conv=patches" in r["description"]
     assert "model families at their presets" in proc.stdout
