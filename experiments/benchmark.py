@@ -176,6 +176,18 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
+def torch_timed(run: Callable[[], None], images_per_run: int, device: str) -> Candidate:
+    """A PyTorch candidate for `run`, run once first (its `compile_s`: the first call's time)."""
+    import torch
+
+    start = time.perf_counter()
+    run()
+    where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
+    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, images_per_run)
+    candidate.compile_s = time.perf_counter() - start
+    return candidate
+
+
 def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
     """The same network, init and update (p -= lr * grad of the summed loss) in PyTorch."""
     import torch
@@ -204,12 +216,7 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
         if device == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    run()
-    where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
-    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, steps * bs)
-    candidate.compile_s = time.perf_counter() - start
-    return candidate
+    return torch_timed(run, steps * bs, device)
 
 
 def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
@@ -257,12 +264,7 @@ def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarra
         if device == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    run()
-    where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
-    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, steps * bs)
-    candidate.compile_s = time.perf_counter() - start
-    return candidate
+    return torch_timed(run, steps * bs, device)
 
 
 def busy_fraction(seconds: float = 0.3) -> float:
