@@ -10,6 +10,9 @@ while waiting), Adam with `OneCycleLR`, evaluation under `torch.inference_mode`.
 defaults are the recipe that reaches test accuracy >= 0.99 on every seed (docs/performance.md). `experiments/benchmark.py` runs this script in a
 subprocess, timed from process start to exit; its last line is `Test_acc <accuracy>`.
 
+`make_vgg` and `make_resnet` are cnn_jax's `vgg` and `resnet` families in PyTorch, for the
+benchmark's family rows (square inputs, as every dataset here has).
+
 It imports neither JAX nor cnn_jax's command-line module (which imports JAX), so its process
 time is PyTorch's own; bad flags and missing data still end in one line and exit status 2.
 """
@@ -72,11 +75,10 @@ def make_vgg(widths: tuple[int, ...], depth: int, dropout: float, bn_momentum: f
              num_classes: int = 10, input_shape: tuple[int, int, int] = (28, 28, 1)):
     """cnn_jax's `vgg` family in PyTorch (NCHW): per block `depth` x (3x3 conv -> batch norm ->
     relu), then 2x2 max pooling; dropout and the output layer. PyTorch's default init."""
+    import torch
     from torch import nn
 
     from cnn_jax.layers import BN_EPSILON
-
-    import torch
 
     layers, channels, size = [], input_shape[2], input_shape[0]
     for width in widths:
