@@ -265,7 +265,8 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_requeued(tmp_pa
 @pytest.mark.slow
 def test_sigint_requeues_the_trials_in_training_and_a_rerun_trains_them(tmp_path, mnist_dir):
     workdir = str(tmp_path / "w")
-    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=2", "--batch=2")
+    # 20 epochs (160 steps): the signal lands while the trials train.
+    args = _flags(mnist_dir, f"--workdir={workdir}", "--trials=2", "--batch=2", "--epochs=20")
     worker = _worker(args)
     try:
         _wait_for(worker, "training trial(s)")

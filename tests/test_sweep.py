@@ -475,6 +475,7 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
     workdir = str(tmp_path / "sweep")
     args = [sys.executable, os.path.join(REPO_ROOT, "experiments", "sweep.py"), f"--data_dir={mnist_dir}",
             "--train_subset=128", "--test_subset=100", "--batch_size=32", "--eval_batch_size=128",
+            "--epochs=30",   # 120 steps a run: the signal lands while the second run trains
             f"--workdir={workdir}", "--sweep=seed=0,1", "--max_parallel=1"]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),   # the rerun reuses the program
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
