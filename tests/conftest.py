@@ -2,6 +2,7 @@
 cache for the whole session (this process and every subprocess the tests start)."""
 
 import os
+import signal
 
 import pytest
 
@@ -14,6 +15,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and, through the environment, in every process the tests start.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def default_sigint() -> None:
+    """`preexec_fn` of a child the tests interrupt with SIGINT: the signal at its default even when
+    pytest itself ignores it (started as a shell's background job), so the child's Python turns it
+    into KeyboardInterrupt as it does in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def xla_flags(*extra: str) -> str:

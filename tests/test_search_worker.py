@@ -20,6 +20,7 @@ import time
 import optuna
 import pytest
 import script_runner
+from conftest import default_sigint
 
 from cnn_jax import config as config_lib
 from cnn_jax import data
@@ -196,7 +197,7 @@ def test_a_changed_space_in_the_same_search_directory_is_refused(tmp_path, mnist
 
 def _worker(args):
     return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=_env(), cwd=REPO_ROOT)
+                            text=True, env=_env(), cwd=REPO_ROOT, preexec_fn=default_sigint)
 
 
 def _wait_for(process, text, timeout=300):

@@ -14,6 +14,7 @@ import numerics
 import numpy as np
 import pytest
 import script_runner
+from conftest import default_sigint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -479,7 +480,8 @@ def test_command_line_sigint_keeps_finished_runs_and_a_rerun_finishes_the_rest(t
             f"--workdir={workdir}", "--sweep=seed=0,1", "--max_parallel=1"]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),   # the rerun reuses the program
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env,
+                            preexec_fn=default_sigint)
     for line in proc.stdout:
         if line.startswith("group 2/2:"):
             proc.send_signal(signal.SIGINT)
