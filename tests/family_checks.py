@@ -182,12 +182,21 @@ def interrupted_and_resumed(args, reference, workdir, env, marker):
     return done.stdout, want, got, stopped
 
 
-def command_line_resumes_bit_exactly(args, tmp_path):
-    """`args(workdir, *extra)`, a train.py command of 2 epochs of 20 steps, SIGTERMed in its second
-    epoch and --resumed: the same state (params, batch-norm statistics, optimiser, rng, step) and
-    accuracy as the uninterrupted run. Returns the uninterrupted run's output and the final state."""
+def command_line_resumes_bit_exactly(mnist_dir, family_flags, tmp_path):
+    """train.py with `family_flags` (the model and its fields) on 640 images for 2 epochs of 20 steps,
+    SIGTERMed in its second epoch and --resumed: the same state (params, batch-norm statistics,
+    optimiser, rng, step) and accuracy as the uninterrupted run. Returns the uninterrupted run's
+    output and the final state."""
     import os
+    import sys
     from conftest import REPO_ROOT
+
+    def args(workdir, *extra):
+        return [sys.executable, os.path.join(REPO_ROOT, "experiments", "train.py"), *family_flags,
+                f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200", "--batch_size=32",
+                "--epochs=2", "--loop=step", "--log_every=2", "--train_eval=running", "--augment_shift=2",
+                f"--workdir={workdir}", *extra]
+
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     out, (want, want_meta), (got, got_meta), stopped = interrupted_and_resumed(
         args, str(tmp_path / "reference"), str(tmp_path / "interrupted"), env, "(epoch 1, 4/20)")

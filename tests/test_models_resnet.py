@@ -2,9 +2,6 @@
 where shapes change, lowerings, training with batch norm and dropout, deterministic evaluation,
 bit-exact resume (in process and through the command line) and vmapped sweeps."""
 
-import os
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -14,7 +11,6 @@ from cnn_jax import config as config_lib
 from cnn_jax import layers, model
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.models import resnet
-from conftest import REPO_ROOT
 
 TINY = config_lib.replace(Config(), model="resnet", widths=(8, 16), depth=1, dropout=0.1, epochs=2,
                           batch_size=32, loop="step", train_eval="running", eval_batch_size=100, log_every=5,
@@ -103,18 +99,11 @@ def test_a_vmapped_sweep_group_trains_each_run_as_alone(small):
                                            config_lib.replace(TINY, seed=1, learning_rate=0.001)], small)
 
 
-def _cli(mnist_dir, workdir, *extra):
-    return [sys.executable, os.path.join(REPO_ROOT, "experiments", "train.py"), "--model=resnet", "--widths=4,8",
-            "--depth=1", "--dropout=0.1", f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200",
-            "--batch_size=32", "--epochs=2", "--loop=step", "--log_every=2", "--train_eval=running",
-            "--augment_shift=2", f"--workdir={workdir}", *extra]
-
-
 @pytest.mark.slow
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     """SIGTERM mid-run, then --resume: the same params, batch-norm statistics and accuracy as an
     uninterrupted run (dropout and augmentation keys come from the step)."""
-    out, got = checks.command_line_resumes_bit_exactly(lambda workdir, *extra: _cli(mnist_dir, workdir, *extra),
-                                                       tmp_path)
+    out, got = checks.command_line_resumes_bit_exactly(
+        mnist_dir, ["--model=resnet", "--widths=4,8", "--depth=1", "--dropout=0.1"], tmp_path)
     assert "strategy: conv=patches pool=global_mean layout=NHWC" in out
     assert not np.array_equal(got.model_state["stage1_block1"]["bn1"]["var"], np.ones(4))   # the statistics moved

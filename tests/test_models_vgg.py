@@ -109,19 +109,12 @@ def test_batch_norm_under_four_forced_cpu_devices_matches_one_device(mnist_dir, 
         np.testing.assert_allclose(four[name], one[name], rtol=1e-3, atol=5e-4 * scale, err_msg=name)
 
 
-def _cli(mnist_dir, workdir, *extra):
-    return [sys.executable, os.path.join(REPO_ROOT, "experiments", "train.py"), "--model=vgg", "--widths=4,8",
-            "--depth=1", "--dropout=0.25", f"--data_dir={mnist_dir}", "--train_subset=640", "--test_subset=200",
-            "--batch_size=32", "--epochs=2", "--loop=step", "--log_every=2", "--train_eval=running",
-            "--augment_shift=2", "--debug", f"--workdir={workdir}", *extra]
-
-
 @pytest.mark.slow
 def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path):
     """SIGTERM mid-run, then --resume: the same params, batch-norm statistics and accuracy as an
     uninterrupted run (dropout and augmentation keys come from the step)."""
-    out, got = checks.command_line_resumes_bit_exactly(lambda workdir, *extra: _cli(mnist_dir, workdir, *extra),
-                                                       tmp_path)
+    out, got = checks.command_line_resumes_bit_exactly(
+        mnist_dir, ["--model=vgg", "--widths=4,8", "--depth=1", "--dropout=0.25", "--debug"], tmp_path)
     assert "strategy: conv=patches pool=reshape layout=NHWC" in out
     assert "conv1_1  28x28x4\npool1    14x14x4\nconv2_1  14x14x8\npool2    7x7x8\nflatten  392\noutput   10" \
         in out   # --debug
