@@ -4,7 +4,7 @@ one run or for the stacked runs of a sweep group."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,16 +30,21 @@ def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int):
 
 
 def evaluate(params: model.Params, model_state: model.ModelState, images: jax.Array, labels: jax.Array,
-             config: Config, return_predictions: bool = False) -> dict[str, Any]:
+             config: Config, return_predictions: bool = False,
+             batch_fn: Callable | None = None) -> dict[str, Any]:
     """Mean loss and accuracy over (images, labels), in batches of `config.eval_batch_size`.
 
     The last batch is padded and masked, so every batch has one shape (one compile).
+    `batch_fn(params, model_state, images, labels, mask)` is `step.eval_batch` at the config's
+    inference lowering, compiled ahead for that shape (default: it, through jit).
     """
     n = len(labels)
     loss_sum, correct_sum, predictions = 0.0, 0, []
-    inference = lowering.inference_config(config)
+    if batch_fn is None:
+        inference = lowering.inference_config(config)
+        batch_fn = lambda p, s, x, y, m: step.eval_batch(p, s, x, y, m, inference)   # noqa: E731
     for x, y, mask, real in eval_batches(images, labels, config.eval_batch_size):
-        batch_loss, batch_correct, logits = step.eval_batch(params, model_state, x, y, mask, inference)
+        batch_loss, batch_correct, logits = batch_fn(params, model_state, x, y, mask)
         loss_sum += batch_loss
         correct_sum += batch_correct
         if return_predictions:

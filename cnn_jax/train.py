@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cnn_jax import compile_cache
 from cnn_jax import data as data_lib
 from cnn_jax import evaluation, lowering, model, optim, parallel, progress, state as state_lib, step as step_lib
 from cnn_jax.config import Config, ConfigError
@@ -189,30 +190,53 @@ def compiled_runner(config: Config, total_steps: int, loop: str):
     return optimizer, step_lib.make_runner(config, train_step, loop)
 
 
-def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.GradientTransformation,
-                  runner: Callable, loop: str, num_steps: int) -> None:
-    """Compile `fit`'s training runner and evaluation batch for the dataset's shapes, from
-    abstract values, so the jit caches hold them when `fit` first calls them.
+Ahead = tuple[Callable, dict[tuple[int, ...], Callable]]
 
-    Run in a thread, the compiles overlap drawing the initial params (also mostly
-    compilation, on one core). A failure here is left for the real call to report."""
+
+def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.GradientTransformation,
+                  runner: Callable, loop: str, num_steps: int) -> Ahead | None:
+    """Compile `fit`'s programs for the dataset's shapes, from abstract values: (the training
+    runner for whole epochs, called without the static step count; the evaluation batch per
+    batch shape, called as `evaluation.evaluate`'s `batch_fn`), or None if compiling failed.
+
+    They go through `compile_cache.load_or_compile`: when a script turned the caches on, a second
+    run of the same config loads them whole, without tracing. Run in a thread, the compiles
+    overlap drawing the initial params (also mostly compilation, on one core). A failure here
+    is left for the real call to report."""
     try:
         state = state_lib.abstract(config, optimizer)
         spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)   # noqa: E731
         data = (spec(dataset.train_images), spec(dataset.train_labels),
                 jax.ShapeDtypeStruct(dataset.train_labels.shape, jnp.int32))
         first = jax.ShapeDtypeStruct((), jnp.int32)
-        if loop == "step":
-            runner.lower(state, *data, first).compile()
-        else:
-            runner.lower(state, *data, first, num_steps).compile()
+        args = (state, *data, first) + (() if loop == "step" else (num_steps,))
+        sources = (model.family(config).__file__,)
+        whole_epochs = compile_cache.load_or_compile(runner, args, context=(config, num_steps * config.epochs, loop),
+                                                     sources=sources)
+        inference = lowering.inference_config(config)
+        evals = {}
         for images, labels in ((dataset.train_images, dataset.train_labels),
                                (dataset.test_images, dataset.test_labels)):
-            step_lib.eval_batch.lower(state.params, state.model_state,
-                                      *step_lib.abstract_batch(images, labels, config.eval_batch_size),
-                                      lowering.inference_config(config)).compile()
+            batch = step_lib.abstract_batch(images, labels, config.eval_batch_size)
+            if batch[0].shape not in evals:
+                evals[batch[0].shape] = compile_cache.load_or_compile(
+                    step_lib.eval_batch, (state.params, state.model_state, *batch, inference), context=inference,
+                    sources=sources)
+        return whole_epochs, evals
     except Exception:  # noqa: BLE001 - the same error surfaces, in context, from the real call
-        pass
+        return None
+
+
+def whole_epoch_runner(runner: Callable, compiled: Callable, num_steps: int) -> Callable:
+    """`runner`, but calls for one step (step loop) or a whole epoch of `num_steps` (scan loop)
+    go to `compiled`, its program compiled ahead by `compile_ahead`."""
+
+    def run(state, images, labels, order, first, *count):
+        if count in ((), (num_steps,)):
+            return compiled(state, images, labels, order, first)
+        return runner(state, images, labels, order, first, *count)   # a resumed epoch's remainder
+
+    return run
 
 
 def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunLog] | None = None,
@@ -230,18 +254,27 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
     optimizer, runner = compiled_runner(config, num_steps * config.epochs, loop)
     dp = parallel.data_parallel(config)   # a no-op on one device
     print(f"strategy: {model.strategy(config).describe()}, {dp.describe()}", flush=True)
-    compiling = None
+    compiling, compiled = None, []
     if dp.mesh is None:   # sharded arguments would compile another program
-        compiling = threading.Thread(target=compile_ahead, daemon=True,
-                                     args=(config, dataset, optimizer, runner, loop, num_steps))
+        compiling = threading.Thread(target=lambda: compiled.append(compile_ahead(
+            config, dataset, optimizer, runner, loop, num_steps)), daemon=True)
         compiling.start()   # XLA compiles on another core while the params are drawn
     if start is None:
         state, log = state_lib.create(config, optimizer), RunLog()
     else:
         state, log = start
         log = dataclasses.replace(log, epoch_losses=list(log.epoch_losses), history=list(log.history))
+    evals: dict[tuple[int, ...], Callable] = {}
     if compiling is not None:
         compiling.join()
+        if compiled[0] is not None:
+            whole_epochs, evals = compiled[0]
+            runner = whole_epoch_runner(runner, whole_epochs, num_steps)
+
+    def evaluate(state: TrainState, images: jax.Array, labels: jax.Array) -> dict[str, Any]:
+        shape = step_lib.abstract_batch(images, labels, config.eval_batch_size)[0].shape
+        return evaluation.evaluate(state.params, state.model_state, images, labels, config,
+                                   batch_fn=evals.get(shape))
     if config.debug:
         print(model.format_layer_shapes(config), flush=True)
 
@@ -282,10 +315,10 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
             raise Stopped(log.step)
         epoch_time = time.perf_counter() - epoch_start
         if config.train_eval == "full":
-            train_eval = evaluation.evaluate(state.params, state.model_state, train_images, train_labels, config)
+            train_eval = evaluate(state, train_images, train_labels)
         else:
             train_eval = log.running_train_eval(num_steps, config.batch_size)
-        test_eval = evaluation.evaluate(state.params, state.model_state, test_images, test_labels, config)
+        test_eval = evaluate(state, test_images, test_labels)
         record = log.finish_epoch(epoch, train_eval, {"test": test_eval}, epoch_time,
                                   (num_steps - first) * config.batch_size)
         print(format_epoch(record), flush=True)

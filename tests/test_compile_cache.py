@@ -5,6 +5,11 @@ import re
 import subprocess
 import sys
 
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import script_runner
 from conftest import REPO_ROOT
@@ -35,6 +40,90 @@ def test_stats_count_hits_and_misses_only():
         stats.record_duration(event, seconds)
     assert (stats.hits, stats.misses) == (2, 1)
     assert stats.describe().startswith("compilation cache partly hit: 2 programs loaded, 1 compiled, 1.25 s compiling")
+    stats.record(compile_cache.EXECUTABLE_HIT_EVENT)
+    stats.record_duration(compile_cache.EXECUTABLE_DURATION_EVENT, 0.5)
+    assert (stats.hits, stats.whole, stats.misses) == (3, 1, 1)
+    assert stats.describe().startswith("compilation cache partly hit: 3 programs loaded (1 whole, without tracing), "
+                                       "1 compiled, 1.75 s compiling")
+
+
+def traced_program(traces: list):
+    """A fresh jitted function (its own jit cache) with a static argument; each trace appends to `traces`."""
+
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def program(x, power):
+        traces.append(power)
+        return jnp.sum(x ** power) * jnp.arange(3.0)
+
+    return program
+
+
+def test_an_executable_saved_by_one_program_is_loaded_whole_by_the_next(tmp_path):
+    traces = []
+    x = jnp.linspace(0.0, 1.0, 8)
+    args = (jax.ShapeDtypeStruct((8,), jnp.float32), 3)
+    first = compile_cache.load_or_compile(traced_program(traces), args, context="ctx", folder=str(tmp_path))
+    assert traces == [3] and len(list(tmp_path.glob("*.pkl"))) == 1
+    second = compile_cache.load_or_compile(traced_program(traces), args, context="ctx", folder=str(tmp_path))
+    assert traces == [3]   # loaded, not traced
+    np.testing.assert_array_equal(np.asarray(second(x)), np.asarray(first(x)))
+    np.testing.assert_allclose(np.asarray(second(x)), np.sum(np.linspace(0, 1, 8) ** 3) * np.arange(3.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["context", "static", "shape", "dtype"])
+def test_whatever_changes_the_program_changes_its_entry(tmp_path, change):
+    traces = []
+    base = dict(shape=(8,), dtype=jnp.float32, static=3, context="ctx")
+    changed = {**base, change: {"context": "other", "static": 2, "shape": (9,), "dtype": jnp.int32}[change]}
+    for spec in (base, changed):
+        args = (jax.ShapeDtypeStruct(spec["shape"], spec["dtype"]), spec["static"])
+        compile_cache.load_or_compile(traced_program(traces), args, context=spec["context"], folder=str(tmp_path))
+    assert len(traces) == 2 and len(list(tmp_path.glob("*.pkl"))) == 2
+
+
+def test_a_plugin_source_that_changes_is_a_new_entry(tmp_path):
+    args = (jax.ShapeDtypeStruct((8,), jnp.float32), 3)
+    keys = []
+    for folder, text in (("a", "A = 1\n"), ("b", "A = 2\n"), ("c", "A = 1\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "plugin.py").write_text(text)
+        keys.append(compile_cache.executable_key("f", args, "ctx", [str(tmp_path / folder / "plugin.py")]))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
+def test_a_damaged_entry_is_compiled_again_and_never_saved_broken(tmp_path):
+    # In this process JAX's own cache is on (conftest): the second compile is served by it, and
+    # an executable XLA:CPU loaded from there would be saved without its code.
+    traces = []
+    x = jnp.ones(8)
+    args = (jax.ShapeDtypeStruct((8,), jnp.float32), 2)
+    compile_cache.load_or_compile(traced_program(traces), args, context="ctx", folder=str(tmp_path))
+    [entry] = tmp_path.glob("*.pkl")
+    entry.write_bytes(entry.read_bytes()[:100])
+    for _ in range(2):
+        again = compile_cache.load_or_compile(traced_program(traces), args, context="ctx", folder=str(tmp_path))
+        np.testing.assert_array_equal(np.asarray(again(x)), 8.0 * np.arange(3.0))
+    assert traces == [2, 2, 2] and list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_folder_that_cannot_be_written_still_gives_the_program(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    traces = []
+    compiled = compile_cache.load_or_compile(traced_program(traces), (jax.ShapeDtypeStruct((8,), jnp.float32), 1),
+                                             context="ctx", folder=str(blocker / "executables"))
+    np.testing.assert_array_equal(np.asarray(compiled(jnp.ones(8))), 8.0 * np.arange(3.0))
+    assert blocker.read_text() == "not a folder"
+
+
+def test_without_a_folder_it_compiles_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert compile_cache.executable_dir() is None   # only the scripts turn the cache on
+    traces = []
+    compiled = compile_cache.load_or_compile(traced_program(traces), (jax.ShapeDtypeStruct((8,), jnp.float32), 1),
+                                             context="ctx")
+    np.testing.assert_array_equal(np.asarray(compiled(jnp.ones(8))), 8.0 * np.arange(3.0))
+    assert traces == [1] and list(tmp_path.iterdir()) == []
 
 
 PROBE = """
@@ -69,14 +158,18 @@ def test_a_second_process_loads_every_program_from_the_cache(mnist_dir, tmp_path
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    pattern = r"^compilation cache (\w+(?: hit)?): (\d+) programs loaded, (\d+) compiled, [\d.]+ s compiling"
+    pattern = (r"^compilation cache (?P<verdict>\w+(?: hit)?): (?P<loaded>\d+) programs loaded"
+               r"(?: \((?P<whole>\d+) whole, without tracing\))?, (?P<compiled>\d+) compiled, [\d.]+ s compiling")
     first_out = train()
     first = re.search(pattern, first_out, re.M)
-    assert first and first.group(1) == "missed" and int(first.group(3)) > 0, first
+    assert first and first["verdict"] == "missed" and int(first["compiled"]) > 0 and not first["whole"], first_out
     second_out = train()
     second = re.search(pattern, second_out, re.M)
-    assert second and second.group(1) == "hit", second_out
-    assert int(second.group(2)) >= int(first.group(3)) and int(second.group(3)) == 0
+    assert second and second["verdict"] == "hit", second_out
+    # The training program and the evaluation batch of each shape (640 train, 200 test images)
+    # came whole from the executable cache, without tracing.
+    assert second["whole"] == "3" and int(second["compiled"]) == 0, second_out
+    assert len(list((tmp_path / "cache" / compile_cache.EXECUTABLES_SUBDIR).glob("*.pkl"))) == 3
     epoch = re.compile(r"^(Epoch 0\. Loss: [\d.]+, Train_acc [\d.]+, Test_acc [\d.]+)", re.M)
     assert epoch.findall(second_out) == epoch.findall(first_out) != []   # the same programs, the same numbers
 

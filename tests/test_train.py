@@ -95,7 +95,8 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
                               test_images=small.test_images[:500], test_labels=small.test_labels[:500])
     num_steps = train.steps_per_epoch(config, len(cut.train_labels))
     optimizer, runner = train.compiled_runner(config, num_steps * config.epochs, loop)
-    train.compile_ahead(config, cut, optimizer, runner, loop, num_steps)
+    whole_epochs, evals = train.compile_ahead(config, cut, optimizer, runner, loop, num_steps)
+    runner = train.whole_epoch_runner(runner, whole_epochs, num_steps)
     start = state.create(config, optimizer)
     order = jnp.asarray(data.epoch_permutation(config.seed, 0, len(cut.train_labels)))
     images, labels = jnp.asarray(cut.train_images), jnp.asarray(cut.train_labels)
@@ -113,7 +114,7 @@ def test_compile_ahead_leaves_nothing_to_compile_for_fit(small, loop):
         else:
             final, _ = runner(start, images, labels, order, np.int32(0), num_steps)
         for x, y, mask, _ in eval_batches:   # 300 + a padded 200: one shape
-            step.eval_batch(final.params, final.model_state, x, y, mask, lowering.inference_config(config))
+            evals[x.shape](final.params, final.model_state, x, y, mask)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
         jax.monitoring.unregister_event_listener(requests)
