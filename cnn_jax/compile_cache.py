@@ -2,10 +2,10 @@
 of a sweep) loads its programs instead of compiling them.
 
 Two caches share one folder. JAX's persistent compilation cache keeps every program, keyed by
-its lowered module, so a hit still traces and lowers the program to find its key. The training
-program, the one costly to trace, is also kept whole in `executables/` (`load_or_compile`),
-keyed by what determines it (the caller's context, argument shapes, the cnn_jax sources, the
-JAX build, its flags and the CPU), so a hit skips tracing too.
+its lowered module, so a hit still traces and lowers the program to find its key. The programs
+costly to trace (`train.fit`'s training runner and evaluation batches) are also kept whole in
+`executables/` (`load_or_compile`), keyed by what determines them (the caller's context, argument
+shapes, the cnn_jax sources, the JAX build, its flags and the CPU), so a hit skips tracing too.
 
 Turning the caches on changes process-wide settings, so only scripts call `enable`
 (`cli.main_guard` does it for every script that defines the cache flags). A cached program is

@@ -267,7 +267,7 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
     evals: dict[tuple[int, ...], Callable] = {}
     if compiling is not None:
         compiling.join()
-        if compiled[0] is not None:
+        if compiled and compiled[0] is not None:
             whole_epochs, evals = compiled[0]
             runner = whole_epoch_runner(runner, whole_epochs, num_steps)
 
