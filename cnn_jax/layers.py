@@ -23,7 +23,7 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: str = "VA
     return (size - kernel) // stride + 1 if size >= kernel else 0
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """(low, high) padding that XLA uses for 'SAME' along one axis."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
@@ -33,15 +33,15 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 def pad_same(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
     """Zero-pad spatial axes 1 and 2 (NHWC or CHWN) as XLA's 'SAME' does for a kh x kw kernel."""
     pads = [(0, 0)] * x.ndim
-    pads[1] = _same_padding(x.shape[1], kh, stride)
-    pads[2] = _same_padding(x.shape[2], kw, stride)
+    pads[1] = same_padding(x.shape[1], kh, stride)
+    pads[2] = same_padding(x.shape[2], kw, stride)
     return jnp.pad(x, pads)
 
 
 def unpad_same(x: jax.Array, hw: tuple[int, int], kh: int, kw: int, stride: int) -> jax.Array:
     """The transpose of `pad_same` for an input of spatial size `hw`: crop axes 1 and 2 back."""
-    top = _same_padding(hw[0], kh, stride)[0]
-    left = _same_padding(hw[1], kw, stride)[0]
+    top = same_padding(hw[0], kh, stride)[0]
+    left = same_padding(hw[1], kw, stride)[0]
     return x[:, top:top + hw[0], left:left + hw[1]]
 
 

@@ -55,18 +55,14 @@ def make_net(pool: str = "max", conv_filters: tuple[int, ...] = (20, 50), conv_k
     return nn.Sequential(*features, nn.Linear(flat, num_fc), nn.ReLU(), nn.Linear(num_fc, num_classes))
 
 
-def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """(low, high) zero padding of XLA's SAME for one spatial axis (the high side gets the odd pixel)."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
 def _conv3x3(cin: int, cout: int, size: int, stride: int = 1):
-    """A bias-free 3x3 convolution with XLA's SAME padding for a `size` x `size` input."""
+    """A bias-free 3x3 convolution with XLA's SAME padding for a `size` x `size` input (the high
+    side gets the odd pixel)."""
     from torch import nn
 
-    low, high = _same_padding(size, 3, stride)
+    from cnn_jax.layers import same_padding
+
+    low, high = same_padding(size, 3, stride)
     conv = nn.Conv2d(cin, cout, 3, stride, padding=low if low == high else 0, bias=False)
     return conv if low == high else nn.Sequential(nn.ZeroPad2d((low, high, low, high)), conv)
 

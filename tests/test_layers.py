@@ -18,8 +18,8 @@ def np_conv(x, w, b, stride, padding):
     kh, kw, _, o = w.shape
     n, h, wd, c = x.shape
     if padding == "SAME":
-        ph = layers._same_padding(h, kh, stride)
-        pw = layers._same_padding(wd, kw, stride)
+        ph = layers.same_padding(h, kh, stride)
+        pw = layers.same_padding(wd, kw, stride)
         x = np.pad(x, ((0, 0), ph, pw, (0, 0)))
     oh = layers.conv_output_size(h, kh, stride, padding)
     ow = layers.conv_output_size(wd, kw, stride, padding)
