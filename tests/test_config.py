@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cnn_jax import config as config_lib
+from cnn_jax import config as config_lib, datasets
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, json_values, value_or_one_line_error
 
@@ -59,6 +59,13 @@ def test_flag_groups_hold_every_config_field_once():
 def test_every_preset_is_valid():
     for preset in config_lib.PRESETS.values():
         config_lib.validate(preset)
+
+
+def test_presets_flip_only_images_whose_mirror_keeps_the_class():
+    flipping = {name: p.dataset for name, p in config_lib.PRESETS.items() if p.augment_flip}
+    assert flipping, "no preset flips: this test checks nothing"
+    for name, dataset in flipping.items():
+        assert datasets.get(dataset).flip_keeps_label, f"preset {name} flips {dataset}"
 
 
 def test_dict_round_trip():
