@@ -63,7 +63,9 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     (docs/performance.md, docs/lowering.md).
 
     CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
-    NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off.
+    NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; but
+    one call per batch for the lax convolution, which XLA:CPU runs 10-30x slower inside a loop
+    body (jax-ml/jax#12868; docs/performance.md).
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()
@@ -79,7 +81,7 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
         "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
     # A scanned epoch: the steps run inside one compiled call, without a host round trip and a
     # dispatch per batch (the `default` against `default_step` rows of docs/performance.md).
-    loop = config.loop if config.loop != "auto" else "scan"
+    loop = config.loop if config.loop != "auto" else ("step" if cpu and conv == "lax" else "scan")
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
     return Strategy(conv, pool, layout, loop, ynnpack)
 

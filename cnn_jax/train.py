@@ -55,8 +55,8 @@ def steps_per_epoch(config: Config, num_train: int) -> int:
 
 
 def resolve_loop(config: Config) -> str:
-    """The execution strategy: `auto` is a scanned epoch on every backend (measured fastest on
-    CPU too: `lowering.resolve`, docs/performance.md)."""
+    """The execution strategy: `auto` is a scanned epoch (measured fastest), except one call per
+    batch for XLA:CPU's own convolution (`lowering.resolve`, docs/performance.md)."""
     return lowering.resolve(config).loop
 
 

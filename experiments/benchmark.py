@@ -66,6 +66,9 @@ flags.DEFINE_boolean("torch_peer", True, "Alternate the full runs with experimen
 flags.DEFINE_list("families", ["vgg", "resnet"],
                   "Model families to time besides the tutorial's network, each at its preset (config.PRESETS[name]) "
                   "on the same MNIST-shaped images; empty: none.")
+flags.DEFINE_list("family_convs", ["auto", "lax"],
+                  "--conv_impl values each family is timed with, side by side (`auto`: the row named after the "
+                  "family; others: `family:conv_impl`), `--loop=auto` resolving as train.py does.")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
                    "processes to leave the CPUs idle (0: don't wait).")
 flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
@@ -491,13 +494,13 @@ def format_training(groups: list[dict[str, Any]]) -> str:
 
 def format_families(rows: list[dict[str, Any]]) -> str:
     """The model-family rows: each family at its preset."""
-    lines = [f"{'family':8s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
+    lines = [f"{'family':11s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
              f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
     for r in rows:
         peer = r.get("torch")
         torch_ips = f"{peer['images_per_second']:11.0f}" if peer else f"{'-':>11s}"
         ratio = f"{r['images_per_second'] / peer['images_per_second']:7.2f}x" if peer else f"{'-':>8s}"
-        lines.append(f"{r['name']:8s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
+        lines.append(f"{r['name']:11s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
                      f"{r['flops_per_image'] / 1e6:9.1f} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} "
                      f"{r['compile_s']:9.2f}  {r['description']}")
     return "\n".join(lines)
@@ -606,7 +609,8 @@ def checked_flags() -> list[int]:
         raise ConfigError("--run_seeds is empty: give at least one seed, or --runs= for no full runs")
     if FLAGS.run_subset < 0:
         raise ConfigError(f"--run_subset={FLAGS.run_subset} is not allowed: it must be 0 (all) or positive")
-    for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families)):
+    for name, known in (("strategies", STRATEGIES), ("runs", config_lib.PRESETS), ("families", families),
+                        ("family_convs", config_lib.CONV_IMPLS)):
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
             raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
@@ -688,16 +692,19 @@ def main(argv: list[str]) -> None:
         preset = config_lib.PRESETS[name]
         config = config_lib.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
         steps = min(max(1, round(FLAGS.repeat_images / config.batch_size)), len(train_y) // config.batch_size)
-        candidates = [jax_candidate(name, config, images, labels, steps)]
-        if torch_version:
-            candidates.append(torch_family_candidate(config, train_x, train_y, steps))
-        busy = time_interleaved(candidates, FLAGS.repeats, FLAGS.quiet_wait)
-        row = {**candidates[0].result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
-               "busy_before_rounds": busy, "torch": candidates[1].result() if torch_version else None}
-        row["gflops"] = row["images_per_second"] * row["flops_per_image"] / 1e9
-        row["percent_of_peak"] = 100.0 * row["gflops"] / peak
-        report["families"].append(row)
-        print(format_families(report["families"][-1:]), flush=True)
+        convs = [c for c in FLAGS.family_convs if c] or ["auto"]
+        candidates = [jax_candidate(name if conv == "auto" else f"{name}:{conv}",
+                                    config_lib.replace(config, conv_impl=conv), images, labels, steps)
+                      for conv in convs]
+        peer = torch_family_candidate(config, train_x, train_y, steps) if torch_version else None
+        busy = time_interleaved(candidates + ([peer] if peer else []), FLAGS.repeats, FLAGS.quiet_wait)
+        for candidate in candidates:
+            row = {**candidate.result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
+                   "busy_before_rounds": busy, "torch": peer.result() if peer else None}
+            row["gflops"] = row["images_per_second"] * row["flops_per_image"] / 1e9
+            row["percent_of_peak"] = 100.0 * row["gflops"] / peak
+            report["families"].append(row)
+        print(format_families(report["families"][-len(candidates):]), flush=True)
     if FLAGS.data_dir:
         full_runs(report, [r for r in FLAGS.runs if r], [int(s) for s in FLAGS.run_seeds],
                   peer=bool(torch_version) and FLAGS.torch_peer)

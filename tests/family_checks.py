@@ -57,6 +57,10 @@ def conv_lowerings_agree(config):
     assert model.strategy(patches).describe().startswith("conv=patches ")
     assert "layout=NHWC" in model.strategy(patches).describe()
     assert model.strategy(lax).describe().startswith("conv=lax ")
+    # `--loop=auto`: a scanned epoch, but one call per batch for XLA:CPU's convolution (10-30x
+    # slower inside a loop body).
+    assert "loop=scan" in model.strategy(config_lib.replace(patches, loop="auto")).describe()
+    assert "loop=step" in model.strategy(config_lib.replace(lax, loop="auto")).describe()
 
     def loss(params, c):
         logits, _ = model.apply(params, model_state, images, c, train=True, rng=jax.random.key(3))

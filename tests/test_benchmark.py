@@ -76,13 +76,16 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     assert "vs torch" in proc.stdout and "default" in proc.stdout
     # A row per model family asked for (one: they share the code), at its preset, the batch capped at
     # the 64 images, its own FLOP count, and PyTorch's throughput where it is installed.
-    assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64)]
+    # Each timed with the default convolution and XLA's own (`--family_convs`, default auto,lax).
+    assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64), ("vgg:lax", 64)]
     for r in report["families"]:
         assert r["images_per_second"] > 0 and r["compile_s"] > 0
         assert (r["torch"] is not None) == has_torch   # the same network in PyTorch, side by side
         assert not has_torch or (r["torch"]["images_per_second"] > 0 and len(r["torch"]["repeats_images_per_second"]) == 2)
-        assert r["flops_per_image"] == model.flops(config_lib.PRESETS[r["name"]])[1]
-        assert "layout=NHWC" in r["description"] and "conv=patches" in r["description"]
+        assert r["flops_per_image"] == model.flops(config_lib.PRESETS["vgg"])[1]
+        assert "layout=NHWC" in r["description"]
+    assert "conv=patches" in report["families"][0]["description"] and "loop=scan" in report["families"][0]["description"]
+    assert "conv=lax" in report["families"][1]["description"] and "loop=step" in report["families"][1]["description"]
     assert "model families at their presets" in proc.stdout
 
 
@@ -94,6 +97,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     (["--runs=nope"], "--runs=nope is not allowed: use one of default"),
     (["--runs=seed"], "--runs: preset=seed was renamed: use preset=tutorial"),
     (["--families=vgg,alexnet"], "--families=alexnet is not allowed: use one of vgg, resnet"),
+    (["--family_convs=auto,direct"], "--family_convs=direct is not allowed: use one of auto, lax, patches, winograd"),
     (["--pools=min"], "--pool='min' is not allowed"),
     (["--output=/nowhere/bench.json"], "--output=/nowhere/bench.json: folder /nowhere does not exist"),
     (["--run_seeds=0,one"], "--run_seeds=0,one is not allowed: give comma-separated integers"),

@@ -240,6 +240,11 @@ def test_auto_strategy_per_backend():
         "patches", "reduce_window", "NHWC")
     chosen = lowering.resolve(config_lib.replace(Config(), **REFERENCE, loop="scan"), "cpu")
     assert chosen.describe() == "conv=lax pool=reduce_window layout=NHWC loop=scan ynnpack=off"
+    # XLA:CPU's own convolution runs 10-30x slower inside a loop body: one call per batch instead,
+    # on CPU only, and an explicit --loop is kept.
+    lax_conv = config_lib.replace(Config(), conv_impl="lax")
+    assert lowering.resolve(lax_conv, "cpu").loop == "step"
+    assert lowering.resolve(lax_conv, "gpu").loop == "scan"
 
 
 def test_reshape_pool_needs_window_equal_to_stride():

@@ -76,11 +76,13 @@ def compiled_group(key: Config, total_steps: int, loop: str):
 
 
 def resolve_loop(config: Config) -> str:
-    """The execution strategy of a group: `--loop` when given, else `scan` on every backend.
+    """The execution strategy of a group: `--loop` when given, else train.py's (`scan`, but `step`
+    for the lax convolution on CPU).
 
     A vmapped group runs steps inside `lax.scan` (in chunks of `log_every` steps, for
-    progress and logs): on CPU that trains more images per second than one call per step
-    (docs/sweeps.md, "Lowering under vmap")."""
+    progress and logs): on CPU that trains more images per second than one call per step, except
+    with XLA:CPU's own (grouped) convolution, 11x slower in a loop (docs/sweeps.md, "Lowering under
+    vmap")."""
     return train.resolve_loop(config)
 
 
