@@ -64,8 +64,9 @@ _HELP = {
     "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
     "loss_reduction": "How per-example losses combine over a batch: mean or sum (the tutorial).",
     "conv_impl": "Convolution lowering: auto (on CPU winograd in the tutorial CNN's fused conv-relu-pool blocks "
-                 "where it applies, else patches; lax elsewhere), lax (reference), patches (im2col + matmul) or "
-                 "winograd (F(4x4,5x5)/F(2x2,3x3) where it applies, else patches; fused blocks only).",
+                 "where it applies, else patches, and onednn for the batch-norm families when it builds; lax "
+                 "elsewhere), lax (reference), patches (im2col + matmul), winograd (F(4x4,5x5)/F(2x2,3x3) where it "
+                 "applies, else patches; fused blocks only) or onednn (oneDNN's convolutions, CPU, NHWC).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
     "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
     "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",

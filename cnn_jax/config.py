@@ -22,7 +22,7 @@ INITS = ("he", "lecun", "normal")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
 LOSS_REDUCTIONS = ("mean", "sum")
-CONV_IMPLS = ("auto", "lax", "patches", "winograd")
+CONV_IMPLS = ("auto", "lax", "patches", "winograd", "onednn")
 POOL_IMPLS = ("auto", "reduce_window", "reshape")
 LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
@@ -291,6 +291,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("--conv_impl=winograd runs in the fused channel-major block: it needs "
                           "--layout=CHWN (or auto) and reshape pooling (--pool_window == --pool_stride, "
                           "--pool_impl=reshape or auto); use --conv_impl=patches otherwise")
+    if config.conv_impl == "onednn" and config.layout == "CHWN":
+        raise ConfigError("--conv_impl=onednn runs on NHWC activations: use --layout=auto or NHWC")
     if config.coordinator_address and ":" not in config.coordinator_address:
         raise ConfigError(f"--coordinator_address={shown(config.coordinator_address)} is not allowed: "
                           "give host:port of process 0")

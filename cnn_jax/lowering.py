@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnn_jax import layers
-from cnn_jax.config import Config
+from cnn_jax import layers, onednn
+from cnn_jax.config import Config, ConfigError
 from cnn_jax.layers import conv_output_size
 
 
@@ -47,7 +47,7 @@ from cnn_jax.layers import conv_output_size
 class Strategy:
     """The concrete lowerings a config runs with (no `auto` left)."""
 
-    conv_impl: str   # lax | patches | winograd
+    conv_impl: str   # lax | patches | winograd | onednn
     pool_impl: str   # reduce_window | reshape (global_mean: a family pooling only by a global mean)
     layout: str      # NHWC | CHWN
     loop: str        # step | scan
@@ -77,6 +77,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     if conv == "auto":
         conv = ("winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches") \
             if cpu else "lax"
+    if conv == "onednn" and not cpu:
+        raise ConfigError(f"--conv_impl=onednn runs on CPU only (this backend: {backend}): use auto or lax")
     layout = config.layout if config.layout != "auto" else (
         "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
     # A scanned epoch: the steps run inside one compiled call, without a host round trip and a
@@ -532,6 +534,12 @@ def _crop_to_pooled(x: jax.Array, kernel: int, config: Config) -> jax.Array:
     return x
 
 
+def nhwc_conv(impl: str):
+    """conv(x, w, b, stride, padding) on NHWC activations for a resolved `conv_impl` (Winograd, which
+    needs the fused channel-major block, falls back to patches)."""
+    return {"lax": layers.conv2d, "onednn": onednn.conv2d}.get(impl, layers.conv2d_patches)
+
+
 def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
                strategy: Strategy) -> jax.Array:
     """pool(relu(conv(x, w) + b)) in `strategy.layout` (x NHWC or CHWN to match).
@@ -557,8 +565,7 @@ def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
         y = lax.conv_general_dilated(x, w, (config.conv_stride,) * 2, config.conv_padding,
                                      dimension_numbers=("CHWN", "HWIO", "CHWN")) + b[:, None, None, None]
     else:
-        conv = layers.conv2d_patches if strategy.conv_impl == "patches" else layers.conv2d
-        y = conv(x, w, b, config.conv_stride, config.conv_padding)
+        y = nhwc_conv(strategy.conv_impl)(x, w, b, config.conv_stride, config.conv_padding)
     if not reshape_pool:
         # The reference pooling: its windows span axes 1 and 2, the spatial axes of both layouts.
         return layers.POOLS[config.pool](layers.relu(y), config.pool_window, config.pool_stride)

@@ -66,7 +66,7 @@ flags.DEFINE_boolean("torch_peer", True, "Alternate the full runs with experimen
 flags.DEFINE_list("families", ["vgg", "resnet"],
                   "Model families to time besides the tutorial's network, each at its preset (config.PRESETS[name]) "
                   "on the same MNIST-shaped images; empty: none.")
-flags.DEFINE_list("family_convs", ["auto", "lax"],
+flags.DEFINE_list("family_convs", ["auto", "patches", "lax"],
                   "--conv_impl values each family is timed with, side by side (`auto`: the row named after the "
                   "family; others: `family:conv_impl`), `--loop=auto` resolving as train.py does.")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "

@@ -9,9 +9,12 @@ import numpy as np
 import numerics
 import pytest
 
-from cnn_jax import evaluation, model, optim, state, step, sweep, train
+from cnn_jax import evaluation, model, onednn, optim, state, step, sweep, train
 from cnn_jax import config as config_lib
 from cnn_jax.models import common
+
+# The convolution `--conv_impl=auto` runs for these families on CPU: oneDNN where it builds.
+CPU_CONV = "onednn" if onednn.available() else "patches"
 
 
 def small_dataset(mnist, train_n=320, test_n=200):
@@ -47,28 +50,34 @@ def shapes_match_the_real_ones(config, input_shape, capsys):
 
 
 def conv_lowerings_agree(config):
-    """patches (CPU auto) and lax give the same logits and gradients; the strategy line names them."""
+    """patches, oneDNN (CPU auto where it builds) and lax give the same logits and gradients; the
+    strategy line names them."""
     params, model_state = model.init(jax.random.key(0), config)
     images = jax.random.uniform(jax.random.key(1), (4, *config.input_shape))
     labels = jnp.arange(4) % config.num_classes
-    patches = config_lib.replace(config, conv_impl="auto")
+    auto = config_lib.replace(config, conv_impl="auto")
+    patches = config_lib.replace(config, conv_impl="patches")
     lax = config_lib.replace(config, conv_impl="lax")
-    assert common.conv_fn(patches).__name__ == "conv2d_patches"    # on this CPU
-    assert model.strategy(patches).describe().startswith("conv=patches ")
-    assert "layout=NHWC" in model.strategy(patches).describe()
-    assert model.strategy(lax).describe().startswith("conv=lax ")
+    impls = [patches, lax] + ([config_lib.replace(config, conv_impl="onednn")] if onednn.available() else [])
+    # On this CPU auto is oneDNN where it builds, else patches.
+    assert common.conv_impl(auto) == ("onednn" if onednn.available() else "patches")
+    assert common.conv_fn(patches).__name__ == "conv2d_patches"
+    for c in impls:
+        assert model.strategy(c).describe().startswith(f"conv={c.conv_impl} ")
+        assert "layout=NHWC" in model.strategy(c).describe()
     # `--loop=auto`: a scanned epoch, but one call per batch for XLA:CPU's convolution (10-30x
     # slower inside a loop body).
-    assert "loop=scan" in model.strategy(config_lib.replace(patches, loop="auto")).describe()
+    assert "loop=scan" in model.strategy(config_lib.replace(auto, loop="auto")).describe()
     assert "loop=step" in model.strategy(config_lib.replace(lax, loop="auto")).describe()
 
     def loss(params, c):
         logits, _ = model.apply(params, model_state, images, c, train=True, rng=jax.random.key(3))
         return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)   # one program per lowering
-    for a, b in zip(jax.tree.leaves(value_and_grad(params, patches)),
-                    jax.tree.leaves(value_and_grad(params, lax))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+    reference = jax.tree.leaves(value_and_grad(params, lax))
+    for c in impls[:1] + impls[2:]:
+        for a, b in zip(jax.tree.leaves(value_and_grad(params, c)), reference):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
 def training_moves_state_and_draws_dropout_per_step(config, dataset, min_accuracy):

@@ -12,7 +12,7 @@ import pytest
 import script_runner
 
 from cnn_jax import config as config_lib
-from cnn_jax import model
+from cnn_jax import model, onednn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
@@ -76,16 +76,20 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     assert "vs torch" in proc.stdout and "default" in proc.stdout
     # A row per model family asked for (one: they share the code), at its preset, the batch capped at
     # the 64 images, its own FLOP count, and PyTorch's throughput where it is installed.
-    # Each timed with the default convolution and XLA's own (`--family_convs`, default auto,lax).
-    assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64), ("vgg:lax", 64)]
+    # Each timed with the default convolution (oneDNN where it builds), patches and XLA's own
+    # (`--family_convs`, default auto,patches,lax).
+    assert [(r["name"], r["batch_size"]) for r in report["families"]] == [("vgg", 64), ("vgg:patches", 64),
+                                                                           ("vgg:lax", 64)]
     for r in report["families"]:
         assert r["images_per_second"] > 0 and r["compile_s"] > 0
         assert (r["torch"] is not None) == has_torch   # the same network in PyTorch, side by side
         assert not has_torch or (r["torch"]["images_per_second"] > 0 and len(r["torch"]["repeats_images_per_second"]) == 2)
         assert r["flops_per_image"] == model.flops(config_lib.PRESETS["vgg"])[1]
         assert "layout=NHWC" in r["description"]
-    assert "conv=patches" in report["families"][0]["description"] and "loop=scan" in report["families"][0]["description"]
-    assert "conv=lax" in report["families"][1]["description"] and "loop=step" in report["families"][1]["description"]
+    auto, patches, lax = (r["description"] for r in report["families"])
+    assert f"conv={'onednn' if onednn.available() else 'patches'} " in auto and "loop=scan" in auto
+    assert "conv=patches " in patches and "loop=scan" in patches
+    assert "conv=lax " in lax and "loop=step" in lax
     assert "model families at their presets" in proc.stdout
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import layers, lowering
+from cnn_jax import layers, lowering, onednn
 from cnn_jax.models import cnn
 from cnn_jax.config import Config
 
@@ -224,6 +224,14 @@ def test_seed_network_gradients_equal_the_reference(pool, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES[2:4] + STRATEGIES[-1:], ids=lambda s: "-".join(s.values()))
 def test_other_network_gradients_equal_the_reference(overrides, pool, strategy):
     _assert_model_matches_reference(config_lib.replace(Config(), pool=pool, **overrides), strategy)
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN or a C++ compiler is missing here")
+@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize("pool_impl", ["reshape", "reduce_window"])
+def test_seed_network_with_onednn_convolutions_equals_the_reference(pool, pool_impl):
+    _assert_model_matches_reference(config_lib.replace(Config(), pool=pool),
+                                    {"conv_impl": "onednn", "pool_impl": pool_impl, "layout": "NHWC"})
 
 
 def test_auto_strategy_per_backend():

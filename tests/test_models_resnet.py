@@ -80,7 +80,7 @@ def test_config_checks_and_flops():
     block2 = 2 * 14 * 14 * 9 * (4 * 8 + 8 * 8) + 2 * 14 * 14 * 4 * 8
     forward = stem + block1 + block2 + 2 * 8 * 10
     assert resnet.flops(config) == (forward, 3 * forward - stem)
-    assert model.strategy(TINY).describe().startswith("conv=patches pool=global_mean layout=NHWC")
+    assert model.strategy(TINY).describe().startswith(f"conv={checks.CPU_CONV} pool=global_mean layout=NHWC")
 
 
 def test_patches_and_lax_convolutions_agree():
@@ -105,5 +105,5 @@ def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path)
     uninterrupted run (dropout and augmentation keys come from the step)."""
     out, got = checks.command_line_resumes_bit_exactly(
         mnist_dir, ["--model=resnet", "--widths=4,8", "--depth=1", "--dropout=0.1"], tmp_path)
-    assert "strategy: conv=patches pool=global_mean layout=NHWC" in out
+    assert f"strategy: conv={checks.CPU_CONV} pool=global_mean layout=NHWC" in out
     assert not np.array_equal(got.model_state["stage1_block1"]["bn1"]["var"], np.ones(4))   # the statistics moved

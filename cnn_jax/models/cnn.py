@@ -148,9 +148,12 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 def conv_fn(config: Config):
     """The convolution of the layer-by-layer path (`--debug`, or reduce_window pooling with an
     NHWC layout). The fused blocks of `cnn_jax.lowering`, Winograd among them, do not run there, so
-    `auto` means patches + matmul on CPU (as for the batch-normalised families, `common.conv_fn`)
-    and the reference `lax` convolution elsewhere or when asked for."""
-    return common.conv_fn(config)
+    `auto` means patches + matmul on CPU and the reference `lax` convolution elsewhere; `lax`,
+    `patches` and `onednn` run as asked."""
+    impl = config.conv_impl
+    if impl == "auto":
+        impl = "patches" if jax.default_backend() == "cpu" else "lax"
+    return lowering.nhwc_conv(impl)
 
 
 def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,

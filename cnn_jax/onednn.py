@@ -1,0 +1,150 @@
+"""oneDNN's convolutions as a lowering (`--conv_impl=onednn`): forward, input gradient and weight
+gradient are each one call into oneDNN (the library PyTorch's CPU convolutions use) through
+`jax.ffi`, tied together by a custom VJP. NHWC activations, HWIO weights, float32, CPU only.
+
+XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
+families' layers (docs/performance.md); oneDNN's blocked direct convolutions run them 2-2.5x faster.
+The handlers (`cnn_jax/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
+(`$CXX`, else `g++`) against the pinned `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels, into
+`$CNN_JAX_CACHE` (default `~/.cache/cnn_jax`), keyed by the source, the compiler and the JAX build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from cnn_jax import layers
+from cnn_jax.config import ConfigError
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
+TARGETS = {"cnn_jax_onednn_conv_forward": "OnednnConvForward",
+           "cnn_jax_onednn_conv_backward_data": "OnednnConvBackwardData",
+           "cnn_jax_onednn_conv_backward_weights": "OnednnConvBackwardWeights"}
+INSTALL = ("pip install -r requirements.txt (onednn-cpu-gomp, onednn-devel-cpu-gomp) and a C++ compiler "
+           "(apt-get install g++), or use --conv_impl=patches")
+
+
+class OnednnUnavailable(ConfigError):
+    """oneDNN's lowering cannot be built or loaded here; the message says what is missing."""
+
+
+def _prefix_paths() -> tuple[str, str]:
+    """(include dir, lib dir) of the oneDNN wheels: they install into the environment's prefix."""
+    return os.path.join(sys.prefix, "include"), os.path.join(sys.prefix, "lib")
+
+
+def _library_path(compiler: str) -> str:
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + f"{compiler} {jaxlib.__version__} {sys.prefix}".encode()).hexdigest()[:16]
+    cache = os.environ.get("CNN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax")
+    return os.path.join(cache, f"onednn_conv-{key}.so")
+
+
+def _build(path: str, compiler: str) -> None:
+    """Compile the handlers into `path` (through a temporary file renamed into place, so that
+    concurrent builders never load a half-written library)."""
+    include, lib = _prefix_paths()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", f"-I{jax.ffi.include_dir()}",
+               SOURCE, "-o", tmp, f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OnednnUnavailable(f"--conv_impl=onednn: compiling {os.path.basename(SOURCE)} failed ({last}); "
+                                    f"needs {INSTALL}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> str:
+    """Build (once per source and JAX build) and load the handlers, and register them with XLA:CPU;
+    returns the library's path. Raises OnednnUnavailable with a one-line reason."""
+    include, lib = _prefix_paths()
+    if not os.path.exists(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")) or not any(
+            name.startswith("libdnnl.so") for name in os.listdir(lib) if os.path.isdir(lib)):
+        raise OnednnUnavailable(f"--conv_impl=onednn: oneDNN is not installed in {sys.prefix}: {INSTALL}")
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise OnednnUnavailable(f"--conv_impl=onednn: no C++ compiler ({compiler}) to build it: {INSTALL}")
+    path = _library_path(compiler)
+    if not os.path.exists(path):
+        _build(path, compiler)
+    library = ctypes.cdll.LoadLibrary(path)
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether `load()` succeeds here (what `--conv_impl=auto` asks before choosing oneDNN)."""
+    try:
+        load()
+        return True
+    except OnednnUnavailable:
+        return False
+
+
+def _pads(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, padding: str) -> tuple[int, ...]:
+    """(top, bottom, left, right) zero padding of `padding` (SAME as lax pads it, or VALID)."""
+    if padding == "VALID":
+        return (0, 0, 0, 0)
+    return layers.same_padding(x_shape[1], w_shape[0], stride) + layers.same_padding(x_shape[2], w_shape[1], stride)
+
+
+def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int,
+          pads: tuple[int, ...]) -> jax.Array:
+    top, bottom, left, right = (np.int64(p) for p in pads)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+        a, b, stride=np.int64(stride), pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = "VALID") -> jax.Array:
+    """x (N, H, W, C) * w (kh, kw, C, O) -> (N, H', W', O), as `lax.conv_general_dilated` (NHWC)."""
+    return _conv_fwd(x, w, stride, padding)[0]
+
+
+def _conv_fwd(x, w, stride, padding):
+    load()
+    pads = _pads(x.shape, w.shape, stride, padding)
+    oh = (x.shape[1] + pads[0] + pads[1] - w.shape[0]) // stride + 1
+    ow = (x.shape[2] + pads[2] + pads[3] - w.shape[1]) // stride + 1
+    y = _call("cnn_jax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), x, w, stride, pads)
+    return y, (x, w)
+
+
+def _conv_bwd(stride, padding, residuals, g):
+    x, w = residuals
+    pads = _pads(x.shape, w.shape, stride, padding)
+    dx = _call("cnn_jax_onednn_conv_backward_data", x.shape, g, w, stride, pads)
+    dw = _call("cnn_jax_onednn_conv_backward_weights", w.shape, x, g, stride, pads)
+    return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1, padding: str = "VALID") -> jax.Array:
+    """`layers.conv2d` through oneDNN (same signature and result, up to float32 rounding)."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ConfigError(f"--conv_impl=onednn runs float32 only (got {x.dtype} and {w.dtype})")
+    return conv(x, w, stride, padding) + b
