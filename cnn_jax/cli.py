@@ -68,7 +68,8 @@ _HELP = {
                  "elsewhere), lax (reference), patches (im2col + matmul), winograd (F(4x4,5x5)/F(2x2,3x3) where it "
                  "applies, else patches; fused blocks only) or onednn (oneDNN's convolutions, CPU, NHWC).",
     "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
-    "pool_impl": "Pooling lowering: auto, reduce_window (reference) or reshape (window == stride; tested equal).",
+    "pool_impl": "Pooling lowering: auto, reduce_window (reference), reshape (window == stride; tested equal) or "
+                 "onednn (the batch-norm families' 2x2 max pooling through oneDNN; their CPU auto with onednn convs).",
     "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",
     "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, where they run slower: docs/performance.md), on or off.",
     "coordinator_address": "Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.",

@@ -9,6 +9,8 @@ reference in value and gradient.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -127,6 +129,45 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 BN_EPSILON = 1e-5
 
 
+def channel_sum(x: jax.Array) -> jax.Array:
+    """The sum over every axis but the last, as one matrix product with a row of ones: XLA:CPU
+    runs a long reduction as a tree of reduce-windows, several times slower (docs/performance.md)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return jnp.dot(jnp.ones((1, flat.shape[0]), x.dtype), flat, precision=lax.Precision.HIGHEST)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize_with_batch_stats(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scale * (x - mean) / sqrt(var + epsilon) + bias, mean, var) with the batch's per-channel
+    mean and biased variance; its gradient is written out so that every reduction is a product."""
+    return _normalize_fwd(x, scale, bias, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, epsilon):
+    count = x.size // x.shape[-1]
+    mean = channel_sum(x) / count
+    centered = x - mean
+    var = channel_sum(jnp.square(centered)) / count
+    inv = lax.rsqrt(var + epsilon)
+    return (centered * (scale * inv) + bias, mean, var), (centered, scale, inv)
+
+
+def _normalize_bwd(epsilon, residuals, cotangents):
+    centered, scale, inv = residuals
+    dy, dmean, dvar = cotangents
+    count = centered.size // centered.shape[-1]
+    dbias = channel_sum(dy)
+    dscale = channel_sum(dy * centered) * inv
+    # d/dx of y through x, the mean and the variance; then the mean's and variance's own cotangents.
+    dx = (scale * inv / count) * (count * dy - dbias - centered * (inv * dscale))
+    dx = dx + dmean / count + centered * (2.0 * dvar / count)
+    return dx, dscale, dbias
+
+
+_normalize_with_batch_stats.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array, *,
                train: bool, momentum: float = 0.9,
                epsilon: float = BN_EPSILON) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -137,17 +178,12 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
     gradient flows into them). Evaluation normalises with the running averages and returns them
     unchanged. Under jit with a batch sharded over devices, the means are over the global batch."""
     if train:
-        axes = tuple(range(x.ndim - 1))
-        batch_mean = jnp.mean(x, axis=axes)
-        batch_var = jnp.mean(jnp.square(x - batch_mean), axis=axes)
+        y, batch_mean, batch_var = _normalize_with_batch_stats(x, scale, bias, epsilon)
         new_mean = momentum * mean + (1.0 - momentum) * lax.stop_gradient(batch_mean)
         new_var = momentum * var + (1.0 - momentum) * lax.stop_gradient(batch_var)
-        use_mean, use_var = batch_mean, batch_var
-    else:
-        new_mean, new_var = mean, var
-        use_mean, use_var = mean, var
-    y = (x - use_mean) * (scale * lax.rsqrt(use_var + epsilon)) + bias
-    return y, new_mean, new_var
+        return y, new_mean, new_var
+    y = (x - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+    return y, mean, var
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *, train: bool) -> jax.Array:

@@ -1,6 +1,7 @@
-"""oneDNN's convolutions as a lowering (`--conv_impl=onednn`): forward, input gradient and weight
-gradient are each one call into oneDNN (the library PyTorch's CPU convolutions use) through
-`jax.ffi`, tied together by a custom VJP. NHWC activations, HWIO weights, float32, CPU only.
+"""oneDNN's convolutions and max pooling as a lowering (`--conv_impl=onednn`, `--pool_impl=onednn`):
+forward, input gradient and weight gradient are each one call into oneDNN (the library PyTorch's CPU
+convolutions use) through `jax.ffi`, tied together by a custom VJP. NHWC activations, HWIO
+weights, float32, CPU only.
 
 XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
 families' layers (docs/performance.md); oneDNN's blocked direct convolutions run them 2-2.5x faster.
@@ -31,7 +32,9 @@ from cnn_jax.config import ConfigError
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
 TARGETS = {"cnn_jax_onednn_conv_forward": "OnednnConvForward",
            "cnn_jax_onednn_conv_backward_data": "OnednnConvBackwardData",
-           "cnn_jax_onednn_conv_backward_weights": "OnednnConvBackwardWeights"}
+           "cnn_jax_onednn_conv_backward_weights": "OnednnConvBackwardWeights",
+           "cnn_jax_onednn_max_pool_forward": "OnednnMaxPoolForward",
+           "cnn_jax_onednn_max_pool_backward": "OnednnMaxPoolBackward"}
 INSTALL = ("pip install -r requirements.txt (onednn-cpu-gomp, onednn-devel-cpu-gomp) and a C++ compiler "
            "(apt-get install g++), or use --conv_impl=patches")
 
@@ -148,3 +151,30 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1, padding: s
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ConfigError(f"--conv_impl=onednn runs float32 only (got {x.dtype} and {w.dtype})")
     return conv(x, w, stride, padding) + b
+
+
+def _pool_call(target: str, shape: tuple[int, ...], args: tuple[jax.Array, ...], window: int) -> jax.Array:
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+        *args, window=np.int64(window))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
+    """Max pooling of NHWC `x` over window x window patches at stride `window` (VALID), as
+    `lowering.max_pool_reshape`: the gradient goes to each window's first maximum in row-major order."""
+    return _max_pool_fwd(x, window)[0]
+
+
+def _max_pool_fwd(x, window):
+    load()
+    if x.dtype != jnp.float32:
+        raise ConfigError(f"--pool_impl=onednn runs float32 only (got {x.dtype})")
+    shape = (x.shape[0], x.shape[1] // window, x.shape[2] // window, x.shape[3])
+    return _pool_call("cnn_jax_onednn_max_pool_forward", shape, (x,), window), x
+
+
+def _max_pool_bwd(window, x, g):
+    return (_pool_call("cnn_jax_onednn_max_pool_backward", x.shape, (x, g), window),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -1,5 +1,6 @@
-// oneDNN convolutions (forward, backward data, backward weights) as XLA FFI handlers for jax.ffi.
-// Activations NHWC, weights HWIO, float32; the primitive picks its own weight layout (reordered here).
+// oneDNN's convolutions (forward, backward data, backward weights) and k x k / stride k max pooling
+// (forward, backward) as XLA FFI handlers for jax.ffi (cnn_jax/onednn.py). Activations NHWC, weights
+// HWIO, float32; each convolution primitive picks its own weight layout (reordered here).
 #include <cstdint>
 #include <mutex>
 #include "oneapi/dnnl/dnnl.hpp"
@@ -110,6 +111,47 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
   });
 }
 
+dnnl::pooling_forward::primitive_desc pool_pd(const memory::desc& src, const memory::desc& dst, int64_t k,
+                                              dnnl::prop_kind prop) {
+  return dnnl::pooling_forward::primitive_desc(cpu_engine(), prop, dnnl::algorithm::pooling_max, src, dst, {k, k},
+                                               {k, k}, {0, 0}, {0, 0}, {0, 0});
+}
+
+ffi::Error MaxPoolForward(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t window) {
+  return run("max pool forward", [&] {
+    auto xd = x.dimensions(), yd = y->dimensions();
+    memory::desc src_md({xd[0], xd[3], xd[1], xd[2]}, dt::f32, tag::nhwc);
+    memory::desc dst_md({yd[0], yd[3], yd[1], yd[2]}, dt::f32, tag::nhwc);
+    auto pd = pool_pd(src_md, dst_md, window, dnnl::prop_kind::forward_inference);
+    dnnl::stream s(cpu_engine());
+    memory src(src_md, cpu_engine(), x.typed_data()), dst(dst_md, cpu_engine(), y->typed_data());
+    dnnl::pooling_forward(pd).execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
+    s.wait();
+  });
+}
+
+// The gradient goes to each window's first maximum: the forward pass runs again here for its
+// workspace (the maxima's positions), which is cheaper than carrying it between the two calls.
+ffi::Error MaxPoolBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                           int64_t window) {
+  return run("max pool backward", [&] {
+    auto xd = x.dimensions(), yd = dy.dimensions();
+    memory::desc src_md({xd[0], xd[3], xd[1], xd[2]}, dt::f32, tag::nhwc);
+    memory::desc dst_md({yd[0], yd[3], yd[1], yd[2]}, dt::f32, tag::nhwc);
+    auto fwd = pool_pd(src_md, dst_md, window, dnnl::prop_kind::forward_training);
+    dnnl::pooling_backward::primitive_desc bwd(cpu_engine(), dnnl::algorithm::pooling_max, src_md, dst_md,
+                                               {window, window}, {window, window}, {0, 0}, {0, 0}, {0, 0}, fwd);
+    dnnl::stream s(cpu_engine());
+    memory src(src_md, cpu_engine(), x.typed_data()), y(dst_md, cpu_engine());
+    memory workspace(fwd.workspace_desc(), cpu_engine());
+    dnnl::pooling_forward(fwd).execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, y}, {DNNL_ARG_WORKSPACE, workspace}});
+    memory diff_dst(dst_md, cpu_engine(), dy.typed_data()), diff_src(src_md, cpu_engine(), dx->typed_data());
+    dnnl::pooling_backward(bwd).execute(
+        s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_WORKSPACE, workspace}});
+    s.wait();
+  });
+}
+
 }  // namespace
 
 #define CONV_ATTRS                                                                       \
@@ -125,3 +167,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, ConvBackwardData,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, ConvBackwardWeights,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("window"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("window"));

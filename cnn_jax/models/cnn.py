@@ -57,6 +57,9 @@ def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
 
 def validate(config: Config) -> None:
     """The checks of this family's own fields (conv filters and kernels, the shape walk)."""
+    if config.pool_impl == "onednn":
+        raise ConfigError("--pool_impl=onednn is not available for --model=cnn (its fused conv-relu-pool blocks pool "
+                          "by reshape or reduce_window): use auto, reshape or reduce_window")
     if not config.conv_filters:
         raise ConfigError("--conv_filters is empty: give one filter count per conv layer, e.g. 20,50")
     if len(config.conv_filters) != len(config.conv_kernels):

@@ -44,15 +44,25 @@ def conv_fn(config: Config) -> Conv:
 
 
 def pool_impl(config: Config) -> str:
-    """The 2x2 max pooling that runs: `reduce_window` when asked for, else `reshape` (its
-    custom gradient is faster on XLA:CPU; the two are tested equal in tests/test_lowering.py)."""
-    return "reduce_window" if config.pool_impl == "reduce_window" else "reshape"
+    """The 2x2 max pooling that runs: the one asked for; `auto` is `onednn` with oneDNN's
+    convolutions, else `reshape` (its custom gradient is faster on XLA:CPU than `reduce_window`'s;
+    the three are tested equal in tests/test_lowering.py and tests/test_onednn.py)."""
+    if config.pool_impl == "auto":
+        return "onednn" if conv_impl(config) == "onednn" else "reshape"
+    if config.pool_impl == "onednn":
+        if jax.default_backend() != "cpu":
+            raise ConfigError("--pool_impl=onednn runs on CPU only: use auto or reshape")
+        onednn.load()
+    return config.pool_impl
 
 
 def max_pool_2x2(x: jax.Array, config: Config) -> jax.Array:
     """2x2 max pooling at stride 2 (VALID) in the config's lowering."""
-    if pool_impl(config) == "reduce_window":
+    impl = pool_impl(config)
+    if impl == "reduce_window":
         return layers.max_pool(x, 2, 2)
+    if impl == "onednn":
+        return onednn.max_pool(x, 2)
     return lowering.max_pool_reshape(x, 2)
 
 
