@@ -494,13 +494,13 @@ def format_training(groups: list[dict[str, Any]]) -> str:
 
 def format_families(rows: list[dict[str, Any]]) -> str:
     """The model-family rows: each family at its preset."""
-    lines = [f"{'family':11s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
+    lines = [f"{'family':14s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
              f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
     for r in rows:
         peer = r.get("torch")
         torch_ips = f"{peer['images_per_second']:11.0f}" if peer else f"{'-':>11s}"
         ratio = f"{r['images_per_second'] / peer['images_per_second']:7.2f}x" if peer else f"{'-':>8s}"
-        lines.append(f"{r['name']:11s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
+        lines.append(f"{r['name']:14s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
                      f"{r['flops_per_image'] / 1e6:9.1f} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} "
                      f"{r['compile_s']:9.2f}  {r['description']}")
     return "\n".join(lines)
