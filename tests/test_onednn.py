@@ -47,6 +47,27 @@ def test_value_and_gradients_equal_the_reference(shape, kernel, out, stride, pad
 
 
 @needs_onednn
+@pytest.mark.parametrize("shape, window, integers", [
+    ((2, 6, 6, 3), 2, False),
+    ((3, 7, 9, 5), 2, False),    # odd sizes: the last row and column are left out, as VALID pooling does
+    ((2, 9, 9, 4), 3, False),
+    ((4, 8, 8, 16), 2, True),    # small integers: many tied maxima, each gradient to the first one
+])
+def test_max_pool_value_and_gradient_equal_the_reference(shape, window, integers):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(0, 3, shape) if integers else rng.standard_normal(shape), jnp.float32)
+    out = (shape[0], shape[1] // window, shape[2] // window, shape[3])
+    g = _random(out, 1)
+
+    def value_and_grad(pool):
+        return jax.tree.map(np.asarray, jax.jit(lambda x: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(pool, x)))(x))
+    got = value_and_grad(lambda x: onednn.max_pool(x, window))
+    want = value_and_grad(lambda x: layers.max_pool(x, window, window))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1][0], want[1][0])
+
+
+@needs_onednn
 def test_runs_inside_scan_and_vmap():
     x, w = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 4), 1)
     ws = jnp.stack([w, 2 * w])
@@ -88,10 +109,12 @@ def test_a_missing_compiler_is_a_one_line_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []    # nothing half-built left behind
 
 
-def test_onednn_needs_nhwc_and_a_cpu():
+def test_onednn_needs_nhwc_a_cpu_and_a_family_that_pools_on_its_own():
     with pytest.raises(ConfigError, match="--conv_impl=onednn runs on NHWC activations"):
         config_lib.validate(config_lib.replace(config_lib.Config(), conv_impl="onednn", layout="CHWN"))
     with pytest.raises(ConfigError, match="--conv_impl=onednn runs on CPU only"):
         lowering.resolve(config_lib.replace(config_lib.Config(), conv_impl="onednn"), "gpu")
+    with pytest.raises(ConfigError, match="--pool_impl=onednn is not available for --model=cnn"):
+        config_lib.validate(config_lib.replace(config_lib.Config(), pool_impl="onednn"))
     chosen = lowering.resolve(config_lib.replace(config_lib.Config(), conv_impl="onednn"), "cpu")
     assert (chosen.conv_impl, chosen.layout, chosen.loop) == ("onednn", "NHWC", "scan")
