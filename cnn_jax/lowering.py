@@ -64,8 +64,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
 
     CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
     NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; but
-    one call per batch for the lax convolution, which XLA:CPU runs 10-30x slower inside a loop
-    body (jax-ml/jax#12868; docs/performance.md).
+    one call per batch for the lax convolution, which XLA:CPU runs far slower inside a loop body
+    (jax-ml/jax#12868; docs/performance.md).
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()

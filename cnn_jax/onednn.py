@@ -4,7 +4,8 @@ convolutions use) through `jax.ffi`, tied together by a custom VJP. NHWC activat
 weights, float32, CPU only.
 
 XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
-families' layers (docs/performance.md); oneDNN's blocked direct convolutions run them 2-2.5x faster.
+families' layers; oneDNN's blocked direct convolutions run them several times faster
+(docs/performance.md).
 The handlers (`cnn_jax/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
 (`$CXX`, else `g++`) against the pinned `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels, into
 `$CNN_JAX_CACHE` (default `~/.cache/cnn_jax`), keyed by the source, the compiler and the JAX build.
@@ -90,7 +91,10 @@ def load() -> str:
     path = _library_path(compiler)
     if not os.path.exists(path):
         _build(path, compiler)
-    library = ctypes.cdll.LoadLibrary(path)
+    try:
+        library = ctypes.cdll.LoadLibrary(path)
+    except OSError as e:   # e.g. libdnnl.so or libgomp missing at run time
+        raise OnednnUnavailable(f"--conv_impl=onednn: loading {path} failed ({e}); needs {INSTALL}") from None
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return path

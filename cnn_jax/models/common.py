@@ -4,7 +4,7 @@ the checks of their config fields.
 
 Batch norm sits between each convolution and its relu, so the fused conv -> relu -> pool blocks
 of `cnn_jax.lowering` do not apply; each convolution runs on its own: on CPU through oneDNN
-(`cnn_jax.onednn`, 2-2.5x faster than XLA:CPU's convolution) when it builds there, else as
+(`cnn_jax.onednn`, faster than XLA:CPU's convolution: docs/performance.md) when it builds there, else as
 patches + one matmul (`layers.conv2d_patches`); as XLA's convolution elsewhere or with
 `--conv_impl=lax`. Activations stay NHWC.
 """

@@ -81,7 +81,7 @@ def resolve_loop(config: Config) -> str:
 
     A vmapped group runs steps inside `lax.scan` (in chunks of `log_every` steps, for
     progress and logs): on CPU that trains more images per second than one call per step, except
-    with XLA:CPU's own (grouped) convolution, 11x slower in a loop (docs/sweeps.md, "Lowering under
+    with XLA:CPU's own (grouped) convolution, far slower in a loop (docs/sweeps.md, "Lowering under
     vmap")."""
     return train.resolve_loop(config)
 
