@@ -1,7 +1,9 @@
 """oneDNN's convolutions (`--conv_impl=onednn`): equal to the reference convolution in value and
 gradient, under jit, scan and vmap; a clear one-line error where they cannot be built."""
 
-import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 from cnn_jax import config as config_lib
 from cnn_jax import layers, lowering, onednn
 from cnn_jax.config import ConfigError
+from conftest import REPO_ROOT
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN or a C++ compiler is missing here")
 
@@ -107,6 +110,18 @@ def test_a_missing_compiler_is_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in message and "--conv_impl=onednn" in message
     assert ("C++ compiler" in message or "not installed" in message) and "--conv_impl=patches" in message
     assert list(tmp_path.iterdir()) == []    # nothing half-built left behind
+
+
+def test_the_command_line_says_in_one_line_what_to_install(tmp_path, mnist_dir):
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CNN_JAX_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=REPO_ROOT)
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "experiments", "train.py"), "--preset=vgg",
+                           "--conv_impl=onednn", f"--data_dir={mnist_dir}", f"--workdir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert "--conv_impl=onednn: no C++ compiler" in errors[0] and "apt-get install g++" in errors[0]
 
 
 def test_onednn_needs_nhwc_a_cpu_and_a_family_that_pools_on_its_own():
