@@ -77,8 +77,10 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     if conv == "auto":
         conv = ("winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches") \
             if cpu else "lax"
-    if conv == "onednn" and not cpu:
-        raise ConfigError(f"--conv_impl=onednn runs on CPU only (this backend: {backend}): use auto or lax")
+    if conv == "onednn":
+        if not cpu:
+            raise ConfigError(f"--conv_impl=onednn runs on CPU only (this backend: {backend}): use auto or lax")
+        onednn.load()   # registered before a program loaded whole from the compilation cache needs it
     layout = config.layout if config.layout != "auto" else (
         "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
     # A scanned epoch: the steps run inside one compiled call, without a host round trip and a
