@@ -8,7 +8,8 @@ families' layers; oneDNN's blocked direct convolutions run them several times fa
 (docs/performance.md).
 The handlers (`cnn_jax/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
 (`$CXX`, else `g++`) against the pinned `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels, into
-`$CNN_JAX_CACHE` (default `~/.cache/cnn_jax`), keyed by the source, the compiler and the JAX build.
+`$CNN_JAX_CACHE` (default `$XDG_CACHE_HOME/cnn_jax` or `~/.cache/cnn_jax`, beside the compilation
+cache), keyed by the source, the compiler, the JAX build and the environment.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _prefix_paths() -> tuple[str, str]:
 def _library_path(compiler: str) -> str:
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read() + f"{compiler} {jaxlib.__version__} {sys.prefix}".encode()).hexdigest()[:16]
-    cache = os.environ.get("CNN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnn_jax")
+    cache = os.environ.get("CNN_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cnn_jax")
     return os.path.join(cache, f"onednn_conv-{key}.so")
 
 
