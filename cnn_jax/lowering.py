@@ -48,7 +48,7 @@ class Strategy:
     """The concrete lowerings a config runs with (no `auto` left)."""
 
     conv_impl: str   # lax | patches | winograd | onednn
-    pool_impl: str   # reduce_window | reshape (global_mean: a family pooling only by a global mean)
+    pool_impl: str   # reduce_window | reshape | onednn (global_mean: a family pooling only by a global mean)
     layout: str      # NHWC | CHWN
     loop: str        # step | scan
     ynnpack: str     # on | off (XLA:CPU only)
