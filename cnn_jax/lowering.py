@@ -39,7 +39,7 @@ import numpy as np
 from jax import lax
 
 from cnn_jax import layers, onednn
-from cnn_jax.config import Config, ConfigError
+from cnn_jax.config import Config
 from cnn_jax.layers import conv_output_size
 
 
@@ -78,9 +78,7 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
         conv = ("winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches") \
             if cpu else "lax"
     if conv == "onednn":
-        if not cpu:
-            raise ConfigError(f"--conv_impl=onednn runs on CPU only (this backend: {backend}): use auto or lax")
-        onednn.load()   # registered before a program loaded whole from the compilation cache needs it
+        onednn.require("conv_impl", "auto or lax", backend)
     layout = config.layout if config.layout != "auto" else (
         "CHWN" if cpu and conv in ("patches", "winograd") and pool == "reshape" else "NHWC")
     # A scanned epoch: the steps run inside one compiled call, without a host round trip and a

@@ -112,6 +112,16 @@ def available() -> bool:
         return False
 
 
+def require(flag: str, instead: str, backend: str | None = None) -> None:
+    """Build and register the handlers for `--{flag}=onednn` now, before any program (traced, or
+    loaded whole from the compilation cache) needs them; a one-line ConfigError off CPU (naming
+    `instead`) or where they cannot be built."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        raise ConfigError(f"--{flag}=onednn runs on CPU only (this backend: {backend}): use {instead}")
+    load()
+
+
 def _pads(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, padding: str) -> tuple[int, ...]:
     """(top, bottom, left, right) zero padding of `padding` (SAME as lax pads it, or VALID)."""
     if padding == "VALID":
@@ -119,11 +129,14 @@ def _pads(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, paddi
     return layers.same_padding(x_shape[1], w_shape[0], stride) + layers.same_padding(x_shape[2], w_shape[1], stride)
 
 
-def _call(target: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int,
-          pads: tuple[int, ...]) -> jax.Array:
-    top, bottom, left, right = (np.int64(p) for p in pads)
+def _ffi(target: str, shape: tuple[int, ...], *operands: jax.Array, **attrs: int) -> jax.Array:
+    """One handler's float32 result of `shape`; under vmap, one call per element."""
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
-        a, b, stride=np.int64(stride), pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right)
+        *operands, **{name: np.int64(value) for name, value in attrs.items()})
+
+
+def _conv_attrs(stride: int, pads: tuple[int, ...]) -> dict[str, int]:
+    return dict(stride=stride, pad_top=pads[0], pad_bottom=pads[1], pad_left=pads[2], pad_right=pads[3])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -134,18 +147,18 @@ def conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = "VALID") ->
 
 def _conv_fwd(x, w, stride, padding):
     load()
-    pads = _pads(x.shape, w.shape, stride, padding)
-    oh = (x.shape[1] + pads[0] + pads[1] - w.shape[0]) // stride + 1
-    ow = (x.shape[2] + pads[2] + pads[3] - w.shape[1]) // stride + 1
-    y = _call("cnn_jax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), x, w, stride, pads)
+    oh = layers.conv_output_size(x.shape[1], w.shape[0], stride, padding)
+    ow = layers.conv_output_size(x.shape[2], w.shape[1], stride, padding)
+    attrs = _conv_attrs(stride, _pads(x.shape, w.shape, stride, padding))
+    y = _ffi("cnn_jax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), x, w, **attrs)
     return y, (x, w)
 
 
 def _conv_bwd(stride, padding, residuals, g):
     x, w = residuals
-    pads = _pads(x.shape, w.shape, stride, padding)
-    dx = _call("cnn_jax_onednn_conv_backward_data", x.shape, g, w, stride, pads)
-    dw = _call("cnn_jax_onednn_conv_backward_weights", w.shape, x, g, stride, pads)
+    attrs = _conv_attrs(stride, _pads(x.shape, w.shape, stride, padding))
+    dx = _ffi("cnn_jax_onednn_conv_backward_data", x.shape, g, w, **attrs)
+    dw = _ffi("cnn_jax_onednn_conv_backward_weights", w.shape, x, g, **attrs)
     return dx, dw
 
 
@@ -159,11 +172,6 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1, padding: s
     return conv(x, w, stride, padding) + b
 
 
-def _pool_call(target: str, shape: tuple[int, ...], args: tuple[jax.Array, ...], window: int) -> jax.Array:
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
-        *args, window=np.int64(window))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
     """Max pooling of NHWC `x` over window x window patches at stride `window` (VALID), as
@@ -175,12 +183,13 @@ def _max_pool_fwd(x, window):
     load()
     if x.dtype != jnp.float32:
         raise ConfigError(f"--pool_impl=onednn runs float32 only (got {x.dtype})")
-    shape = (x.shape[0], x.shape[1] // window, x.shape[2] // window, x.shape[3])
-    return _pool_call("cnn_jax_onednn_max_pool_forward", shape, (x,), window), x
+    shape = (x.shape[0], layers.conv_output_size(x.shape[1], window, window),
+             layers.conv_output_size(x.shape[2], window, window), x.shape[3])
+    return _ffi("cnn_jax_onednn_max_pool_forward", shape, x, window=window), x
 
 
 def _max_pool_bwd(window, x, g):
-    return (_pool_call("cnn_jax_onednn_max_pool_backward", x.shape, (x, g), window),)
+    return (_ffi("cnn_jax_onednn_max_pool_backward", x.shape, x, g, window=window),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

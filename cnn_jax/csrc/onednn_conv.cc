@@ -41,6 +41,14 @@ struct Conv {
     return {cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
             src, any_weights, dst, strides, pad_l, pad_r};
   }
+  dnnl::convolution_backward_data::primitive_desc backward_data() const {
+    return {cpu_engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_l, pad_r,
+            forward()};
+  }
+  dnnl::convolution_backward_weights::primitive_desc backward_weights() const {
+    return {cpu_engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_l, pad_r,
+            forward()};
+  }
 };
 
 // `user` in the primitive's layout `want` (a reordered copy when they differ).
@@ -77,9 +85,7 @@ ffi::Error ConvBackwardData(F32 dy, F32 w, F32Result dx, int64_t stride, int64_t
                             int64_t pr) {
   return run("conv backward data", [&](dnnl::stream& s) {
     Conv c(dx->dimensions(), w.dimensions(), dy.dimensions(), stride, pt, pb, pl, pr);
-    dnnl::convolution_backward_data::primitive_desc pd(cpu_engine(), dnnl::algorithm::convolution_direct, c.src,
-                                                       c.any_weights, c.dst, c.strides, c.pad_l, c.pad_r,
-                                                       c.forward());
+    auto pd = c.backward_data();
     memory weights = to_layout(wrap(c.weights, w.typed_data()), pd.weights_desc(), s);
     dnnl::convolution_backward_data(pd).execute(s, {{DNNL_ARG_DIFF_DST, wrap(c.dst, dy.typed_data())},
                                                     {DNNL_ARG_WEIGHTS, weights},
@@ -91,9 +97,7 @@ ffi::Error ConvBackwardWeights(F32 x, F32 dy, F32Result dw, int64_t stride, int6
                                int64_t pr) {
   return run("conv backward weights", [&](dnnl::stream& s) {
     Conv c(x.dimensions(), dw->dimensions(), dy.dimensions(), stride, pt, pb, pl, pr);
-    dnnl::convolution_backward_weights::primitive_desc pd(cpu_engine(), dnnl::algorithm::convolution_direct,
-                                                          c.src, c.any_weights, c.dst, c.strides, c.pad_l,
-                                                          c.pad_r, c.forward());
+    auto pd = c.backward_weights();
     memory out = wrap(c.weights, dw->typed_data());
     memory blocked = pd.diff_weights_desc() == c.weights ? out : memory(pd.diff_weights_desc(), cpu_engine());
     dnnl::convolution_backward_weights(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src, x.typed_data())},

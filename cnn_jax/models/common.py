@@ -32,9 +32,7 @@ def conv_impl(config: Config, backend: str | None = None) -> str:
     if impl == "auto":
         impl = ("onednn" if onednn.available() else "patches") if cpu else "lax"
     if impl == "onednn":
-        if not cpu:
-            raise ConfigError("--conv_impl=onednn runs on CPU only: use auto or lax")
-        onednn.load()
+        onednn.require("conv_impl", "auto or lax", backend)
     return impl
 
 
@@ -50,9 +48,7 @@ def pool_impl(config: Config) -> str:
     if config.pool_impl == "auto":
         return "onednn" if conv_impl(config) == "onednn" else "reshape"
     if config.pool_impl == "onednn":
-        if jax.default_backend() != "cpu":
-            raise ConfigError("--pool_impl=onednn runs on CPU only: use auto or reshape")
-        onednn.load()
+        onednn.require("pool_impl", "auto or reshape")
     return config.pool_impl
 
 
