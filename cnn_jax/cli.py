@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 from absl import app, flags
 
-from cnn_jax import compile_cache
+from cnn_jax.engine import compile_cache
 from cnn_jax import config as config_lib
 from cnn_jax import models
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.workdir import WriteError
+from cnn_jax.rundir.workdir import WriteError
 
 FLAGS = flags.FLAGS
 _HELP = {
@@ -193,7 +193,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user as it is."""
-    from cnn_jax.data import DataError
+    from cnn_jax.data.sources import DataError
     return (ConfigError, DataError, FloatingPointError)
 
 

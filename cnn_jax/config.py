@@ -14,8 +14,10 @@ import dataclasses
 import math
 from typing import Any
 
-from cnn_jax import datasets, models
-from cnn_jax.layers import PADDINGS
+from cnn_jax import models
+
+from cnn_jax.data import registry as datasets
+from cnn_jax.nn.layers import PADDINGS
 
 DATASETS = datasets.NAMES
 INITS = ("he", "lecun", "normal")
@@ -52,7 +54,7 @@ class Config:
     """Every knob of an experiment; `experiments/train.py` has one flag per field."""
 
     # Data.
-    dataset: str = "mnist"            # mnist | fashion_mnist | kmnist | cifar10 | cifar100 (cnn_jax.datasets)
+    dataset: str = "mnist"            # mnist | fashion_mnist | kmnist | cifar10 | cifar100 (cnn_jax.data.registry)
     data_dir: str = ""                # folder with the dataset's offline files; empty: searched (cnn_jax.data)
     train_subset: int = 0             # train on the first N images only (0: all)
     test_subset: int = 0              # evaluate on the first N test images only (0: all)
@@ -90,7 +92,7 @@ class Config:
     # Execution and reporting.
     # auto | lax | patches | winograd. auto on CPU: in the tutorial CNN's fused conv -> relu -> pool
     # blocks Winograd where it applies, else patches; where a convolution runs alone (vgg, resnet,
-    # --debug, reduce_window pooling with NHWC) patches. auto elsewhere: lax (cnn_jax.lowering.resolve).
+    # --debug, reduce_window pooling with NHWC) patches. auto elsewhere: lax (cnn_jax.nn.lowering.resolve).
     conv_impl: str = "auto"
     loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
     pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)

@@ -20,7 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnn_jax import lowering, models
+from cnn_jax import models
+
+from cnn_jax.nn import lowering
 from cnn_jax.config import Config, ConfigError
 
 Params = dict[str, Any]
@@ -49,7 +51,7 @@ def apply(params: Params, model_state: ModelState, images: jax.Array, config: Co
 
 def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
     """(layer name, per-example output shape) of every layer, for --debug."""
-    return family(config).layer_shapes(config)
+    return [(name, shape) for name, shape, _ in family(config).walk(config)]
 
 
 def format_layer_shapes(config: Config) -> str:
@@ -58,8 +60,12 @@ def format_layer_shapes(config: Config) -> str:
 
 
 def flops(config: Config) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image."""
-    return family(config).flops(config)
+    """(forward, forward + backward) FLOPs per training image, from the family's shape walk of
+    (layer, shape, forward FLOPs): backward = weight gradients + input gradients of all but the
+    first layer, as the benchmark counts them for every family."""
+    per_layer = [f for _, _, f in family(config).walk(config) if f]
+    forward = sum(per_layer)
+    return forward, forward + forward + (forward - per_layer[0])
 
 
 def validate(config: Config) -> None:

@@ -3,7 +3,7 @@
 `train_and_evaluate(config, workdir)` trains a config, keeping the run in `workdir` when one is
 given (`train_in_workdir`):
 
-1. take the workdir's lock (`cnn_jax.lock`: a second process on it is refused) and check
+1. take the workdir's lock (`cnn_jax.rundir.lock`: a second process on it is refused) and check
    the workdir (only reads: a foreign run is refused unless resume/overwrite);
 2. load the data and, with `resume`, the latest checkpoint (a bad file fails here,
    before anything is written);
@@ -27,12 +27,16 @@ from typing import Any
 
 import jax
 
-from cnn_jax import checkpoint, lock, model, plots, report, signals, train
+from cnn_jax import model
+
+from cnn_jax.rundir import checkpoint, lock, plots, report, signals
+
+from cnn_jax.engine import train
 from cnn_jax import config as config_lib
-from cnn_jax import data as data_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.state import TrainState
+from cnn_jax.engine.state import TrainState
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None,

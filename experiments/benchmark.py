@@ -36,12 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from cnn_jax import cli, evaluation, model, optim
-from cnn_jax import state as state_lib
-from cnn_jax import step as step_lib
+from cnn_jax import cli, model
+
+from cnn_jax.engine import evaluation, optim
+from cnn_jax.engine import state as state_lib
+from cnn_jax.engine import step as step_lib
 from cnn_jax import config as config_lib
-from cnn_jax import data as data_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 
 flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")

@@ -19,8 +19,8 @@ from jax import monitoring
 
 import compile_times   # experiments/, beside this script
 from cnn_jax import cli
-from cnn_jax import data as data_lib
-from cnn_jax import train
+from cnn_jax.data import sources as data_lib
+from cnn_jax.engine import train
 from cnn_jax.config import ConfigError
 
 cli.define_config_flags()

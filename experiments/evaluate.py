@@ -10,7 +10,11 @@ the one training printed for the checkpoint's epoch (same numbers on the same ma
 
 from absl import app, flags, logging
 
-from cnn_jax import checkpoint, cli, data, report
+from cnn_jax import cli
+
+from cnn_jax.data import sources as data
+
+from cnn_jax.rundir import checkpoint, report
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")

@@ -20,7 +20,9 @@ import sys
 
 from absl import app, flags
 
-from cnn_jax import cli, data, sweep
+from cnn_jax import cli, sweep
+
+from cnn_jax.data import sources as data
 from cnn_jax import config as config_lib
 from cnn_jax.config import ConfigError
 

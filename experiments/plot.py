@@ -5,7 +5,7 @@
 
 Learning curves come from metrics.jsonl; the conv1 filters, the test confusion matrix
 and the misclassified test images from the latest (or --step) checkpoint. The run
-directory's lock is held throughout (cnn_jax.lock): while a training or another plot.py
+directory's lock is held throughout (cnn_jax.rundir.lock): while a training or another plot.py
 writes there, it stops with one line naming that process.
 """
 
@@ -13,8 +13,12 @@ import os
 
 from absl import app, flags, logging
 
-from cnn_jax import checkpoint, cli, data, lock, model, plots, report
-from cnn_jax import workdir as workdir_lib
+from cnn_jax import cli, model
+
+from cnn_jax.data import sources as data
+
+from cnn_jax.rundir import checkpoint, lock, plots, report
+from cnn_jax.rundir import workdir as workdir_lib
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to plot (default: the latest).")

@@ -19,7 +19,9 @@ import sys
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, data
+from cnn_jax import cli
+
+from cnn_jax.data import sources as data
 from cnn_jax import config as config_lib
 from cnn_jax import sweep
 from cnn_jax.config import ConfigError

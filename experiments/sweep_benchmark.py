@@ -23,9 +23,13 @@ import time
 import jax
 from absl import app, flags
 
-from cnn_jax import cli, data, sweep, train
+from cnn_jax import cli, sweep
+
+from cnn_jax.data import sources as data
+
+from cnn_jax.engine import train
 from cnn_jax import config as config_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 
 cli.define_config_flags()
 flags.DEFINE_integer("runs", 16, "Number of runs.")

@@ -26,8 +26,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cnn_jax import datasets
-from cnn_jax.dataset_files import DataError, read_idx_folder
+from cnn_jax.data import registry as datasets
+from cnn_jax.data.files import DataError, read_idx_folder
 
 FLAGS = flags.FLAGS
 
@@ -60,7 +60,7 @@ def _conv3x3(cin: int, cout: int, size: int, stride: int = 1):
     side gets the odd pixel)."""
     from torch import nn
 
-    from cnn_jax.layers import same_padding
+    from cnn_jax.nn.layers import same_padding
 
     low, high = same_padding(size, 3, stride)
     conv = nn.Conv2d(cin, cout, 3, stride, padding=low if low == high else 0, bias=False)
@@ -74,7 +74,7 @@ def make_vgg(widths: tuple[int, ...], depth: int, dropout: float, bn_momentum: f
     import torch
     from torch import nn
 
-    from cnn_jax.layers import BN_EPSILON
+    from cnn_jax.nn.layers import BN_EPSILON
 
     layers, channels, size = [], input_shape[2], input_shape[0]
     for width in widths:
@@ -93,7 +93,7 @@ def _pre_act_block_class():
     import torch
     from torch import nn
 
-    from cnn_jax.layers import BN_EPSILON
+    from cnn_jax.nn.layers import BN_EPSILON
 
     class PreActBlock(nn.Module):
         """relu(bn1(x)) -> conv1 (stride) -> relu(bn2) -> conv2, plus the shortcut: x, or the
@@ -122,7 +122,7 @@ def make_resnet(widths: tuple[int, ...], depth: int, dropout: float, bn_momentum
     pooling, dropout and the output layer. PyTorch's default init."""
     from torch import nn
 
-    from cnn_jax.layers import BN_EPSILON
+    from cnn_jax.nn.layers import BN_EPSILON
 
     block = _pre_act_block_class()
     size, channels = input_shape[0], widths[0]

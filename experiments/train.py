@@ -1,6 +1,6 @@
-"""Train a CNN on a dataset of the registry (MNIST by default; cnn_jax/datasets.py).
+"""Train a CNN on a dataset of the registry (MNIST by default; cnn_jax/data/registry.py).
 
-    python experiments/train.py --pool=max            # data: the first source found (cnn_jax/data.py)
+    python experiments/train.py --pool=max            # data: the first source found (cnn_jax/data/sources.py)
     python experiments/train.py --pool=max --data_dir=../shared/data/mnist
     python experiments/train.py --preset=tutorial      # the MXNet tutorial exactly
     python experiments/train.py --workdir=runs/max --epochs=2        # keep the run (see WORKSPACE.md)
@@ -13,8 +13,12 @@ import sys
 
 from absl import app, flags, logging
 
-from cnn_jax import cli, config as config_lib, parallel, run, signals
-from cnn_jax import workdir as workdir_lib
+from cnn_jax import cli, config as config_lib, run
+
+from cnn_jax.engine import parallel
+
+from cnn_jax.rundir import signals
+from cnn_jax.rundir import workdir as workdir_lib
 
 cli.define_config_flags()
 flags.DEFINE_string("workdir", None, "Run directory for config, metrics, checkpoints and plots.")

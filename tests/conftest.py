@@ -41,7 +41,7 @@ def mnist_dir() -> str:
 
 @pytest.fixture(scope="session")
 def mnist(mnist_dir):
-    from cnn_jax import data
+    from cnn_jax.data import sources as data
     return data.load_idx_dir(mnist_dir, "mnist")
 
 

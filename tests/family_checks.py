@@ -9,7 +9,11 @@ import numpy as np
 import numerics
 import pytest
 
-from cnn_jax import evaluation, model, onednn, optim, state, step, sweep, train
+from cnn_jax import model, sweep
+
+from cnn_jax.engine import evaluation, optim, state, step, train
+
+from cnn_jax.nn import onednn
 from cnn_jax import config as config_lib
 from cnn_jax.models import common
 
@@ -171,8 +175,8 @@ def interrupted_and_resumed(args, reference, workdir, env, marker):
     the interrupted run stopped at."""
     import signal
     import subprocess
-    from cnn_jax import checkpoint
-    from cnn_jax import workdir as workdir_lib
+    from cnn_jax.rundir import checkpoint
+    from cnn_jax.rundir import workdir as workdir_lib
     import script_runner
     from conftest import REPO_ROOT
     run = dict(env=env, cwd=REPO_ROOT, timeout=300)

@@ -57,7 +57,7 @@ def assert_updates_close(got: Any, want: Any, start: Any, rtol: float = UPDATE_R
 
 def perturb_updates(relative: float):
     """An `optim.apply_updates` whose updates carry a fixed relative noise of size `relative`:
-    a stand-in for another CPU's rounding of the gradient (to monkeypatch into cnn_jax.optim)."""
+    a stand-in for another CPU's rounding of the gradient (to monkeypatch into cnn_jax.engine.optim)."""
     import jax.numpy as jnp
 
     def apply_updates(params, updates):

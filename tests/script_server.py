@@ -23,7 +23,7 @@ import matplotlib.figure  # noqa: F401
 import optuna  # noqa: F401
 
 import cnn_jax.cli  # noqa: F401
-import cnn_jax.evaluation  # noqa: F401
+import cnn_jax.engine.evaluation  # noqa: F401
 import cnn_jax.run  # noqa: F401
 import cnn_jax.search  # noqa: F401
 import cnn_jax.sweep  # noqa: F401

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import augment
+from cnn_jax.data import augment
 
 N, H, W, C = 16, 8, 7, 3
 

@@ -12,7 +12,8 @@ import pytest
 import script_runner
 
 from cnn_jax import config as config_lib
-from cnn_jax import model, onednn
+from cnn_jax import model
+from cnn_jax.nn import onednn
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))

@@ -17,9 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnn_jax import checkpoint, model, optim, state
+from cnn_jax import model
+
+from cnn_jax.rundir import checkpoint
+
+from cnn_jax.engine import optim, state
 from cnn_jax import config as config_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
@@ -186,7 +190,8 @@ WRITER = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
-    from cnn_jax import checkpoint, optim, state
+    from cnn_jax.rundir import checkpoint
+    from cnn_jax.engine import optim, state
     from cnn_jax import config as config_lib
     config = config_lib.replace(config_lib.Config(), optimizer="adam", schedule="cosine", num_fc=1024)
     manager = checkpoint.open_manager(sys.argv[1])
@@ -361,7 +366,9 @@ def test_a_run_directory_of_the_format_before_resumes_bit_exactly_and_evaluates(
     without "model", a checkpoint of (params, bare optimiser state) + meta, metrics.jsonl)
     evaluates, and resumes to what an uninterrupted run computes."""
     import dataclasses
-    from cnn_jax import report, run, train
+    from cnn_jax import run
+    from cnn_jax.rundir import report
+    from cnn_jax.engine import train
     tiny = dataclasses.replace(mnist, train_images=mnist.train_images[:640], train_labels=mnist.train_labels[:640],
                                test_images=mnist.test_images[:200], test_labels=mnist.test_labels[:200])
     config = config_lib.replace(Config(), epochs=2, loop="step", train_eval="running", log_every=5)

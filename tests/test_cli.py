@@ -92,7 +92,7 @@ def refuse(*args, **kwargs):
     raise OSError("network is unreachable")
 socket.create_connection = refuse
 import cnn_jax.data
-cnn_jax.data.SHARED_DATA_DIR = sys.argv.pop(1)
+cnn_jax.data.sources.SHARED_DATA_DIR = sys.argv.pop(1)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -14,7 +14,7 @@ import pytest
 import script_runner
 from conftest import REPO_ROOT
 
-from cnn_jax import compile_cache
+from cnn_jax.engine import compile_cache
 
 TRAIN = os.path.join(REPO_ROOT, "experiments", "train.py")
 
@@ -128,7 +128,7 @@ def test_without_a_folder_it_compiles_and_writes_nothing(tmp_path, monkeypatch):
 
 PROBE = """
 import sys
-from cnn_jax import compile_cache
+from cnn_jax.engine import compile_cache
 import jax.numpy as jnp
 stats = compile_cache.enable(sys.argv[1])
 jnp.sin(jnp.arange(3.0)).block_until_ready()

@@ -4,7 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cnn_jax import config as config_lib, datasets
+from cnn_jax import config as config_lib
+
+from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, json_values, value_or_one_line_error
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data, datasets
+from cnn_jax.data import sources as data
+from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config
-from cnn_jax.data import DataError
+from cnn_jax.data.sources import DataError
 
 
 def test_real_mnist_from_idx(mnist):

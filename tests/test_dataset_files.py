@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnn_jax import dataset_files
-from cnn_jax.dataset_files import DataError
+from cnn_jax.data import files as dataset_files
+from cnn_jax.data.files import DataError
 
 CIFAR10_PY = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 CIFAR10_BIN = [name + ".bin" for name in CIFAR10_PY]

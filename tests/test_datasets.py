@@ -3,7 +3,7 @@
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import datasets
+from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import evaluation, model, state
+from cnn_jax import model
+from cnn_jax.engine import evaluation, state
 from cnn_jax.config import Config
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnn_jax import layers
+from cnn_jax.nn import layers
 
 
 

@@ -9,15 +9,15 @@ import textwrap
 
 import pytest
 
-from cnn_jax import lock
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import lock
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from conftest import REPO_ROOT
 
 # Holds the lock of argv[1] until killed; says so on stdout once it holds it.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from cnn_jax import lock
+    from cnn_jax.rundir import lock
     with lock.hold(sys.argv[1]):
         print("holding", flush=True)
         time.sleep(600)

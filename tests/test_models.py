@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import layers, model, models, optim, state, sweep, train
+from cnn_jax import model, models, sweep
+
+from cnn_jax.nn import layers
+
+from cnn_jax.engine import optim, state, train
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
 import family_checks
@@ -66,15 +70,11 @@ def apply(params, model_state, images, config, *, train, rng):
     return layers.dense(x, params["output"]["w"], params["output"]["b"]), model_state
 
 
-def layer_shapes(config):
+def walk(config):
     conv, pool, flat = _shapes(config)
-    return [("conv1", conv), ("pool1", pool), ("flatten", (flat,)), ("output", (config.num_classes,))]
-
-
-def flops(config):
-    conv, _, flat = _shapes(config)
-    forward = 2.0 * conv[0] * conv[1] * 9 * config.input_shape[2] * WIDTH + 2.0 * flat * config.num_classes
-    return forward, 3 * forward
+    conv_flops = 2.0 * conv[0] * conv[1] * 9 * config.input_shape[2] * WIDTH
+    return [("conv1", conv, conv_flops), ("pool1", pool, 0.0), ("flatten", (flat,), 0.0),
+            ("output", (config.num_classes,), 2.0 * flat * config.num_classes)]
 
 
 def validate(config):

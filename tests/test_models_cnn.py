@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.models import cnn
 from cnn_jax.config import Config
 
@@ -39,7 +40,7 @@ def test_params_are_a_nested_dict_by_layer_name():
 ])
 def test_flattened_size_is_derived(overrides, flat):
     config = config_lib.validate(config_lib.replace(Config(), **overrides))
-    assert dict(cnn.layer_shapes(config))["flatten"] == (flat,)
+    assert dict(model.layer_shapes(config))["flatten"] == (flat,)
     params = cnn.init(jax.random.key(1), config)[0]
     assert params["dense1"]["w"].shape == (flat, config.num_fc)
     logits = jax.jit(lambda p, x: cnn.apply(p, {}, x, config)[0])(params, jnp.ones((2,) + config.input_shape))
@@ -112,7 +113,7 @@ def test_init_is_bit_identical_to_one_draw_per_tensor(overrides):
 
 
 def test_flops_of_the_tutorials_network_come_from_the_shape_walk():
-    forward, total = cnn.flops(Config())
+    forward, total = model.flops(Config())
     conv1, conv2 = 2 * 26 * 26 * 9 * 20, 2 * 9 * 9 * 25 * 20 * 50
     assert forward == conv1 + conv2 + 2 * 800 * 128 + 2 * 128 * 10
     assert total == 3 * forward - conv1       # no input gradient for the first layer

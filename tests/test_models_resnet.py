@@ -8,9 +8,9 @@ import pytest
 
 import family_checks as checks
 from cnn_jax import config as config_lib
-from cnn_jax import layers, model
+from cnn_jax import model
+from cnn_jax.nn import layers
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.models import resnet
 
 TINY = config_lib.replace(Config(), model="resnet", widths=(8, 16), depth=1, dropout=0.1, epochs=2,
                           batch_size=32, loop="step", train_eval="running", eval_batch_size=100, log_every=5,
@@ -79,7 +79,7 @@ def test_config_checks_and_flops():
     block1 = 2 * 28 * 28 * 9 * (4 * 4 + 4 * 4)
     block2 = 2 * 14 * 14 * 9 * (4 * 8 + 8 * 8) + 2 * 14 * 14 * 4 * 8
     forward = stem + block1 + block2 + 2 * 8 * 10
-    assert resnet.flops(config) == (forward, 3 * forward - stem)
+    assert model.flops(config) == (forward, 3 * forward - stem)
     assert model.strategy(TINY).describe().startswith(f"conv={checks.CPU_CONV} pool=global_mean layout=NHWC")
 
 

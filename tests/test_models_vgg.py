@@ -75,7 +75,9 @@ DP_SCRIPT = r"""
 import json, sys
 import jax
 import numpy as np
-from cnn_jax import config as config_lib, data, train
+from cnn_jax import config as config_lib
+from cnn_jax.data import sources as data
+from cnn_jax.engine import train
 import jax
 config = config_lib.from_dict(json.loads(sys.argv[1]))
 final, _ = train.fit(config, data.load(config))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import layers, lowering, onednn
+from cnn_jax.nn import layers, lowering, onednn
 from cnn_jax.config import ConfigError
 from conftest import REPO_ROOT
 

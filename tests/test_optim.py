@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import optim
+from cnn_jax.engine import optim
 from cnn_jax.config import Config
 
 PARAMS = {"a": {"w": jnp.asarray([1.0, -2.0, 3.0]), "b": jnp.asarray([0.5])}}

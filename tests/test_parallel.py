@@ -16,7 +16,9 @@ import numerics
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data, model, optim, parallel, step, train
+from cnn_jax import model
+from cnn_jax.data import sources as data
+from cnn_jax.engine import optim, parallel, step, train
 from cnn_jax.config import Config, ConfigError
 from conftest import xla_flags
 
@@ -35,7 +37,8 @@ WINOGRAD = {"conv_impl": "winograd"}
 SCRIPT = r"""
 import json, os, sys
 import numpy as np
-from cnn_jax import config as config_lib, parallel
+from cnn_jax import config as config_lib
+from cnn_jax.engine import parallel
 mnist_dir, prefix, loops = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 extra = json.loads(os.environ.get("CONFIG_OVERRIDES", "{}"))
 if len(sys.argv) > 4:
@@ -43,7 +46,8 @@ if len(sys.argv) > 4:
 base = config_lib.replace(config_lib.Config(), data_dir=mnist_dir, **{**SUBSET, **extra})
 parallel.initialize(base)
 import jax
-from cnn_jax import data, train
+from cnn_jax.data import sources as data
+from cnn_jax.engine import train
 dataset = data.load(base)
 for loop in loops:
     config = config_lib.replace(base, loop=loop)
@@ -52,7 +56,7 @@ for loop in loops:
     if jax.process_index() == 0:
         np.savez(f"{prefix}_{loop}.npz", **{f"{k}/{n}": np.asarray(v) for k, layer in params.items()
                                             for n, v in layer.items()})
-from cnn_jax import state
+from cnn_jax.engine import state
 config = config_lib.replace(base, loop="step")
 optimizer, runner = train.compiled_runner(config, len(dataset.train_labels) // base.batch_size, "step")
 args = parallel.data_parallel(config).replicate(

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from cnn_jax import plots
+from cnn_jax.rundir import plots
 from cnn_jax.config import Config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

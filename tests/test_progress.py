@@ -2,7 +2,7 @@
 
 import io
 
-from cnn_jax import progress
+from cnn_jax.rundir import progress
 
 
 class FakeTerminal(io.StringIO):

@@ -12,7 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cnn_jax import cli, readers
+from cnn_jax import cli
+
+from cnn_jax.rundir import readers
 from cnn_jax.config import ConfigError
 
 FIX = "restore the file"

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from cnn_jax import report
+from cnn_jax.rundir import report
 
 
 def test_confusion_and_per_class_accuracy_by_hand():

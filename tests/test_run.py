@@ -17,9 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import checkpoint, lock, report, run, train
+from cnn_jax import run
+
+from cnn_jax.rundir import checkpoint, lock, report
+
+from cnn_jax.engine import train
 from cnn_jax import config as config_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 import script_runner
 from conftest import REPO_ROOT
@@ -187,7 +191,7 @@ def test_a_run_written_with_the_old_names_evaluates_and_resumes(tiny, tmp_path):
 def test_bad_data_writes_nothing(tmp_path):
     workdir = str(tmp_path / "run")
     config = config_lib.replace(TINY, data_dir=str(tmp_path / "missing"))
-    from cnn_jax.data import DataError
+    from cnn_jax.data.sources import DataError
     with pytest.raises(DataError):
         run.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)
@@ -379,7 +383,7 @@ def test_cli_resume_refused_for_bad_data_metrics_or_checkpoint_leaves_the_run_by
 NAN_IMAGES = """
 import dataclasses, runpy, sys
 import numpy as np
-from cnn_jax import data
+from cnn_jax.data import sources as data
 load = data.load
 data.load = lambda config: (lambda d: dataclasses.replace(d, train_images=np.full_like(d.train_images, np.nan)))(load(config))
 sys.argv = sys.argv[1:]

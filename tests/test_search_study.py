@@ -5,7 +5,7 @@ import optuna
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import data
+from cnn_jax.data import sources as data
 from cnn_jax.config import ConfigError
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib

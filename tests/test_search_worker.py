@@ -23,9 +23,9 @@ import script_runner
 from conftest import default_sigint
 
 from cnn_jax import config as config_lib
-from cnn_jax import data
+from cnn_jax.data import sources as data
 from cnn_jax import run as run_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import worker as worker_lib

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from cnn_jax import signals
+from cnn_jax.rundir import signals
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import model, optim, state
+from cnn_jax import model
+from cnn_jax.engine import optim, state
 from cnn_jax.config import Config
 
 CONFIG = config_lib.replace(Config(), optimizer="momentum", learning_rate=0.05, momentum=0.8)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import optim, state, step
+from cnn_jax.engine import optim, state, step
 from cnn_jax.config import Config
 
 
@@ -54,7 +54,7 @@ def test_the_step_augments_its_batch_from_the_step_key(small):
     """With --augment_shift / --augment_flip the step trains on the batch augmented with
     fold_in(step key, AUGMENT_STREAM): the same update as the manual one on those images, and not
     the update on the raw images; the same state gives the same augmentation."""
-    from cnn_jax import augment
+    from cnn_jax.data import augment
     config = config_lib.replace(config_lib.PRESETS["tutorial"], augment_shift=3, augment_flip=True)
     opt = optim.make_optimizer(config, 1)
     start = state.create(config, opt).replace(step=jnp.asarray(7, jnp.int32))

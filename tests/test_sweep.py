@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
-from cnn_jax import evaluation, models, optim, step, sweep, train
-from cnn_jax import state as state_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax import models, sweep
+from cnn_jax.engine import evaluation, optim, step, train
+from cnn_jax.engine import state as state_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
@@ -513,7 +514,8 @@ def test_a_run_whose_optimiser_state_overflows_is_marked_diverged_and_the_others
 def test_a_validation_split_is_evaluated_each_epoch_and_kept_in_the_rows(small_dataset, tmp_path):
     """With a validation split each epoch's record and the row hold the accuracy on the held-out
     images (what `evaluate` gives for the run's final params), besides the test accuracy."""
-    from cnn_jax import data, evaluation, state
+    from cnn_jax.data import sources as data
+    from cnn_jax.engine import evaluation, state
     base = config_lib.replace(Config(), optimizer="momentum", batch_size=32, eval_batch_size=200,
                               train_eval="running", epochs=2)
     train_part, val_x, val_y = data.hold_out(small_dataset, 64)
@@ -747,7 +749,7 @@ def test_a_damaged_result_of_a_finished_run_stops_the_sweep_before_anything_trai
 
 def test_a_run_directory_another_process_holds_is_refused_and_nothing_written(small_dataset, tmp_path):
     """Each run directory is locked for its group's training; the sweep directory is not (workers share it)."""
-    from cnn_jax import lock
+    from cnn_jax.rundir import lock
     from test_lock import start_holder
     runs = sweep.make_runs(config_lib.replace(Config(), batch_size=32, train_eval="running"),
                            [{"seed": 0}, {"seed": 1}])

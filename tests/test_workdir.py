@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
@@ -241,7 +241,7 @@ def test_any_bytes_as_metrics_give_records_or_one_line(tmp_path, data):
                            "validation_loss", "validation_accuracy")}),
     max_size=4))
 def test_any_json_lines_as_metrics_give_records_the_plots_draw_or_one_line(tmp_path, lines):
-    from cnn_jax import plots
+    from cnn_jax.rundir import plots
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     records = value_or_one_line_error(lambda: workdir_lib.read_metrics(str(tmp_path)), tmp_path / "metrics.jsonl")
     if records:   # what the readers of the records do: the learning curves, a resumed run's log

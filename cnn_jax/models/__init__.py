@@ -1,12 +1,13 @@
-"""The model registry: each family is a module with the same five functions, found by name.
+"""The model registry: each family is a module with the same four functions, found by name.
 
 A family module provides
 
     init(key, config) -> (params, model_state)          # model_state: {} for stateless models
     apply(params, model_state, images, config, *, train, rng) -> (logits, new model_state)
-    layer_shapes(config) -> [(layer name, per-example output shape), ...]   # for --debug
-    flops(config) -> forward-pass FLOPs per example                          # for the benchmark
+    walk(config) -> [(layer name, per-example output shape, forward FLOPs), ...]   # the shape walk
     validate(config) -> None                            # its own checks; raises ConfigError
+
+(`cnn_jax.model` derives the --debug shape trace and the FLOPs per training image from `walk`)
 
 and may provide `first_conv(params)`, the first conv layer's (kh, kw, in, out) weights for the
 filters plot (default: the first 4-D weight in layer order), and `strategy(config)`, the

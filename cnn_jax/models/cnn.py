@@ -4,7 +4,7 @@ Architecture (the tutorial's by default): for each conv layer i, conv{i} -> relu
 pool{i}; then flatten -> dense1 -> relu -> output (logits). Params are a nested
 dict keyed by layer name: {"conv1": {"w", "b"}, ..., "dense1": {...}, "output": {...}}.
 It has no model state and no randomness: `init` returns `{}` as the model state and
-`apply` ignores `train` and `rng`. On CPU it runs the fused lowerings of `cnn_jax.lowering`.
+`apply` ignores `train` and `rng`. On CPU it runs the fused lowerings of `cnn_jax.nn.lowering`.
 
     params, model_state = cnn.init(jax.random.key(0), config)
     logits, model_state = cnn.apply(params, model_state, images, config, train=False, rng=None)
@@ -19,15 +19,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import layers, lowering
-from cnn_jax.models import common
+from cnn_jax.nn import layers, lowering
+from cnn_jax.models import cnn_blocks
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.layers import conv_output_size
+from cnn_jax.nn.layers import conv_output_size
 
 Params = dict[str, dict[str, jax.Array]]
 
 
-def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
+def walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
     """(layer name, per-example output shape, forward FLOPs) of every layer: the one shape walk,
     behind `layer_shapes`, `flops` and `validate`. Raises ConfigError where a kernel or pool
     window does not fit its input. Multiply-add counts 2 FLOPs."""
@@ -72,21 +72,8 @@ def validate(config: Config) -> None:
         if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
             raise ConfigError(f"--{name}={','.join(map(str, values))} is not allowed: "
                               "every entry must be a positive integer")
-    _walk(config)
+    walk(config)
 
-
-def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
-    """(layer name, per-example output shape) for the network `config` describes.
-
-    The flattened size is derived here, never hard-coded.
-    """
-    return [(name, shape) for name, shape, _ in _walk(config)]
-
-
-def flops(config: Config) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image as the reference computes them:
-    backward = weight gradients + input gradients of all but the first layer."""
-    return common.training_flops(_walk(config))
 
 
 def first_conv(params: Params) -> jax.Array:
@@ -101,7 +88,7 @@ def param_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
     for i, (filters, kernel) in enumerate(zip(config.conv_filters, config.conv_kernels), start=1):
         shapes[f"conv{i}"] = {"w": (kernel, kernel, channels, filters), "b": (filters,)}
         channels = filters
-    flat = dict(layer_shapes(config))["flatten"][0]
+    flat = next(shape for name, shape, _ in walk(config) if name == "flatten")[0]
     shapes["dense1"] = {"w": (flat, config.num_fc), "b": (config.num_fc,)}
     shapes["output"] = {"w": (config.num_fc, config.num_classes), "b": (config.num_classes,)}
     return shapes
@@ -150,7 +137,7 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 
 def conv_fn(config: Config):
     """The convolution of the layer-by-layer path (`--debug`, or reduce_window pooling with an
-    NHWC layout). The fused blocks of `cnn_jax.lowering`, Winograd among them, do not run there, so
+    NHWC layout). The fused blocks of `cnn_jax.nn.lowering`, Winograd among them, do not run there, so
     `auto` means patches + matmul on CPU and the reference `lax` convolution elsewhere; `lax`,
     `patches` and `onednn` run as asked."""
     impl = config.conv_impl
@@ -180,14 +167,14 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
             trace(f"conv{i}", x)
             x = pool(x, config.pool_window, config.pool_stride)
             trace(f"pool{i}", x)
-    else:  # a faster lowering of the same blocks (cnn_jax/lowering.py; tested equal)
+    else:  # a faster lowering of the same blocks (cnn_jax/nn/lowering.py; tested equal)
         if strategy.layout == "CHWN":
             x = jnp.transpose(x, (3, 1, 2, 0))   # NHWC <-> CHWN (its own inverse)
         for i in range(1, len(config.conv_filters) + 1):
             layer = params[f"conv{i}"]
-            x = lowering.conv_block(x, layer["w"], layer["b"], config, strategy)
+            x = cnn_blocks.conv_block(x, layer["w"], layer["b"], config, strategy)
     if strategy.layout == "CHWN" and not debug:   # flatten + dense1 straight from (C, H, W, N)
-        x = lowering.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"])
+        x = cnn_blocks.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"])
     else:
         x = layers.flatten(x)
         trace("flatten", x)

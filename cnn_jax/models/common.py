@@ -3,8 +3,8 @@ strategy line that names it, weight initialisation, batch norm on params and mod
 the checks of their config fields.
 
 Batch norm sits between each convolution and its relu, so the fused conv -> relu -> pool blocks
-of `cnn_jax.lowering` do not apply; each convolution runs on its own: on CPU through oneDNN
-(`cnn_jax.onednn`, faster than XLA:CPU's convolution: docs/performance.md) when it builds there, else as
+of `cnn_jax.nn.lowering` do not apply; each convolution runs on its own: on CPU through oneDNN
+(`cnn_jax.nn.onednn`, faster than XLA:CPU's convolution: docs/performance.md) when it builds there, else as
 patches + one matmul (`layers.conv2d_patches`); as XLA's convolution elsewhere or with
 `--conv_impl=lax`. Activations stay NHWC.
 """
@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import layers, lowering, onednn
+from cnn_jax.nn import layers, lowering, onednn
 from cnn_jax.config import Config, ConfigError
 
 Conv = Callable[..., jax.Array]
@@ -110,11 +110,3 @@ def validate(config: Config, family: str) -> None:
     if config.layout == "CHWN":
         raise ConfigError(f"--layout=CHWN is not available for --model={family}: use auto or NHWC")
 
-
-def training_flops(walk: list[tuple[str, tuple[int, ...], float]]) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image from a family's shape walk of
-    (layer, shape, forward FLOPs): backward = weight gradients + input gradients of all but the
-    first layer, as the benchmark counts them for every family."""
-    per_layer = [f for _, _, f in walk if f]
-    forward = sum(per_layer)
-    return forward, forward + forward + (forward - per_layer[0])

@@ -20,9 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import layers, lowering
+from cnn_jax.nn import layers, lowering
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.layers import conv_output_size
+from cnn_jax.nn.layers import conv_output_size
 from cnn_jax.models import common
 
 Params = dict[str, dict]
@@ -38,7 +38,7 @@ def _blocks(config: Config):
             c = width
 
 
-def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
+def walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
     """(layer name, per-example output shape, forward FLOPs) of every layer (multiply-add: 2 FLOPs)."""
     h, w, c = config.input_shape
     out = [("stem", (h, w, config.widths[0]), 2.0 * h * w * 9 * c * config.widths[0])]
@@ -59,18 +59,8 @@ def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
 def validate(config: Config) -> None:
     """The checks of this family's fields (widths, depth, dropout, bn_momentum) and its shape walk."""
     common.validate(config, "resnet")
-    _walk(config)
+    walk(config)
 
-
-def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
-    """(layer name, per-example output shape) of the stem, every block, the pooling and the output."""
-    return [(name, shape) for name, shape, _ in _walk(config)]
-
-
-def flops(config: Config) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image, counted as for the tutorial's CNN:
-    backward = weight gradients + input gradients of all but the first layer."""
-    return common.training_flops(_walk(config))
 
 
 def strategy(config: Config) -> lowering.Strategy:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cnn_jax import layers, lowering
+from cnn_jax.nn import layers, lowering
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.models import common
 
 Params = dict[str, dict[str, jax.Array]]
 
 
-def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
+def walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
     """(layer name, per-example output shape, forward FLOPs) of every layer (multiply-add: 2 FLOPs).
     Raises ConfigError where pooling leaves no pixels."""
     h, w, c = config.input_shape
@@ -44,18 +44,8 @@ def _walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
 def validate(config: Config) -> None:
     """The checks of this family's fields (widths, depth, dropout, bn_momentum) and its shape walk."""
     common.validate(config, "vgg")
-    _walk(config)
+    walk(config)
 
-
-def layer_shapes(config: Config) -> list[tuple[str, tuple[int, ...]]]:
-    """(layer name, per-example output shape) of every layer, for --debug."""
-    return [(name, shape) for name, shape, _ in _walk(config)]
-
-
-def flops(config: Config) -> tuple[float, float]:
-    """(forward, forward + backward) FLOPs per training image, counted as for the tutorial's CNN:
-    backward = weight gradients + input gradients of all but the first layer."""
-    return common.training_flops(_walk(config))
 
 
 def strategy(config: Config) -> lowering.Strategy:
@@ -81,7 +71,7 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
                                                          config)}
             params[f"bn{b}_{j}"], model_state[f"bn{b}_{j}"] = common.bn_init(width)
             c, index = width, index + 1
-    flat = dict(layer_shapes(config))["flatten"][0]
+    flat = next(shape for name, shape, _ in walk(config) if name == "flatten")[0]
     params["output"] = {"w": common.weight(jax.random.fold_in(key, index), (flat, config.num_classes), config,
                                            gain=1.0),
                         "b": jnp.zeros(config.num_classes, jnp.float32)}

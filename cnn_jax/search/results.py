@@ -17,7 +17,7 @@ import optuna
 
 from cnn_jax import config as config_lib
 from cnn_jax import sweep
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
 
 TRIALS_CSV, TRIALS_MD, BEST_COMMAND = "trials.csv", "trials.md", "best_command.txt"
@@ -119,7 +119,7 @@ def write_figures(study: optuna.Study, folder: str) -> list[str]:
     cannot give yet (no completed trial; importances: fewer than two) are skipped."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
-    from cnn_jax import plots
+    from cnn_jax.rundir import plots
 
     makers = {"history": ovm.plot_optimization_history, "importances": ovm.plot_param_importances,
               "parallel": ovm.plot_parallel_coordinate}

@@ -25,7 +25,8 @@ from typing import Any
 import optuna
 
 from cnn_jax import config as config_lib
-from cnn_jax import readers, sweep
+from cnn_jax import sweep
+from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError
 
 RANGE_KINDS = ("uniform", "loguniform", "int", "logint")

@@ -35,8 +35,8 @@ import numpy as np
 import optuna
 
 from cnn_jax import config as config_lib
-from cnn_jax import data as data_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.search import space as space_lib
 

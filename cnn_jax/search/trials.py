@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import data as data_lib
-from cnn_jax import evaluation, progress, sweep, train
-from cnn_jax import state as state_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax import sweep
+from cnn_jax.engine import evaluation, train
+from cnn_jax.rundir import progress
+from cnn_jax.engine import state as state_lib
 from cnn_jax.config import Config
 
 COMPLETE, PRUNED, DIVERGED = "complete", "pruned", "diverged"

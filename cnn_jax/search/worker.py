@@ -24,9 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import optuna
 
-from cnn_jax import data as data_lib
-from cnn_jax import evaluation, lock, report, sweep, train
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax import sweep
+from cnn_jax.engine import evaluation, train
+from cnn_jax.rundir import lock, report
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import study as study_lib
@@ -95,7 +97,8 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
     """Finish a trial's run directory: a checkpoint of its final params (unless it diverged), for a
     completed trial its test results (results.json, also added to `row`), and last the row as
     trial_result.json. Returns the test results, or None."""
-    from cnn_jax import checkpoint, run as run_lib   # orbax is only needed here
+    from cnn_jax import run as run_lib  # orbax is only needed here
+    from cnn_jax.rundir import checkpoint
 
     test = None
     if outcome.params is not None:

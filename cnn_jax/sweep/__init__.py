@@ -12,7 +12,7 @@ written last, which marks the run finished.
 
 Runs whose configs differ only in `PER_RUN_FIELDS` (learning rate, weight scale, momentum,
 weight decay, seed, ...) compute with arrays of the same shapes, so they form one *group*
-trained as one jit-compiled program: the train step of `cnn_jax.step` is `jax.vmap`-ed
+trained as one jit-compiled program: the train step of `cnn_jax.engine.step` is `jax.vmap`-ed
 over a leading run axis of the train state (params, optimiser state with the run's
 hyperparameters, model state, rng) and of the batches. Each run keeps its own initial state,
 rng and data order (`data.epoch_permutation(seed, epoch, n)`), so it computes what it

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import data as data_lib
-from cnn_jax import evaluation, optim, progress, train
-from cnn_jax import state as state_lib
-from cnn_jax import step as step_lib
+from cnn_jax.data import sources as data_lib
+from cnn_jax.engine import evaluation, optim, train
+from cnn_jax.rundir import progress
+from cnn_jax.engine import state as state_lib
+from cnn_jax.engine import step as step_lib
 from cnn_jax.config import Config
-from cnn_jax.state import TrainState
+from cnn_jax.engine.state import TrainState
 from cnn_jax.sweep.spec import Run
 
 # Fields that may differ between the runs of one group: the optimiser's hyperparameters (arrays

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cnn_jax import plots
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import plots
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.sweep.rundirs import SWEEP_RESULT_FILE, read_row
 from cnn_jax.sweep.spec import field_kind, format_value
 

@@ -9,10 +9,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from cnn_jax import checkpoint, lock, readers, report, run as run_lib, train
-from cnn_jax import data as data_lib
-from cnn_jax import state as state_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax import run as run_lib
+
+from cnn_jax.rundir import checkpoint, lock, readers, report
+
+from cnn_jax.engine import train
+from cnn_jax.data import sources as data_lib
+from cnn_jax.engine import state as state_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import ConfigError
 from cnn_jax.sweep.group import train_group
 from cnn_jax.sweep.spec import Run, coerce_value
@@ -84,7 +88,7 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
     With `validation` (images and labels held out of `dataset`'s training images), the rows
     also hold the final validation loss and accuracy.
 
-    Each run directory is locked for the group's whole training (`cnn_jax.lock`: another
+    Each run directory is locked for the group's whole training (`cnn_jax.rundir.lock`: another
     process training the same run is refused; the sweep directory itself is shared by every
     worker and never locked), then (re)started (a previous unfinished attempt is replaced);
     metrics are written as training goes; at the end come results.json, a checkpoint of

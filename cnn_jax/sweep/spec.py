@@ -11,7 +11,7 @@ import os
 from typing import Any, Sequence
 
 from cnn_jax import config as config_lib
-from cnn_jax import readers
+from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError, shown
 
 # The most runs one sweep may hold (a mistyped grid would otherwise fill the memory).

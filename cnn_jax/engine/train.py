@@ -2,8 +2,8 @@
 epoch of steps, the host-side record of a run) are shared with the vmapped groups of
 `cnn_jax.sweep`.
 
-The compiled step and runners are `cnn_jax.step`'s; the state they carry is
-`cnn_jax.state.TrainState`. What stays on the host is a `RunLog` per run: the step count, the
+The compiled step and runners are `cnn_jax.engine.step`'s; the state they carry is
+`cnn_jax.engine.state.TrainState`. What stays on the host is a `RunLog` per run: the step count, the
 tutorial's moving-average loss, this epoch's losses and correct counts, and one record per finished
 epoch. Together, a TrainState and a RunLog are everything a run needs to continue exactly where
 it stopped (what a checkpoint holds).
@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnn_jax import compile_cache
-from cnn_jax import data as data_lib
-from cnn_jax import evaluation, lowering, model, optim, parallel, progress, state as state_lib, step as step_lib
+from cnn_jax.engine import compile_cache
+from cnn_jax.data import sources as data_lib
+from cnn_jax import model
+from cnn_jax.engine import evaluation, optim, parallel, state as state_lib, step as step_lib
+from cnn_jax.nn import lowering
+from cnn_jax.rundir import progress
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.state import TrainState
+from cnn_jax.engine.state import TrainState
 
 Record = dict[str, Any]
 

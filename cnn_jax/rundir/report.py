@@ -7,9 +7,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from cnn_jax import evaluation
+from cnn_jax.engine import evaluation
 from cnn_jax.config import Config
-from cnn_jax.data import Dataset
+from cnn_jax.data.sources import Dataset
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -37,6 +37,8 @@ from cnn_jax.config import ConfigError
 
 HIT_EVENT = "/jax/compilation_cache/cache_hits"
 MISS_EVENT = "/jax/compilation_cache/cache_misses"
+# The package root: every cnn_jax source file is part of an executable's cache key.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXECUTABLE_HIT_EVENT = "/cnn_jax/executable_cache/hits"
 EXECUTABLE_DURATION_EVENT = "/cnn_jax/executable_cache/duration"
 # The stages of compiling one program: Python to jaxpr, jaxpr to StableHLO (both needed for the
@@ -163,7 +165,7 @@ def executable_key(name: str, args: Sequence[Any], context: Any, sources: Sequen
     device = jax.devices()[0]
     flags = {k: v for k, v in jax.config.values.items() if "cache" not in k}
     parts = [name, repr(context), str(tree), *map(_abstract, leaves),
-             _sources_digest(tuple(sources) + (os.path.dirname(os.path.abspath(__file__)),)),
+             _sources_digest(tuple(sources) + (PACKAGE_DIR,)),
              jax.__version__, jaxlib.__version__, sys.version, platform.machine(), repr(sorted(flags.items())),
              os.environ.get("XLA_FLAGS", ""), device.platform, device.client.platform_version,
              device.device_kind, str(jax.device_count()), _cpu_description()]

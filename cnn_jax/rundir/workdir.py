@@ -6,14 +6,14 @@ A workdir holds one run:
     metrics.jsonl      one JSON object per line: {"kind": "train", ...} every `log_every` steps,
                        {"kind": "epoch", ...} after each epoch
     results.json       final test loss/accuracy, per-class accuracy, confusion matrix
-    checkpoints/<step>/  orbax checkpoints (see cnn_jax.checkpoint)
+    checkpoints/<step>/  orbax checkpoints (see cnn_jax.rundir.checkpoint)
     plots/*.png        learning curves, conv1 filters, confusion matrix, misclassified images
     tensorboard/       scalar event files (with --tensorboard)
 
 Every file is written to a temporary name in the same folder and moved into place
 with `os.replace`, which is atomic on POSIX: a reader sees the old file or the new
 one, never a torn one. `check` only reads; it runs before the data is loaded, and
-`start` (the first write) runs after, under the run directory's lock (`cnn_jax.lock`),
+`start` (the first write) runs after, under the run directory's lock (`cnn_jax.rundir.lock`),
 and first clears the temporaries a failed or killed writer left behind.
 
 A write that fails (disk full, read-only filesystem, run directory deleted) raises
@@ -31,7 +31,7 @@ import time
 from typing import Any, Iterable
 
 from cnn_jax import config as config_lib
-from cnn_jax import readers
+from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError
 
 CONFIG_FILE = "config.json"

@@ -6,7 +6,7 @@ weights, float32, CPU only.
 XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
 families' layers; oneDNN's blocked direct convolutions run them several times faster
 (docs/performance.md).
-The handlers (`cnn_jax/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
+The handlers (`cnn_jax/nn/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
 (`$CXX`, else `g++`) against the pinned `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels, into
 `$CNN_JAX_CACHE` (default `$XDG_CACHE_HOME/cnn_jax` or `~/.cache/cnn_jax`, beside the compilation
 cache), keyed by the source, the compiler, the JAX build and the environment.
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from cnn_jax import layers
+from cnn_jax.nn import layers
 from cnn_jax.config import ConfigError
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")

@@ -26,7 +26,7 @@ import sys
 from typing import Iterator
 
 from cnn_jax.config import ConfigError
-from cnn_jax.workdir import WriteError
+from cnn_jax.rundir.workdir import WriteError
 
 LOCK_FILE = ".lock"
 

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
 
 PLOT_FILES = {

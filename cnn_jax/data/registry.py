@@ -1,7 +1,7 @@
 """The dataset registry: one entry per dataset, everything the code needs to know about it.
 
 An entry names the dataset's TensorFlow Datasets builder, its offline file format and the
-reader for it (`cnn_jax.dataset_files`), its image shape, classes and normalisation, and
+reader for it (`cnn_jax.data.files`), its image shape, classes and normalisation, and
 where offline copies are looked for. `Config.input_shape` and `Config.num_classes` follow
 the entry of `Config.dataset`. Adding a dataset is adding an entry (and a reader if its
 files have a new format).
@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from cnn_jax import dataset_files
+from cnn_jax.data import files as dataset_files
 
 
 def to_unit_float(images: np.ndarray) -> np.ndarray:

@@ -28,12 +28,12 @@ import socket
 
 import numpy as np
 
-from cnn_jax import datasets
+from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.dataset_files import IDX_FILES, DataError, read_idx  # noqa: F401 - part of this module's API
+from cnn_jax.data.files import IDX_FILES, DataError, read_idx  # noqa: F401 - part of this module's API
 
 CLASS_NAMES = {name: spec.class_names for name, spec in datasets.REGISTRY.items()}
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The project machines keep one folder per dataset here (relative to the repository).
 SHARED_DATA_DIR = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data"))
 DATA_ROOT_ENV = "CNN_JAX_DATA_DIR"

@@ -38,10 +38,11 @@ import jax
 import numpy as np
 
 from cnn_jax import config as config_lib
-from cnn_jax import optim, readers, state as state_lib
-from cnn_jax import workdir as workdir_lib
+from cnn_jax.engine import optim, state as state_lib
+from cnn_jax.rundir import readers
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.data import DataError
+from cnn_jax.data.sources import DataError
 
 KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
 FORMAT = 2             # meta["format"] of checkpoints holding a whole TrainState; none before

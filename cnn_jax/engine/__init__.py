@@ -1,0 +1,1 @@
+"""The training engine: state, step, optimisers, the loop, evaluation, parallelism, compile cache."""

@@ -1,0 +1,1 @@
+"""The network's building blocks below every model family: layers, lowerings, oneDNN."""

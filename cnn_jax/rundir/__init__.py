@@ -1,0 +1,1 @@
+"""Runs kept on disk: run directory files, checkpoints, lock, signals, reports, plots, progress."""
