@@ -85,6 +85,7 @@ class Config:
     schedule: str = "constant"        # constant | cosine | onecycle | warmup_cosine (optax optimisers)
     momentum: float = 0.9
     weight_decay: float = 1e-4        # adamw only
+    ema_decay: float = 0.0            # evaluate an exponential moving average of the params with this decay (0: off)
     loss_reduction: str = "mean"      # mean | sum (the tutorial sums the per-example loss over the batch)
     batch_size: int = 64
     epochs: int = 1
@@ -174,7 +175,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
               "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
               "dropout", "bn_momentum"),
-    "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "loss_reduction",
+    "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "ema_decay", "loss_reduction",
                      "batch_size", "epochs", "seed"),
     "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
                   "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
@@ -317,6 +318,9 @@ def validate(config: Config) -> Config:
         _positive(name, getattr(config, name))
     for name in ("momentum", "weight_decay"):
         _positive(name, getattr(config, name), allow_zero=True)
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"--ema_decay={shown(config.ema_decay)} is not allowed: it must be in [0, 1) "
+                          "(0: off; e.g. 0.999)")
     if not 0 < config.loss_smoothing <= 1:
         raise ConfigError(f"--loss_smoothing={shown(config.loss_smoothing)} is not allowed: it must be in (0, 1]")
     if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):

@@ -29,9 +29,9 @@ import jax
 
 from cnn_jax import model
 
-from cnn_jax.rundir import checkpoint, lock, plots, report, signals
+from cnn_jax.rundir import checkpoint, lock, plots, progress, report, signals
 
-from cnn_jax.engine import train
+from cnn_jax.engine import state as state_lib, train
 from cnn_jax import config as config_lib
 from cnn_jax.data import sources as data_lib
 from cnn_jax.rundir import workdir as workdir_lib
@@ -54,7 +54,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
     if dataset is None:
         dataset = data_lib.load(config)
         print(f"data: {dataset.source}", flush=True)
-    return train.fit(config, dataset)[1]
+    return train.fit(config, dataset, hooks=train.Hooks(progress=progress.epoch_progress))[1]
 
 
 def checkpoint_meta(log: train.RunLog, config: Config, steps_per_epoch: int) -> dict[str, Any]:
@@ -168,8 +168,8 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
     closers = [metrics.flush] + ([writer.close] if writer else []) + [manager.close]
     try:
         with signals.stop_on_signals() as stop:
-            hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch,
-                                should_stop=lambda step: stop.requested, on_stop=save)
+            hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch, should_stop=lambda step: stop.requested,
+                                on_stop=save, progress=progress.epoch_progress)
             try:
                 state, history = train.fit(config, dataset, start, hooks)
             except train.Stopped as e:
@@ -188,7 +188,7 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
     for close in closers:
         close()
 
-    result = report.evaluate_test(state.params, state.model_state, dataset, config)
+    result = report.evaluate_test(state_lib.eval_params(state), state.model_state, dataset, config)
     if not primary:
         return history
     step = history[-1]["step"] if history else 0

@@ -1,11 +1,12 @@
 """The train state: one pytree with everything a training step reads and changes.
 
-    state = TrainState(params, opt_state, model_state, rng, step)
+    state = TrainState(params, opt_state, model_state, rng, step, ema)
 
 `params` and `model_state` are the model's (`cnn_jax.model`), `opt_state` the optimiser's
 (its per-run hyperparameters included, `optim.make_optimizer`), `rng` the run's key as raw
 key data (uint32, so it checkpoints, replicates and stacks like any array) and `step` the
-number of training steps done. The randomness of step s comes from
+number of training steps done; `ema` the exponential moving average of the params
+(`--ema_decay`; None when off), which evaluation uses in their place. The randomness of step s comes from
 `step_rng(state) = fold_in(rng, s)`: the same numbers whether steps run one by one, in a
 scan, in a vmapped sweep group or after a resume.
 """
@@ -37,6 +38,7 @@ class TrainState:
     model_state: Any
     rng: jax.Array    # raw key data (uint32), `jax.random.key_data` of a key
     step: jax.Array   # int32 scalar: training steps done
+    ema: Any = None   # moving average of params (--ema_decay > 0), else None
 
     def replace(self, **changes: Any) -> "TrainState":
         return dataclasses.replace(self, **changes)
@@ -55,8 +57,14 @@ def step_rng(state: TrainState) -> jax.Array:
 def create(config: Config, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh run's state: the model initialised from key(seed), the optimiser's state, step 0."""
     params, model_state = model.init(jax.random.key(config.seed), config)
+    ema = jax.tree.map(jnp.copy, params) if config.ema_decay > 0 else None
     return TrainState(params, optimizer.init(params), model_state, run_rng(config),
-                      jnp.zeros((), jnp.int32))
+                      jnp.zeros((), jnp.int32), ema)
+
+
+def eval_params(state: TrainState) -> Any:
+    """The params evaluation uses: the moving average where the run keeps one, else the params."""
+    return state.params if state.ema is None else state.ema
 
 
 def abstract(config: Config, optimizer: optax.GradientTransformation) -> TrainState:

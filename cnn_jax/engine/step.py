@@ -60,6 +60,9 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
             state.params, state.model_state, batch, key, config)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
+        ema = state.ema
+        if config.ema_decay > 0:   # the averaged weights evaluation uses (timm's ModelEma, big_vision's ema)
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p, ema, params)
         # Divergence check: NaN can hide from the loss (relu/max drop it), never from the params;
         # an overflowing optimiser state (Adam's squared gradients) leaves the params finite but can
         # never be checkpointed, so it counts too.
@@ -67,7 +70,7 @@ def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> 
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state, model_state))
              if jnp.issubdtype(x.dtype, jnp.inexact)]))
         return state.replace(params=params, opt_state=opt_state, model_state=model_state,
-                             step=state.step + 1), metrics
+                             step=state.step + 1, ema=ema), metrics
 
     return train_step
 

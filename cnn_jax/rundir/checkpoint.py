@@ -87,6 +87,8 @@ def _arrays(state: state_lib.TrainState) -> dict[str, Any]:
               "rng": state.rng, "step": state.step}
     if jax.tree.leaves(state.model_state):
         arrays["model_state"] = list(jax.tree.leaves(state.model_state))
+    if state.ema is not None:
+        arrays["ema"] = state.ema
     return arrays
 
 
@@ -185,7 +187,8 @@ def _state_from(arrays: dict[str, Any], shapes: state_lib.TrainState, config: Co
                                     np.asarray(step))
     opt_state = jax.tree.unflatten(jax.tree.structure(shapes.opt_state), arrays["opt_state"])
     model_state = jax.tree.unflatten(jax.tree.structure(shapes.model_state), arrays.get("model_state", []))
-    return state_lib.TrainState(arrays["params"], opt_state, model_state, arrays["rng"], arrays["step"])
+    return state_lib.TrainState(arrays["params"], opt_state, model_state, arrays["rng"], arrays["step"],
+                                arrays.get("ema"))
 
 
 def restore(workdir: str, config: Config, step: int | None = None,

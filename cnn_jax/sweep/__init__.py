@@ -25,8 +25,8 @@ The package's modules, each importing only those before it: `spec` (grids, runs,
 directories), `results` (tables, plot).
 """
 
-from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, compiled_group, data_key, group_key,
-                                 group_runs, group_state, resolve_loop, train_group)
+from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, data_key, group_key, group_runs,
+                                 train_group)
 from cnn_jax.sweep.memory import (MEMORY_FRACTION, ProgramMemory, auto_max_parallel, default_max_parallel,
                                   memory_budget, peak_live_bytes, program_memory, run_memory_bytes,
                                   shared_memory_bytes, tree_bytes)

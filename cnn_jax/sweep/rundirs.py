@@ -8,6 +8,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 from cnn_jax import run as run_lib
 
@@ -15,7 +16,6 @@ from cnn_jax.rundir import checkpoint, lock, readers, report
 
 from cnn_jax.engine import train
 from cnn_jax.data import sources as data_lib
-from cnn_jax.engine import state as state_lib
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import ConfigError
 from cnn_jax.sweep.group import train_group
@@ -138,15 +138,15 @@ def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.D
             print_fn(f"{r.name}: diverged: {message}")
         else:
             status, message = "ok", ""
-            test = {"loss": float(result.test["loss"][i]), "accuracy": float(result.test["accuracy"][i])}
-            confusion = report.confusion_matrix(dataset.test_labels, result.test["predictions"][i],
+            test = {"loss": float(result.tests[i]["loss"]), "accuracy": float(result.tests[i]["accuracy"])}
+            confusion = report.confusion_matrix(dataset.test_labels, np.asarray(result.tests[i]["predictions"]),
                                                 dataset.num_classes)
             test.update(confusion=confusion, per_class_accuracy=report.per_class_accuracy(confusion))
             workdir_lib.write_json(os.path.join(path, workdir_lib.RESULTS_FILE),
                                    report.results_json(test, dataset.class_names, history[-1]["step"]))
             manager = checkpoint.open_manager(path)
             try:
-                checkpoint.save(manager, jax.device_get(state_lib.unstack(result.state, i)),
+                checkpoint.save(manager, jax.device_get(result.states[i]),
                                 run_lib.checkpoint_meta(result.logs[i], r.config, result.steps_per_epoch))
             finally:
                 manager.close()
