@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import optuna
@@ -27,6 +28,7 @@ from cnn_jax import data
 from cnn_jax import run as run_lib
 from cnn_jax import workdir as workdir_lib
 from cnn_jax.search import space as space_lib
+from cnn_jax.search import storage as storage_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import worker as worker_lib
 
@@ -113,6 +115,82 @@ def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requ
         holder.wait()
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
+def _outage_setup(tmp_path, mnist_dir, timeout, restore=True):
+    """A grid of two learning rates (one vmapped group, 4 evaluations each) on SQLite, and a print_fn
+    that takes the database file away as the worker starts training (so its first report meets the
+    outage) and, with `restore`, puts it back a second after the worker says it is unreachable."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", epochs=2, log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01,0.02,0.05"), base, validation_size=64,
+                                  eval_every=4)
+    lines = []
+    db, away = tmp_path / study_lib.STUDY_DB, tmp_path / "away.db"
+    timers, taken = [], []
+
+    def print_fn(line):
+        lines.append(line)
+        if line.startswith("training trial(s)") and not taken:   # the first group only
+            taken.append(db.rename(away))
+        elif "is unreachable" in line and restore:
+            timers.append(threading.Timer(1.0, away.rename, [db]))
+            timers[-1].start()
+
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 30, 60, timeout=timeout,
+                                     print_fn=print_fn)   # the guard's lines
+    study = study_lib.open_study(storage, "s", settings, "grid", 0, optuna.pruners.NopPruner())
+    return settings, storage, study, lines, print_fn, (db, away)
+
+
+def _check_reported(study, tmp_path):
+    """Every trial complete, with the evaluations its run directory recorded reported at their steps."""
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        row = json.load(open(tmp_path / f"trial_{t.number:05d}" / "trial_result.json"))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 4 and t.value == row["evaluations"][-1]["validation_accuracy"]
+        assert t.user_attrs["outcome"] == "complete" and t.user_attrs["test_accuracy"] == row["test_accuracy"]
+
+
+def test_trials_train_through_a_short_storage_outage_and_are_told_when_it_is_back(tmp_path, mnist_dir):
+    """SQLite's file gone while a group trains: its reports wait, the group trains on, and everything
+    is told once the file is back: both trials complete, every evaluation reported, one line each
+    for the outage's start and end."""
+    settings, storage, study, lines, print_fn, _ = _outage_setup(tmp_path, mnist_dir, timeout=60)
+    report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 2, 2, data.load, 30, max_parallel=4,
+                                   print_fn=print_fn)
+    assert (report.trained, report.complete, report.lost) == (2, 2, 0)
+    assert len(study.trials) == 2
+    _check_reported(study, tmp_path)
+    assert [line.split(" (")[0].split(" after")[0] for line in lines if "storage " in line] == [
+        f"storage {study_lib.default_storage(str(tmp_path))} is unreachable",
+        f"storage {study_lib.default_storage(str(tmp_path))} is reachable again"]
+
+
+def test_after_a_long_storage_outage_a_rerun_reports_the_finished_trials_and_trains_only_the_rest(tmp_path, mnist_dir):
+    """The file stays away past the timeout: the group still finishes (its trials kept in their run
+    directories), then the worker stops with StorageUnavailable; with the file back, a rerun tells
+    those two trials from their directories and trains only the third."""
+    settings, storage, study, lines, print_fn, (db, away) = _outage_setup(tmp_path, mnist_dir, timeout=1, restore=False)
+    with pytest.raises(storage_lib.StorageUnavailable, match="longer than --storage_timeout=1 "):
+        worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
+                              print_fn=print_fn)
+    kept = {p: open(p).read() for p in glob.glob(str(tmp_path / "trial_*" / "trial_result.json"))}
+    assert len(kept) == 2
+    away.rename(db)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.RUNNING] * 2
+    lines.clear()
+    report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
+                                   print_fn=print_fn)
+    assert (report.reported, report.trained, report.complete) == (2, 1, 1)
+    assert [line for line in lines if "reported from its run directory" in line] == [
+        f"trial {n}: complete (finished before the storage went away; reported from its run directory, "
+        "not trained again)" for n in (0, 1)]
+    assert len(study.trials) == 3
+    _check_reported(study, tmp_path)
+    assert {p: open(p).read() for p in kept} == kept   # not trained again
+    assert sorted(t.params["learning_rate"] for t in study.trials) == [0.01, 0.02, 0.05]
 
 
 # ----------------------------------------------------------------------------- the command line
