@@ -381,8 +381,28 @@ def _postgres_bin():
     return None
 
 
+class _Postgres:
+    """A PostgreSQL server of the tests' own: its URL, and stop (as a crash: `pg_ctl -m immediate`) and start."""
+
+    def __init__(self, folder, as_user, root, port):
+        self.folder, self.as_user, self.root, self.port = folder, as_user, root, port
+        self.pgdata = os.path.join(root, "data")
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _pg_ctl(self, *args, check=True):
+        return subprocess.run([*self.as_user, os.path.join(self.folder, "pg_ctl"), "-D", self.pgdata, *args],
+                              check=check, capture_output=True)
+
+    def start(self):
+        self._pg_ctl("-l", os.path.join(self.root, "log"), "-w", "-o",
+                     f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, check=True):
+        self._pg_ctl("-m", "immediate", "stop", check=check)
+
+
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres_server():
     """A throwaway PostgreSQL server on a free 127.0.0.1 port (as user postgres when run as root)."""
     folder = _postgres_bin()
     if folder is None:
@@ -398,19 +418,20 @@ def postgres_url():
             pytest.skip("running as root and there is no 'postgres' user to run the server as")
         os.chown(root, account.pw_uid, account.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    pgdata = os.path.join(root, "data")
-    subprocess.run([*as_user, os.path.join(folder, "initdb"), "-D", pgdata, "-U", "postgres", "--auth=trust"],
+    server = _Postgres(folder, as_user, root, _free_port())
+    subprocess.run([*as_user, os.path.join(folder, "initdb"), "-D", server.pgdata, "-U", "postgres", "--auth=trust"],
                    check=True, capture_output=True)
-    subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-l", os.path.join(root, "log"), "-w",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
-                   capture_output=True)
+    server.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-m", "immediate", "stop"],
-                       capture_output=True)
+        server.stop(check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres_server):
+    return postgres_server.url
 
 
 @pytest.mark.slow
@@ -434,3 +455,85 @@ def test_two_workers_complete_exactly_n_trials_on_postgresql(tmp_path, mnist_dir
     # Each machine keeps the run directories of the trials it trained.
     dirs = [glob.glob(str(tmp_path / f"machine{i}" / "trial_*" / "trial_result.json")) for i in range(2)]
     assert sorted(len(d) for d in dirs) == sorted(trained)
+
+
+def _outage_flags(mnist_dir, workdir, server, name, *extra):
+    return _flags(mnist_dir, f"--workdir={workdir}", f"--storage={server.url}", f"--study_name={name}",
+                  "--epochs=20", "--heartbeat_interval=1", *extra)
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_its_postgresql_server_stopped_for_a_few_seconds(tmp_path, mnist_dir, postgres_server):
+    """The server stopped (as a crash) while a batch trains and started again a few seconds later:
+    the worker says so in one line, trains on, tells everything when the server is back, and ends
+    with exit status 0 and exactly N complete trials, none failed."""
+    args = _outage_flags(mnist_dir, tmp_path / "w", postgres_server, "short_outage", "--trials=2", "--batch=2",
+                         "--eval_every=4", "--grace_period=30", "--storage_timeout=120")
+    worker = _worker(args)
+    try:
+        seen = _wait_for(worker, "training trial(s)")
+        postgres_server.stop()
+        try:
+            seen += _wait_for(worker, "is unreachable", timeout=120)
+            time.sleep(3)
+        finally:
+            postgres_server.start()
+        out, _ = worker.communicate(timeout=600)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    out = "".join(seen) + out
+    assert worker.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and out.count("is unreachable") == 1 and out.count("is reachable again") == 1, out
+    assert f"storage {postgres_server.url} is unreachable (OperationalError: " in out
+    assert "this worker trained 2 trial(s) (2 complete" in out
+    study, states = _states(postgres_server.url, "short_outage")
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in study.trials:   # every evaluation reported, those made during the outage too
+        row = json.load(open(tmp_path / "w" / f"trial_{t.number:05d}" / "trial_result.json"))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 40
+
+
+@pytest.mark.slow
+def test_a_postgresql_outage_longer_than_the_timeout_ends_in_one_line_and_a_rerun_retrains_nothing(
+        tmp_path, mnist_dir, postgres_server):
+    """Trial 0 complete, trial 1 training when the server stops for good: trial 1 trains to its end,
+    then the worker waits --storage_timeout and ends with one line on stderr and exit status 75.
+    With the server back, the same command reports trial 1 from its run directory, trains only
+    trial 2, and the study holds exactly 3 complete trials, none failed, none trained twice."""
+    workdir = tmp_path / "w"
+    args = _outage_flags(mnist_dir, workdir, postgres_server, "long_outage", "--trials=3", "--batch=1",
+                         "--grace_period=3", "--storage_timeout=2")
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        worker = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=err, text=True,
+                                  env=_env(), cwd=REPO_ROOT, preexec_fn=default_sigint)
+    try:
+        try:
+            seen = _wait_for(worker, "trial 0: complete") + _wait_for(worker, "training trial(s) 1")
+            postgres_server.stop()
+            out, _ = worker.communicate(timeout=300)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        out = "".join(seen) + out
+        lines = open(stderr).read().strip().splitlines()
+        assert worker.returncode == storage_lib.EXIT_STORAGE_UNAVAILABLE == 75, out[-3000:] + "\n".join(lines)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: storage {postgres_server.url} unreachable for ")
+        assert "longer than --storage_timeout=2 (OperationalError: " in lines[0]
+        assert lines[0].endswith("once it is back, run the same command again to report them and continue the search")
+        assert out.count("is unreachable") == 1 and "Traceback" not in out
+        kept = {p: open(p).read() for p in glob.glob(str(workdir / "trial_*" / "trial_result.json"))}
+        assert sorted(json.loads(text)["number"] for text in kept.values()) == [0, 1]
+    finally:
+        postgres_server.start()
+    rerun = _run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "trial 1: complete (finished before the storage went away; reported from its run directory" in rerun.stdout
+    assert "this worker trained 1 trial(s)" in rerun.stdout and "reported 1 finished by an earlier run" in rerun.stdout
+    study, states = _states(postgres_server.url, "long_outage")
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3
+    assert {p: open(p).read() for p in kept} == kept   # trials 0 and 1 not trained again
+    assert [t.user_attrs["run_dir"] for t in study.trials] == [str(workdir / f"trial_{n:05d}") for n in range(3)]

@@ -78,8 +78,17 @@ def is_connection_error(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
-    """The deepest cause of `error` as 'Type: first line' (Optuna's own message points the wrong way)."""
-    deepest = list(_chain(error))[-1]
+    """What went wrong underneath `error`, as 'Type: first line': the driver's error where the chain
+    holds one (Optuna's own message points the wrong way, SQLAlchemy's pool errors say nothing)."""
+    chain = list(_chain(error))
+    drivers: list[type] = [sqlite3.Error, OSError]
+    try:
+        import psycopg
+        drivers.append(psycopg.Error)
+    except ImportError:
+        pass
+    said = [e for e in chain if str(e).strip() not in ("", "()")]
+    deepest = next((e for e in chain if isinstance(e, tuple(drivers))), None) or (said or chain)[-1]
     lines = str(deepest).strip().splitlines()
     return f"{type(deepest).__name__}: {lines[0][:200]}" if lines else type(deepest).__name__
 
