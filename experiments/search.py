@@ -11,7 +11,9 @@ lives in --storage (default: --workdir/study.db, SQLite); running the same comma
 again continues it, and after --trials trials it trains nothing. Any number of workers
 may run the same command against one storage. Each trial keeps a run directory
 (--workdir/trial_NNNNN); results: --workdir/trials.csv, trials.md, best_command.txt and
-Optuna's figures (history.png, importances.png, parallel_coordinate.png).
+Optuna's figures (history.png, importances.png, parallel_coordinate.png). A worker rides out
+its storage being unreachable for up to --storage_timeout seconds; after that it ends with one
+line and exit status 75, and the same command run again reports what it had finished.
 
 The objective (default validation accuracy) is measured on the last --validation_size
 training images (default: a sixth of them), which the trials do not train on; the test

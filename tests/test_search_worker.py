@@ -170,9 +170,11 @@ def test_trials_train_through_a_short_storage_outage_and_are_told_when_it_is_bac
 
 def test_after_a_long_storage_outage_a_rerun_reports_the_finished_trials_and_trains_only_the_rest(tmp_path, mnist_dir):
     """The file stays away past the timeout: the group still finishes (its trials kept in their run
-    directories), then the worker stops with StorageUnavailable; with the file back, a rerun tells
-    those two trials from their directories and trains only the third."""
-    settings, storage, study, lines, print_fn, (db, away) = _outage_setup(tmp_path, mnist_dir, timeout=1, restore=False)
+    directories), then the worker stops with StorageUnavailable. With the file back, and trial 1
+    meanwhile failed as stale by another worker (and re-queued as trial 2), a rerun tells trial 0
+    and trial 1's waiting copy from the run directories and trains only the third grid point."""
+    settings, storage, study, lines, print_fn, (db, away) = _outage_setup(tmp_path, mnist_dir, timeout=1,
+                                                                          restore=False)
     with pytest.raises(storage_lib.StorageUnavailable, match="longer than --storage_timeout=1 "):
         worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
                               print_fn=print_fn)
@@ -180,17 +182,30 @@ def test_after_a_long_storage_outage_a_rerun_reports_the_finished_trials_and_tra
     assert len(kept) == 2
     away.rename(db)
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.RUNNING] * 2
+    # Another worker fails trial 1 as stale, as fail_stale_trials does, and re-queues it.
+    storage.set_trial_state_values(study.trials[1]._trial_id, optuna.trial.TrialState.FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, study.trials[1])
     lines.clear()
     report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
                                    print_fn=print_fn)
     assert (report.reported, report.trained, report.complete) == (2, 1, 1)
     assert [line for line in lines if "reported from its run directory" in line] == [
-        f"trial {n}: complete (finished before the storage went away; reported from its run directory, "
-        "not trained again)" for n in (0, 1)]
-    assert len(study.trials) == 3
-    _check_reported(study, tmp_path)
+        "trial 0: complete (finished before the storage went away; reported from its run directory, "
+        "not trained again)",
+        "trial 2 (the re-queued copy of trial 1): complete (finished before the storage went away; reported "
+        "from its run directory, not trained again)"]
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL] + \
+        [optuna.trial.TrialState.COMPLETE] * 2
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["learning_rate"] for t in finished) == [0.01, 0.02, 0.05]
+    assert finished[1].params == study.trials[1].params
+    assert finished[1].user_attrs["run_dir"] == str(tmp_path / "trial_00001")
     assert {p: open(p).read() for p in kept} == kept   # not trained again
-    assert sorted(t.params["learning_rate"] for t in study.trials) == [0.01, 0.02, 0.05]
+    for t in finished:
+        row = json.load(open(os.path.join(t.user_attrs["run_dir"], "trial_result.json")))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 4 and t.value == row["evaluations"][-1]["validation_accuracy"]
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -17,6 +17,9 @@ of workers may run the same command against one storage:
   (or the same command run again) marks its trials failed and re-queues each one with the
   same parameters (`RetryHeartbeatStaleTrialCallback`), so no trial is silently lost.
 
+- Outages: `open_storage` wraps the storage in `storage.GuardedStorage`, so every later call
+  is retried through an outage of up to `--storage_timeout` seconds (see that module).
+
 The worker loop that uses them is `cnn_jax.search.worker`.
 """
 

@@ -8,6 +8,11 @@ pruner stops, and tell each trial's outcome as soon as it has one. With nothing 
 waits while other workers' trials run. A worker stopped by an error or SIGINT tells its
 unfinished trials failed and re-queues them with the same parameters.
 
+Storage outages (`cnn_jax.search.storage`): while a group trains, its reports and results wait
+out an outage and the group trains on; at the group's end the worker waits up to
+--storage_timeout for the storage, then stops with `StorageUnavailable`. What finished is in
+its run directory, and the next run tells it first (`report_kept`), so it is not trained again.
+
 Each trial keeps a run directory `trial_NNNNN` in the search directory of the machine that
 trained it, in the layout of `experiments/train.py --workdir` plus `trial_result.json`.
 """
@@ -282,31 +287,45 @@ def _tell(study: optuna.Study, trial: optuna.Trial, settings: Settings, row: dic
 def report_kept(study: optuna.Study, settings: Settings, search_dir: str, result: WorkerReport,
                 print_fn: Callable[[str], None] = print) -> int:
     """Tell the study the trials that finished in `search_dir` but that it was never told (the
-    storage was away when a worker stopped): each RUNNING trial with a `trial_result.json`, its
-    evaluations reported first. So a rerun trains none of them again. Returns how many."""
-    running = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    storage was away when their worker stopped), so that a rerun trains none of them again: each
+    `trial_result.json` whose trial is still RUNNING is told as it is; one whose trial another worker
+    has since failed as stale is told as that trial's re-queued copy, if that is still waiting.
+    Their evaluations are reported first. Returns how many were told."""
+    trials = study.get_trials(deepcopy=False)
+    running = {t.number: t for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+    retries = {t.system_attrs["retry_history"][-1]: t for t in trials
+               if t.state == optuna.trial.TrialState.WAITING and t.system_attrs.get("retry_history")}
+    if not running and not retries:
+        return 0
     told = 0
     for path in sorted(glob.glob(os.path.join(search_dir, "trial_*", TRIAL_RESULT_FILE))):
         folder = os.path.dirname(path)
         try:
             row = workdir_lib.read_json(path)
-            frozen = running.get(row["number"])
+            number = row["number"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if frozen is None or folder != _trial_dir(search_dir, frozen.number):
+        if folder != _trial_dir(search_dir, number) or (number not in running and number not in retries):
             continue
         try:
             with lock.hold(folder, create=False):
+                frozen = running.get(number)
+                if frozen is None:   # claim the waiting copy, as study.ask would
+                    frozen = retries[number]
+                    if not study._storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.RUNNING):
+                        continue
+                    study._storage.record_heartbeat(frozen._trial_id)   # so it can go stale if this stops
                 trial = optuna.trial.Trial(study, frozen._trial_id)
                 for ev in row["evaluations"]:
                     if ev["evaluation"] not in frozen.intermediate_values:
                         trial.report(_objective_value(settings, ev), ev["evaluation"])
                 _tell(study, trial, settings, {**row, "run_dir": folder})
         except (lock.RunDirInUse, optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            continue   # its worker is still at it, or another worker failed it meanwhile
+            continue   # its worker is still at it, or another worker finished it meanwhile
         told += 1
         result.reported += 1
-        print_fn(f"trial {frozen.number}: {row['status']} (finished before the storage went away; "
+        copy = f" (the re-queued copy of trial {number})" if frozen.number != number else ""
+        print_fn(f"trial {frozen.number}{copy}: {row['status']} (finished before the storage went away; "
                  "reported from its run directory, not trained again)")
     return told
 
