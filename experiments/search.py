@@ -11,7 +11,9 @@ lives in --storage (default: --workdir/study.db, SQLite); running the same comma
 again continues it, and after --trials trials it trains nothing. Any number of workers
 may run the same command against one storage. Each trial keeps a run directory
 (--workdir/trial_NNNNN); results: --workdir/trials.csv, trials.md, best_command.txt and
-Optuna's figures (history.png, importances.png, parallel_coordinate.png).
+Optuna's figures (history.png, importances.png, parallel_coordinate.png). A worker rides out
+its storage being unreachable for up to --storage_timeout seconds; after that it ends with one
+line and exit status 75, and the same command run again reports what it had finished.
 
 The objective (default validation accuracy) is measured on the last --validation_size
 training images (default: a sixth of them), which the trials do not train on; the test
@@ -19,6 +21,8 @@ set is used only with --objective=test_accuracy or test_loss. --seed seeds the s
 of the worker that creates the study as well as every trial's init and data order: one
 worker with the same flags repeats a search (workers that join mix in their process id).
 """
+
+import sys
 
 import matplotlib
 
@@ -34,6 +38,7 @@ from cnn_jax.engine import train
 from cnn_jax.config import ConfigError
 from cnn_jax.search import results as results_lib
 from cnn_jax.search import space as space_lib
+from cnn_jax.search import storage as storage_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import trials as trials_lib
 from cnn_jax.search import worker as worker_lib
@@ -64,6 +69,9 @@ flags.DEFINE_string("study_name", "search", "Name of the study in the storage.")
 flags.DEFINE_integer("heartbeat_interval", 10, "Seconds between a worker's heartbeats for its trials.")
 flags.DEFINE_integer("grace_period", 60, "Seconds without a heartbeat after which a trial's worker counts as "
                      "dead: its trial is marked failed and re-queued.")
+flags.DEFINE_integer("storage_timeout", storage_lib.DEFAULT_TIMEOUT, "Seconds a worker rides out its storage "
+                     "being unreachable (retrying, the trials training on); after that it ends with exit status "
+                     f"{storage_lib.EXIT_STORAGE_UNAVAILABLE}, keeping what it finished for the next run.")
 flags.DEFINE_integer("max_parallel", 0, "Most trials trained together in one vmapped program "
                      "(0: as many as fit in a quarter of the free memory).")
 FLAGS = flags.FLAGS
@@ -76,7 +84,7 @@ def _space() -> space_lib.Space:
 
 
 def _check_counts() -> None:
-    for name in ("trials", "batch", "heartbeat_interval", "grace_period"):
+    for name in ("trials", "batch", "heartbeat_interval", "grace_period", "storage_timeout"):
         if FLAGS[name].value < 1:
             raise ConfigError(f"--{name}={FLAGS[name].value} is not allowed: it must be a positive integer")
     for name in ("validation_size", "eval_every", "max_parallel"):
@@ -89,7 +97,17 @@ def _check_counts() -> None:
 
 @cli.main_guard
 def main(argv):
+    """The search; a storage unreachable for longer than --storage_timeout ends it with one line
+    and exit status 75 (EX_TEMPFAIL: run the same command again later)."""
     del argv
+    try:
+        _search()
+    except storage_lib.StorageUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        cli.end_now(storage_lib.EXIT_STORAGE_UNAVAILABLE)   # no interpreter shutdown: no thread's echoes
+
+
+def _search():
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint at INFO
     import optuna
@@ -115,7 +133,7 @@ def main(argv):
             total = size
     url = FLAGS.storage or study_lib.default_storage(FLAGS.workdir)
     study_lib.check_search_dir(FLAGS.workdir, FLAGS.study_name, url)
-    storage = study_lib.open_storage(url, FLAGS.heartbeat_interval, FLAGS.grace_period)
+    storage = study_lib.open_storage(url, FLAGS.heartbeat_interval, FLAGS.grace_period, FLAGS.storage_timeout)
     probe = data.load(base)   # a data error stops the search before any trial is asked
     train_part, _, _ = study_lib.split_validation(probe, settings)
     steps = train.steps_per_epoch(base, len(train_part.train_labels))
@@ -139,7 +157,8 @@ def main(argv):
     best_config = study_lib.trial_config(settings, best.params) if best is not None else None
     written = results_lib.write_results(study, FLAGS.workdir, best_config, FLAGS.objective)
     print(f"this worker trained {report.trained} trial(s) ({report.complete} complete, {report.pruned} pruned, "
-          f"{report.diverged} diverged) in {report.seconds:.1f} s", flush=True)
+          f"{report.diverged} diverged) in {report.seconds:.1f} s"
+          + (f"; reported {report.reported} finished by an earlier run" if report.reported else ""), flush=True)
     if best is not None:
         print(f"best trial {best.number}: {FLAGS.objective}={best.value:.4f} "
               f"{space_lib.describe_params(best.params)}")

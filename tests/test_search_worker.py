@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import optuna
@@ -27,6 +28,7 @@ from cnn_jax.data import sources as data
 from cnn_jax import run as run_lib
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.search import space as space_lib
+from cnn_jax.search import storage as storage_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import worker as worker_lib
 
@@ -113,6 +115,97 @@ def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requ
         holder.wait()
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+
+
+def _outage_setup(tmp_path, mnist_dir, timeout, restore=True):
+    """A grid of two learning rates (one vmapped group, 4 evaluations each) on SQLite, and a print_fn
+    that takes the database file away as the worker starts training (so its first report meets the
+    outage) and, with `restore`, puts it back a second after the worker says it is unreachable."""
+    base = config_lib.Config(data_dir=mnist_dir, train_subset=320, test_subset=100, batch_size=32,
+                             conv_filters=(8, 16), num_fc=32, optimizer="momentum", epochs=2, log_every=4)
+    settings = study_lib.Settings(space_lib.parse("learning_rate=0.01,0.02,0.05"), base, validation_size=64,
+                                  eval_every=4)
+    lines = []
+    db, away = tmp_path / study_lib.STUDY_DB, tmp_path / "away.db"
+    timers, taken = [], []
+
+    def print_fn(line):
+        lines.append(line)
+        if line.startswith("training trial(s)") and not taken:   # the first group only
+            taken.append(db.rename(away))
+        elif "is unreachable" in line and restore:
+            timers.append(threading.Timer(1.0, away.rename, [db]))
+            timers[-1].start()
+
+    storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 30, 60, timeout=timeout,
+                                     print_fn=print_fn)   # the guard's lines
+    study = study_lib.open_study(storage, "s", settings, "grid", 0, optuna.pruners.NopPruner())
+    return settings, storage, study, lines, print_fn, (db, away)
+
+
+def _check_reported(study, tmp_path):
+    """Every trial complete, with the evaluations its run directory recorded reported at their steps."""
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        row = json.load(open(tmp_path / f"trial_{t.number:05d}" / "trial_result.json"))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 4 and t.value == row["evaluations"][-1]["validation_accuracy"]
+        assert t.user_attrs["outcome"] == "complete" and t.user_attrs["test_accuracy"] == row["test_accuracy"]
+
+
+def test_trials_train_through_a_short_storage_outage_and_are_told_when_it_is_back(tmp_path, mnist_dir):
+    """SQLite's file gone while a group trains: its reports wait, the group trains on, and everything
+    is told once the file is back: both trials complete, every evaluation reported, one line each
+    for the outage's start and end."""
+    settings, storage, study, lines, print_fn, _ = _outage_setup(tmp_path, mnist_dir, timeout=60)
+    report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 2, 2, data.load, 30, max_parallel=4,
+                                   print_fn=print_fn)
+    assert (report.trained, report.complete, report.lost) == (2, 2, 0)
+    assert len(study.trials) == 2
+    _check_reported(study, tmp_path)
+    assert [line.split(" (")[0].split(" after")[0] for line in lines if "storage " in line] == [
+        f"storage {study_lib.default_storage(str(tmp_path))} is unreachable",
+        f"storage {study_lib.default_storage(str(tmp_path))} is reachable again"]
+
+
+def test_after_a_long_storage_outage_a_rerun_reports_the_finished_trials_and_trains_only_the_rest(tmp_path, mnist_dir):
+    """The file stays away past the timeout: the group still finishes (its trials kept in their run
+    directories), then the worker stops with StorageUnavailable. With the file back, and trial 1
+    meanwhile failed as stale by another worker (and re-queued as trial 2), a rerun tells trial 0
+    and trial 1's waiting copy from the run directories and trains only the third grid point."""
+    settings, storage, study, lines, print_fn, (db, away) = _outage_setup(tmp_path, mnist_dir, timeout=1,
+                                                                          restore=False)
+    with pytest.raises(storage_lib.StorageUnavailable, match="longer than --storage_timeout=1 "):
+        worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
+                              print_fn=print_fn)
+    kept = {p: open(p).read() for p in glob.glob(str(tmp_path / "trial_*" / "trial_result.json"))}
+    assert len(kept) == 2
+    away.rename(db)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.RUNNING] * 2
+    # Another worker fails trial 1 as stale, as fail_stale_trials does, and re-queues it.
+    storage.set_trial_state_values(study.trials[1]._trial_id, optuna.trial.TrialState.FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, study.trials[1])
+    lines.clear()
+    report = worker_lib.run_worker(study, storage, settings, str(tmp_path), 3, 2, data.load, 30, max_parallel=4,
+                                   print_fn=print_fn)
+    assert (report.reported, report.trained, report.complete) == (2, 1, 1)
+    assert [line for line in lines if "reported from its run directory" in line] == [
+        "trial 0: complete (finished before the storage went away; reported from its run directory, "
+        "not trained again)",
+        "trial 2 (the re-queued copy of trial 1): complete (finished before the storage went away; reported "
+        "from its run directory, not trained again)"]
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL] + \
+        [optuna.trial.TrialState.COMPLETE] * 2
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["learning_rate"] for t in finished) == [0.01, 0.02, 0.05]
+    assert finished[1].params == study.trials[1].params
+    assert finished[1].user_attrs["run_dir"] == str(tmp_path / "trial_00001")
+    assert {p: open(p).read() for p in kept} == kept   # not trained again
+    for t in finished:
+        row = json.load(open(os.path.join(t.user_attrs["run_dir"], "trial_result.json")))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 4 and t.value == row["evaluations"][-1]["validation_accuracy"]
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -303,8 +396,28 @@ def _postgres_bin():
     return None
 
 
+class _Postgres:
+    """A PostgreSQL server of the tests' own: its URL, and stop (as a crash: `pg_ctl -m immediate`) and start."""
+
+    def __init__(self, folder, as_user, root, port):
+        self.folder, self.as_user, self.root, self.port = folder, as_user, root, port
+        self.pgdata = os.path.join(root, "data")
+        self.url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _pg_ctl(self, *args, check=True):
+        return subprocess.run([*self.as_user, os.path.join(self.folder, "pg_ctl"), "-D", self.pgdata, *args],
+                              check=check, capture_output=True)
+
+    def start(self):
+        self._pg_ctl("-l", os.path.join(self.root, "log"), "-w", "-o",
+                     f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1", "start")
+
+    def stop(self, check=True):
+        self._pg_ctl("-m", "immediate", "stop", check=check)
+
+
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres_server():
     """A throwaway PostgreSQL server on a free 127.0.0.1 port (as user postgres when run as root)."""
     folder = _postgres_bin()
     if folder is None:
@@ -320,19 +433,20 @@ def postgres_url():
             pytest.skip("running as root and there is no 'postgres' user to run the server as")
         os.chown(root, account.pw_uid, account.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    pgdata = os.path.join(root, "data")
-    subprocess.run([*as_user, os.path.join(folder, "initdb"), "-D", pgdata, "-U", "postgres", "--auth=trust"],
+    server = _Postgres(folder, as_user, root, _free_port())
+    subprocess.run([*as_user, os.path.join(folder, "initdb"), "-D", server.pgdata, "-U", "postgres", "--auth=trust"],
                    check=True, capture_output=True)
-    subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-l", os.path.join(root, "log"), "-w",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True,
-                   capture_output=True)
+    server.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run([*as_user, os.path.join(folder, "pg_ctl"), "-D", pgdata, "-m", "immediate", "stop"],
-                       capture_output=True)
+        server.stop(check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres_server):
+    return postgres_server.url
 
 
 @pytest.mark.slow
@@ -356,3 +470,85 @@ def test_two_workers_complete_exactly_n_trials_on_postgresql(tmp_path, mnist_dir
     # Each machine keeps the run directories of the trials it trained.
     dirs = [glob.glob(str(tmp_path / f"machine{i}" / "trial_*" / "trial_result.json")) for i in range(2)]
     assert sorted(len(d) for d in dirs) == sorted(trained)
+
+
+def _outage_flags(mnist_dir, workdir, server, name, *extra):
+    return _flags(mnist_dir, f"--workdir={workdir}", f"--storage={server.url}", f"--study_name={name}",
+                  "--epochs=20", "--heartbeat_interval=1", *extra)
+
+
+@pytest.mark.slow
+def test_a_worker_rides_out_its_postgresql_server_stopped_for_a_few_seconds(tmp_path, mnist_dir, postgres_server):
+    """The server stopped (as a crash) while a batch trains and started again a few seconds later:
+    the worker says so in one line, trains on, tells everything when the server is back, and ends
+    with exit status 0 and exactly N complete trials, none failed."""
+    args = _outage_flags(mnist_dir, tmp_path / "w", postgres_server, "short_outage", "--trials=2", "--batch=2",
+                         "--eval_every=4", "--grace_period=30", "--storage_timeout=120")
+    worker = _worker(args)
+    try:
+        seen = _wait_for(worker, "training trial(s)")
+        postgres_server.stop()
+        try:
+            seen += _wait_for(worker, "is unreachable", timeout=120)
+            time.sleep(3)
+        finally:
+            postgres_server.start()
+        out, _ = worker.communicate(timeout=600)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    out = "".join(seen) + out
+    assert worker.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and out.count("is unreachable") == 1 and out.count("is reachable again") == 1, out
+    assert f"storage {postgres_server.url} is unreachable (OperationalError: " in out
+    assert "this worker trained 2 trial(s) (2 complete" in out
+    study, states = _states(postgres_server.url, "short_outage")
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in study.trials:   # every evaluation reported, those made during the outage too
+        row = json.load(open(tmp_path / "w" / f"trial_{t.number:05d}" / "trial_result.json"))
+        assert t.intermediate_values == {ev["evaluation"]: ev["validation_accuracy"] for ev in row["evaluations"]}
+        assert len(t.intermediate_values) == 40
+
+
+@pytest.mark.slow
+def test_a_postgresql_outage_longer_than_the_timeout_ends_in_one_line_and_a_rerun_retrains_nothing(
+        tmp_path, mnist_dir, postgres_server):
+    """Trial 0 complete, trial 1 training when the server stops for good: trial 1 trains to its end,
+    then the worker waits --storage_timeout and ends with one line on stderr and exit status 75.
+    With the server back, the same command reports trial 1 from its run directory, trains only
+    trial 2, and the study holds exactly 3 complete trials, none failed, none trained twice."""
+    workdir = tmp_path / "w"
+    args = _outage_flags(mnist_dir, workdir, postgres_server, "long_outage", "--trials=3", "--batch=1",
+                         "--grace_period=3", "--storage_timeout=2")
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        worker = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=err, text=True,
+                                  env=_env(), cwd=REPO_ROOT, preexec_fn=default_sigint)
+    try:
+        try:
+            seen = _wait_for(worker, "trial 0: complete") + _wait_for(worker, "training trial(s) 1")
+            postgres_server.stop()
+            out, _ = worker.communicate(timeout=300)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        out = "".join(seen) + out
+        lines = open(stderr).read().strip().splitlines()
+        assert worker.returncode == storage_lib.EXIT_STORAGE_UNAVAILABLE == 75, out[-3000:] + "\n".join(lines)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"error: storage {postgres_server.url} unreachable for ")
+        assert "longer than --storage_timeout=2 (OperationalError: " in lines[0]
+        assert lines[0].endswith("once it is back, run the same command again to report them and continue the search")
+        assert out.count("is unreachable") == 1 and "Traceback" not in out
+        kept = {p: open(p).read() for p in glob.glob(str(workdir / "trial_*" / "trial_result.json"))}
+        assert sorted(json.loads(text)["number"] for text in kept.values()) == [0, 1]
+    finally:
+        postgres_server.start()
+    rerun = _run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "trial 1: complete (finished before the storage went away; reported from its run directory" in rerun.stdout
+    assert "this worker trained 1 trial(s)" in rerun.stdout and "reported 1 finished by an earlier run" in rerun.stdout
+    study, states = _states(postgres_server.url, "long_outage")
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3
+    assert {p: open(p).read() for p in kept} == kept   # trials 0 and 1 not trained again
+    assert [t.user_attrs["run_dir"] for t in study.trials] == [str(workdir / f"trial_{n:05d}") for n in range(3)]

@@ -17,6 +17,9 @@ of workers may run the same command against one storage:
   (or the same command run again) marks its trials failed and re-queues each one with the
   same parameters (`RetryHeartbeatStaleTrialCallback`), so no trial is silently lost.
 
+- Outages: `open_storage` wraps the storage in `storage.GuardedStorage`, so every later call
+  is retried through an outage of up to `--storage_timeout` seconds (see that module).
+
 The worker loop that uses them is `cnn_jax.search.worker`.
 """
 
@@ -29,7 +32,7 @@ import os
 import threading
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import optuna
@@ -39,6 +42,7 @@ from cnn_jax.data import sources as data_lib
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.search import space as space_lib
+from cnn_jax.search import storage as storage_lib
 
 STUDY_DB = "study.db"
 SEARCH_FILE = "search.json"           # the search directory's study name and storage
@@ -108,23 +112,32 @@ def _quiet():
         yield
 
 
-def open_storage(url: str, heartbeat_interval: int, grace_period: int) -> optuna.storages.RDBStorage:
-    """The RDB storage at `url`, with heartbeats; a storage that cannot be opened is a ConfigError."""
+def open_storage(url: str, heartbeat_interval: int, grace_period: int,
+                 timeout: float = storage_lib.DEFAULT_TIMEOUT,
+                 print_fn: Callable[[str], None] = lambda line: print(line, flush=True)) -> storage_lib.GuardedStorage:
+    """The RDB storage at `url`, with heartbeats, every later call of it retried through outages of
+    up to `timeout` seconds (`storage.GuardedStorage`); a storage that cannot be opened is a ConfigError."""
     if "://" not in url:
         raise ConfigError(f"--storage={url!r} is not an SQL URL: give e.g. sqlite:///path/study.db or "
                           "postgresql://user:password@host/database (empty: study.db in --workdir)")
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}   # wait for other workers' writes
+        import sqlalchemy.pool
+        # Wait for other workers' writes; a connection per call, so a database file put back after
+        # it vanished is the one written to.
+        engine_kwargs.update(connect_args={"timeout": max(1.0, min(60.0, timeout))},
+                             poolclass=sqlalchemy.pool.NullPool)
     elif url.startswith("postgresql"):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
     for attempt in range(3):   # workers starting together may race to create the tables: try again
         try:
             with _quiet():
                 retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                                  heartbeat_stale_trial_callback=retry)
+                rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                 heartbeat_stale_trial_callback=retry)
+            guard = storage_lib.Guard(_redacted(url), timeout, print_fn, storage_lib.sqlite_check(url))
+            return storage_lib.GuardedStorage(optuna.storages._CachedStorage(rdb), guard, grace_period)
         except Exception as e:   # sqlalchemy errors, missing drivers, bad URLs
             if attempt < 2 and "already exists" in str(e):
                 time.sleep(1.0)
@@ -236,10 +249,14 @@ def check_search_dir(search_dir: str, study_name: str, storage_url: str) -> None
 
 
 class Heartbeats:
-    """A thread that records a heartbeat every `interval` seconds for each trial in `ids`."""
+    """A thread that records a heartbeat every `interval` seconds for each trial in `ids`.
 
-    def __init__(self, storage: optuna.storages.RDBStorage, interval: float):
+    Its calls defer during a storage outage (`storage.Guard.deferring`): a missed beat is
+    simply skipped, and nothing it meets ends the process."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, interval: float):
         self._storage, self._interval = storage, interval
+        self._guard = storage_lib.guard_of(storage)
         self._ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -261,9 +278,10 @@ class Heartbeats:
                 ids = sorted(self._ids)
             for trial_id in ids:
                 try:
-                    self._storage.record_heartbeat(trial_id)
-                except Exception:   # a busy database: the next beat comes soon, well within the grace period
-                    pass
+                    with self._guard.deferring():
+                        self._storage.record_heartbeat(trial_id)
+                except Exception:   # an outage or a busy database: the next beat comes soon
+                    break
 
     def close(self) -> None:
         self._stop.set()
@@ -278,7 +296,13 @@ def trial_config(settings: Settings, params: dict[str, Any]) -> Config:
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Mark the trials of dead workers failed (and re-queue them: the storage's callback)."""
+    """Mark the trials of dead workers failed (and re-queue them: the storage's callback).
+
+    Not within a grace period after a storage outage: nobody's heartbeats got through during it,
+    and the live workers' next ones come within the grace period."""
+    storage = study._storage
+    if storage_lib.guard_of(storage).up_for() < getattr(storage, "grace_period", 0):
+        return
     with _quiet():
         optuna.storages.fail_stale_trials(study)
 

@@ -8,6 +8,11 @@ pruner stops, and tell each trial's outcome as soon as it has one. With nothing 
 waits while other workers' trials run. A worker stopped by an error or SIGINT tells its
 unfinished trials failed and re-queues them with the same parameters.
 
+Storage outages (`cnn_jax.search.storage`): while a group trains, its reports and results wait
+out an outage and the group trains on; at the group's end the worker waits up to
+--storage_timeout for the storage, then stops with `StorageUnavailable`. What finished is in
+its run directory, and the next run tells it first (`report_kept`), so it is not trained again.
+
 Each trial keeps a run directory `trial_NNNNN` in the search directory of the machine that
 trained it, in the layout of `experiments/train.py --workdir` plus `trial_result.json`.
 """
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import glob
 import os
 import socket
 import time
@@ -31,6 +38,7 @@ from cnn_jax.rundir import lock, report
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
 from cnn_jax.search import space as space_lib
+from cnn_jax.search import storage as storage_lib
 from cnn_jax.search import study as study_lib
 from cnn_jax.search import trials as trials_lib
 from cnn_jax.search.study import Heartbeats, Settings
@@ -49,6 +57,7 @@ class WorkerReport:
     pruned: int = 0
     diverged: int = 0
     lost: int = 0          # trials failed as stale by another worker while this one trained them
+    reported: int = 0      # trials finished by an earlier run and told by this one (report_kept)
     seconds: float = 0.0
 
 
@@ -69,6 +78,7 @@ def run_worker(study: optuna.Study, storage: optuna.storages.RDBStorage, setting
     datasets: dict[tuple, tuple] = {}
     waiting_said = False
     try:
+        report_kept(study, settings, search_dir, result, print_fn)
         while True:
             study_lib.fail_stale(study)
             trials = study.get_trials(deepcopy=False)
@@ -122,12 +132,49 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
     return test
 
 
+class _Deferred:
+    """Storage writes made while trials train, in order; during a storage outage they wait here
+    (the trials train on) and are made when it is back (`flush`)."""
+
+    def __init__(self, guard: storage_lib.Guard):
+        self._guard = guard
+        self._pending: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def do(self, write: Callable[[], None]) -> bool:
+        """Make `write` now if the storage answers (and nothing waits before it); else keep it.
+        Returns whether it was made."""
+        self._pending.append(write)
+        return self.flush(wait=False)
+
+    def flush(self, wait: bool) -> bool:
+        """Make the kept writes in order; `wait`: through an outage (up to the guard's timeout,
+        then `StorageUnavailable`), else stop at the first that finds the storage unreachable.
+        Returns whether none is left."""
+        while self._pending:
+            try:
+                with self._guard.deferring() if not wait else contextlib.nullcontext():
+                    self._pending[0]()
+            except storage_lib.StorageDown:
+                return False
+            self._pending.pop(0)
+        return True
+
+
 def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, heartbeats, max_parallel,
                  result, print_fn) -> None:
-    """Train one asked batch: its trials grouped by shape, each group one vmapped program."""
+    """Train one asked batch: its trials grouped by shape, each group one vmapped program.
+
+    The storage writes made while a group trains (reports, pruning questions, tells) defer during
+    an outage (`_Deferred`): the group trains on, unpruned, and its writes are made once the storage
+    is back, at the latest when the group ends (waiting up to --storage_timeout there)."""
+    guard = storage_lib.guard_of(study._storage)
     runs = [sweep.Run(f"trial_{t.number:05d}", dict(t.params), study_lib.trial_config(settings, t.params)) for t in asked]
     by_name = {run.name: trial for run, trial in zip(runs, asked)}
-    untold = {t.number for t in asked}
+    untold = {t.number for t in asked}     # not finished: failed and re-queued if the worker stops
+    deferred = _Deferred(guard)
     try:
         for group in sweep.group_runs(runs, max_parallel):
             key = sweep.data_key(group[0].config)
@@ -146,47 +193,43 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
                 print_fn(f"training trial(s) {', '.join(str(t.number) for t in group_trials)} together: "
                          + "  ".join(f"#{t.number} " + space_lib.describe_params(t.params) for t in group_trials))
 
+                def report(i: int, value: float, step: int) -> None:
+                    if i in abandoned:
+                        return
+                    try:
+                        group_trials[i].report(value, step)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        abandoned.add(i)   # failed as stale by another worker, who re-queued it
+
                 def decide(members: list[int], evaluations: list[dict[str, Any]]) -> list[bool]:
                     stop = []
                     for i, ev in zip(members, evaluations):
-                        trial = group_trials[i]
-                        try:
-                            trial.report(_objective_value(settings, ev), ev["evaluation"])
-                            stop.append(trial.should_prune())
-                        except optuna.exceptions.UpdateFinishedTrialError:
-                            abandoned.add(i)   # failed as stale by another worker, who re-queued it
-                            stop.append(True)
+                        deferred.do(functools.partial(report, i, _objective_value(settings, ev), ev["evaluation"]))
+                        prune = False
+                        if not len(deferred) and i not in abandoned:
+                            try:
+                                with guard.deferring():
+                                    prune = group_trials[i].should_prune()
+                            except storage_lib.StorageDown:
+                                pass   # the storage is away: no pruning until it is back
+                        stop.append(prune or i in abandoned)
                     return stop
 
-                def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
-                    trial, run, path = group_trials[i], group[i], paths[i]
-                    logs[i].flush()
-                    row = {"number": trial.number, "params": trial.params, "status": outcome.status,
-                           "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
-                           "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
-                    test = save_trial(path, run.config, outcome, train_data, row)
-                    untold.discard(trial.number)
-                    heartbeats.remove(trial._trial_id)
+                def tell(i: int, outcome: trials_lib.TrialResult, row: dict[str, Any]) -> None:
+                    trial, path = group_trials[i], paths[i]
                     if i in abandoned:
+                        heartbeats.remove(trial._trial_id)
                         result.lost += 1
                         print_fn(f"trial {trial.number}: another worker marked it failed (no heartbeat within the "
                                  "grace period) and re-queued it; dropped here")
                         return
                     try:
-                        for key, value in (("outcome", outcome.status), ("run_dir", os.path.abspath(path)),
-                                           ("worker", row["worker"]), ("seconds", outcome.seconds),
-                                           ("group_size", len(group))):
-                            trial.set_user_attr(key, value)
-                        if test is not None:
-                            trial.set_user_attr("test_accuracy", test["accuracy"])
-                            trial.set_user_attr("test_loss", test["loss"])
-                        if outcome.status == trials_lib.COMPLETE:
-                            study.tell(trial, _objective_value(settings, outcome.evaluations[-1]))
-                        else:   # pruned, or diverged: worse than any trial that finished
-                            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        _tell(study, trial, settings, {**row, "run_dir": path})
                     except optuna.exceptions.UpdateFinishedTrialError:
+                        heartbeats.remove(trial._trial_id)
                         result.lost += 1
                         return
+                    heartbeats.remove(trial._trial_id)
                     result.trained += 1
                     setattr(result, outcome.status, getattr(result, outcome.status) + 1)
                     last = outcome.evaluations[-1] if outcome.evaluations else None
@@ -194,23 +237,100 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
                     print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
                              + (f" ({outcome.message})" if outcome.message else ""))
 
+                def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
+                    trial, run, path = group_trials[i], group[i], paths[i]
+                    logs[i].flush()
+                    row = {"number": trial.number, "params": trial.params, "status": outcome.status,
+                           "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
+                           "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
+                    save_trial(path, run.config, outcome, train_data, row)
+                    untold.discard(trial.number)   # kept in its run directory: told now, later, or by a rerun
+                    deferred.do(functools.partial(tell, i, outcome, row))
+
                 def on_record(i: int, record: dict[str, Any]) -> None:
                     logs[i].append(record)
 
                 trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
                                         settings.eval_every, decide, on_record, on_stop)
+                deferred.flush(wait=True)   # still holding the directories: no rerun reports them meanwhile
+    except storage_lib.StorageUnavailable:
+        raise   # what is unfinished stays RUNNING: its heartbeats stop, and a rerun re-queues it
     except BaseException:
-        # SIGINT or an error: nothing asked may be lost; re-queue what was not told.
-        for trial in asked:
-            if trial.number in untold:
-                heartbeats.remove(trial._trial_id)
-                try:
-                    trial.set_user_attr("outcome", "interrupted")
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
-                except Exception:
-                    pass   # the storage is gone too: the heartbeat grace period will re-queue it
+        # SIGINT or an error: nothing asked may be lost; re-queue what was not finished.
+        with contextlib.suppress(Exception):
+            deferred.flush(wait=False)
+        with guard.deferring():
+            for trial in asked:
+                if trial.number in untold:
+                    heartbeats.remove(trial._trial_id)
+                    try:
+                        trial.set_user_attr("outcome", "interrupted")
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+                    except Exception:
+                        pass   # the storage is gone too: the heartbeat grace period will re-queue it
         raise
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, settings: Settings, row: dict[str, Any]) -> None:
+    """Tell the study a finished trial's outcome, as recorded in its `trial_result.json` row (plus
+    its run directory)."""
+    for key, value in (("outcome", row["status"]), ("run_dir", os.path.abspath(row["run_dir"])),
+                       ("worker", row["worker"]), ("seconds", row["seconds"]), ("group_size", row["group_size"])):
+        trial.set_user_attr(key, value)
+    if "test_accuracy" in row:
+        trial.set_user_attr("test_accuracy", row["test_accuracy"])
+        trial.set_user_attr("test_loss", row["test_loss"])
+    if row["status"] == trials_lib.COMPLETE:
+        study.tell(trial, _objective_value(settings, row["evaluations"][-1]))
+    else:   # pruned, or diverged: worse than any trial that finished
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def report_kept(study: optuna.Study, settings: Settings, search_dir: str, result: WorkerReport,
+                print_fn: Callable[[str], None] = print) -> int:
+    """Tell the study the trials that finished in `search_dir` but that it was never told (the
+    storage was away when their worker stopped), so that a rerun trains none of them again: each
+    `trial_result.json` whose trial is still RUNNING is told as it is; one whose trial another worker
+    has since failed as stale is told as that trial's re-queued copy, if that is still waiting.
+    Their evaluations are reported first. Returns how many were told."""
+    trials = study.get_trials(deepcopy=False)
+    running = {t.number: t for t in trials if t.state == optuna.trial.TrialState.RUNNING}
+    retries = {t.system_attrs["retry_history"][-1]: t for t in trials
+               if t.state == optuna.trial.TrialState.WAITING and t.system_attrs.get("retry_history")}
+    if not running and not retries:
+        return 0
+    told = 0
+    for path in sorted(glob.glob(os.path.join(search_dir, "trial_*", TRIAL_RESULT_FILE))):
+        folder = os.path.dirname(path)
+        try:
+            row = workdir_lib.read_json(path)
+            number = row["number"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if folder != _trial_dir(search_dir, number) or (number not in running and number not in retries):
+            continue
+        try:
+            with lock.hold(folder, create=False):
+                frozen = running.get(number)
+                if frozen is None:   # claim the waiting copy, as study.ask would
+                    frozen = retries[number]
+                    if not study._storage.set_trial_state_values(frozen._trial_id, optuna.trial.TrialState.RUNNING):
+                        continue
+                    study._storage.record_heartbeat(frozen._trial_id)   # so it can go stale if this stops
+                trial = optuna.trial.Trial(study, frozen._trial_id)
+                for ev in row["evaluations"]:
+                    if ev["evaluation"] not in frozen.intermediate_values:
+                        trial.report(_objective_value(settings, ev), ev["evaluation"])
+                _tell(study, trial, settings, {**row, "run_dir": folder})
+        except (lock.RunDirInUse, optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            continue   # its worker is still at it, or another worker finished it meanwhile
+        told += 1
+        result.reported += 1
+        copy = f" (the re-queued copy of trial {number})" if frozen.number != number else ""
+        print_fn(f"trial {frozen.number}{copy}: {row['status']} (finished before the storage went away; "
+                 "reported from its run directory, not trained again)")
+    return told
 
 
 def _worker() -> str:
