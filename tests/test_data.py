@@ -13,6 +13,7 @@ from cnn_jax import config as config_lib
 from cnn_jax import data, datasets
 from cnn_jax.config import Config
 from cnn_jax.data import DataError
+from conftest import write_idx_folder
 
 
 def test_real_mnist_from_idx(mnist):
@@ -254,6 +255,17 @@ def test_a_flag_that_contradicts_the_data_is_one_line(mnist_dir):
                                 ({"input_shape": (32, 32, 3)}, "set --input_shape=28,28,1")):
         with pytest.raises(DataError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             data.load(config_lib.replace(Config(), data_dir=mnist_dir, test_subset=1, **overrides))
+
+
+def test_a_tfds_source_reaches_the_file_tests_as_the_same_idx_files(tmp_path, mnist):
+    """Where the tests' MNIST is a TFDS copy, conftest writes it out as IDX files for --data_dir:
+    they read back as exactly the arrays written."""
+    small = dataclasses.replace(mnist, train_images=mnist.train_images[:300], train_labels=mnist.train_labels[:300],
+                                test_images=mnist.test_images[:100], test_labels=mnist.test_labels[:100])
+    again = data.load_folder(write_idx_folder(str(tmp_path / "mnist"), small))
+    for key in data.IDX_FILES:
+        np.testing.assert_array_equal(getattr(again, key), getattr(small, key))
+    assert sorted(os.listdir(tmp_path / "mnist")) == sorted(stem + ".gz" for stem in data.IDX_FILES.values())
 
 
 @pytest.mark.slow
