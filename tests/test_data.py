@@ -150,6 +150,20 @@ def test_tfds_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "$CNN_JAX_MNIST_DIR" in message and "../shared/data/mnist" in message and "\n" not in message
 
 
+def test_a_download_without_tensorflow_names_the_file_to_install(no_sources, monkeypatch):
+    """make train installs no TensorFlow: where the main job must prepare a TFDS download, it says
+    in one line what to install."""
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    with pytest.raises(DataError) as info:
+        data.load(Config())
+    message = str(info.value)
+    assert message.startswith("TensorFlow Datasets needs TensorFlow to prepare 'mnist': "
+                              "pip install -r requirements-tfds.txt, or pass --data_dir"), message
+    assert "\n" not in message
+
+
 def test_epoch_permutation_is_deterministic_and_changes_per_epoch():
     a, b = data.epoch_permutation(0, 1, 1000), data.epoch_permutation(0, 1, 1000)
     np.testing.assert_array_equal(a, b)
