@@ -14,6 +14,7 @@ from cnn_jax.data import sources as data
 from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config
 from cnn_jax.data.sources import DataError
+from conftest import write_idx_folder
 
 
 def test_real_mnist_from_idx(mnist):
@@ -150,6 +151,20 @@ def test_tfds_offline_says_what_to_do(tmp_path, monkeypatch):
     assert "$CNN_JAX_MNIST_DIR" in message and "../shared/data/mnist" in message and "\n" not in message
 
 
+def test_a_download_without_tensorflow_names_the_file_to_install(no_sources, monkeypatch):
+    """make train installs no TensorFlow: where the main job must prepare a TFDS download, it says
+    in one line what to install."""
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
+    with pytest.raises(DataError) as info:
+        data.load(Config())
+    message = str(info.value)
+    assert message.startswith("TensorFlow Datasets needs TensorFlow to prepare 'mnist': "
+                              "pip install -r requirements-tfds.txt, or pass --data_dir"), message
+    assert "\n" not in message
+
+
 def test_epoch_permutation_is_deterministic_and_changes_per_epoch():
     a, b = data.epoch_permutation(0, 1, 1000), data.epoch_permutation(0, 1, 1000)
     np.testing.assert_array_equal(a, b)
@@ -221,10 +236,12 @@ def test_nothing_found_says_what_to_do(no_sources):
     assert message.endswith("or set $CNN_JAX_MNIST_DIR=FOLDER")
 
 
-def test_the_source_is_named_and_the_shared_copy_is_found_from_the_package(no_sources, monkeypatch, mnist_dir):
-    monkeypatch.setattr(data, "SHARED_DATA_DIR", os.path.dirname(os.path.abspath(mnist_dir)))
+def test_the_source_is_named_and_the_shared_copy_is_found_from_the_package(no_sources, mnist_dir):
+    shared = no_sources / "shared" / "mnist"   # the shared data folder of `no_sources`, holding the tests' MNIST
+    shared.parent.mkdir()
+    shared.symlink_to(os.path.abspath(mnist_dir), target_is_directory=True)
     ds = data.load(config_lib.replace(Config(), train_subset=10, test_subset=10))
-    assert ds.source == f"mnist from {os.path.abspath(mnist_dir)} (the project machines' shared copy beside the repository)"
+    assert ds.source == f"mnist from {shared} (the project machines' shared copy beside the repository)"
 
 
 def test_shared_data_dir_is_relative_to_the_repository_not_the_cwd():
@@ -257,11 +274,27 @@ def test_a_flag_that_contradicts_the_data_is_one_line(mnist_dir):
             data.load(config_lib.replace(Config(), data_dir=mnist_dir, test_subset=1, **overrides))
 
 
+def test_a_tfds_source_reaches_the_file_tests_as_the_same_idx_files(tmp_path, mnist):
+    """Where the tests' MNIST is a TFDS copy, conftest writes it out as IDX files for --data_dir:
+    they read back as exactly the arrays written."""
+    small = dataclasses.replace(mnist, train_images=mnist.train_images[:300], train_labels=mnist.train_labels[:300],
+                                test_images=mnist.test_images[:100], test_labels=mnist.test_labels[:100])
+    again = data.load_folder(write_idx_folder(str(tmp_path / "mnist"), small))
+    for key in data.IDX_FILES:
+        np.testing.assert_array_equal(getattr(again, key), getattr(small, key))
+    assert sorted(os.listdir(tmp_path / "mnist")) == sorted(stem + ".gz" for stem in data.IDX_FILES.values())
+
+
 @pytest.mark.slow
-def test_tfds_prepares_mnist_offline_from_the_official_files(tmp_path, monkeypatch, mnist_dir, mnist):
+def test_tfds_prepares_mnist_offline_from_the_official_files(tmp_path, monkeypatch, mnist_source, mnist_dir,
+                                                              mnist):
     """TFDS prepares MNIST from the official files handed over as a manual download (no network),
     into a temporary TFDS data dir; the arrays are the IDX reader's, exactly. TFDS shuffles the
     examples when it prepares, so the (image, label) pairs are compared in a canonical order."""
+    # Where the tests' MNIST is a TFDS copy, conftest's IDX files are written from it: not the official bytes.
+    if mnist_source.kind == "tfds":
+        pytest.skip(f"needs the official IDX files, and the tests' MNIST is {mnist_source.describe('mnist')}; "
+                    "set CNN_JAX_MNIST_DIR=FOLDER holding them")
     pytest.importorskip("tensorflow", reason="preparing needs TensorFlow: pip install -r requirements-tfds.txt")
     monkeypatch.setattr(data, "_reachable", lambda *a, **k: False)   # offline, for certain
     tfds_dir = tmp_path / "tfds"
