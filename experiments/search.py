@@ -73,7 +73,7 @@ flags.DEFINE_integer("storage_timeout", storage_lib.DEFAULT_TIMEOUT, "Seconds a 
                      "being unreachable (retrying, the trials training on); after that it ends with exit status "
                      f"{storage_lib.EXIT_STORAGE_UNAVAILABLE}, keeping what it finished for the next run.")
 flags.DEFINE_integer("max_parallel", 0, "Most trials trained together in one vmapped program "
-                     "(0: as many as fit in a quarter of the free memory).")
+                     "(0: the fastest here: one at a time on CPU, as many as fit in a quarter of the free memory on accelerators).")
 FLAGS = flags.FLAGS
 
 
@@ -146,6 +146,8 @@ def _search():
           f"objective {FLAGS.objective} ({len(train_part.train_labels)} training images"
           + ("" if FLAGS.objective.startswith("test_") else
              f", validation: the last {len(probe.train_labels) - len(train_part.train_labels)}") + ")", flush=True)
+
+    print(sweep.describe_grouping(FLAGS.max_parallel), flush=True)
 
     def load_dataset(config):
         return probe if sweep.data_key(config) == sweep.data_key(base) else data.load(config)

@@ -34,7 +34,7 @@ flags.DEFINE_string("sweep_file", None, "JSON or YAML file: a grid (flag -> list
                     "of runs (flag -> value mappings).")
 flags.DEFINE_string("workdir", None, "Sweep directory: one run directory per run, and the results.")
 flags.DEFINE_integer("max_parallel", 0, "Most runs trained together in one vmapped program "
-                     "(0: as many as fit in a quarter of the free memory).")
+                     "(0: the fastest here: one at a time on CPU, as many as fit in a quarter of the free memory on accelerators).")
 flags.DEFINE_string("shard", "0/1", "i/n: run only every n-th run starting at i (0-based), for job arrays.")
 flags.DEFINE_boolean("summarize", False, "Only merge the finished runs of --workdir into the results files.")
 flags.DEFINE_integer("validation_size", 0, "Hold out the last N training images: the runs do not train on "
@@ -97,6 +97,7 @@ def main(argv):
           f"in {len(groups)} group(s) of {', '.join(str(len(g)) for g in groups) or '-'} run(s) "
           f"(runs of a group train together as one vmapped program)",
           flush=True)
+    print(sweep.describe_grouping(FLAGS.max_parallel), flush=True)
     if FLAGS.dry_run:
         for i, group in enumerate(groups):
             print(f"group {i}: " + "  ".join(r.name for r in group))

@@ -28,8 +28,8 @@ directories), `results` (tables, plot).
 from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, data_key, group_key, group_runs,
                                  train_group)
 from cnn_jax.sweep.memory import (MEMORY_FRACTION, ProgramMemory, auto_max_parallel, default_max_parallel,
-                                  memory_budget, peak_live_bytes, program_memory, run_memory_bytes,
-                                  shared_memory_bytes, tree_bytes)
+                                   describe_grouping, memory_budget, peak_live_bytes, program_memory,
+                                   run_memory_bytes, shared_memory_bytes, tree_bytes)
 from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collect_rows, plot_axis, ranked_by,
                                    results_csv, results_figure, results_markdown, summarize, swept_fields,
                                    write_results)

@@ -132,9 +132,24 @@ def auto_max_parallel(config: Config, budget_bytes: int) -> int:
 
 
 def default_max_parallel(config: Config) -> int:
-    """`--max_parallel=0`: as many runs of `config`'s group as fit in `memory_budget()`.
+    """`--max_parallel=0`: the group size that trains the most images per second on this backend.
 
-    On CPU a larger group does not train more images per second (docs/sweeps.md, "Group size"), so
-    the memory bound is the only bound there too; on accelerators vmapping is where the speed comes from.
+    On CPU one run at a time: a vmapped group trains fewer images per second there than the same
+    runs one after another in one process (docs/sweeps.md, `experiments/sweep_benchmark.py`), and
+    a run alone trains the program `experiments/train.py` runs, so it gives the same digits. On
+    accelerators, where vmapping is where the speed comes from, as many runs as fit in `memory_budget()`.
     """
+    if jax.default_backend() == "cpu":
+        return 1
     return auto_max_parallel(config, memory_budget())
+
+
+def describe_grouping(given: int) -> str:
+    """The start-up line saying how runs are grouped and how to change it (`given`: --max_parallel)."""
+    if given:
+        return f"groups: up to {given} run(s) vmapped as one program (--max_parallel={given})"
+    if jax.default_backend() == "cpu":
+        return ("groups: one run at a time on CPU, each the program it trains alone (a vmapped group trains "
+                "fewer images/s here; --max_parallel=N vmaps N runs together)")
+    return (f"groups: as many runs as fit in memory, vmapped as one program on {jax.default_backend()} "
+            "(--max_parallel=N caps it)")
