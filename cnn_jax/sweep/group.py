@@ -19,16 +19,16 @@ from cnn_jax.engine import evaluation, optim, train
 from cnn_jax.rundir import progress
 from cnn_jax.engine import state as state_lib
 from cnn_jax.engine import step as step_lib
-from cnn_jax.config import Config
+from cnn_jax.config import Config, fields_with_role
 from cnn_jax.engine.state import TrainState
 from cnn_jax.sweep.spec import Run
 
 # Fields that may differ between the runs of one group: the optimiser's hyperparameters (arrays
 # in each run's optimiser state), the init scale and seed (each run's initial state is drawn
 # alone; the seed also sets the data order) and host-side reporting knobs.
-PER_RUN_FIELDS = optim.HYPERPARAMS + ("weight_scale", "seed", "loss_smoothing", "log_every")
+PER_RUN_FIELDS = optim.HYPERPARAMS + tuple(f for f in fields_with_role("per_run") if f not in optim.HYPERPARAMS)
 # Fields that select the data: runs sharing them share one loaded dataset.
-DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
+DATA_FIELDS = fields_with_role("data")
 
 
 def group_key(config: Config) -> Config:
