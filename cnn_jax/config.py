@@ -45,8 +45,9 @@ ROLES: dict[str, str] = {
                "host-side reporting knob",
     "data": "selects the data: runs that share every such field share one loaded dataset (cnn_jax.sweep)",
     "resumable": "a resumed run may change it (cnn_jax.rundir.workdir): it alters where data comes from or how "
-                 "the run reports and executes, not what it computes; another lowering or device count "
-                 "computes the same maths up to float rounding",
+                 "the run reports and executes, not what it computes (epochs extends or shortens the run); "
+                 "another lowering or device count computes the same maths up to float rounding, so a resumed "
+                 "run stays bit-identical to an uninterrupted one only if these are kept",
     "hyperparam": "an optimiser hyperparameter, an array in the optimiser state (cnn_jax.engine.optim), "
                   "not a constant of the compiled step",
 }
