@@ -25,62 +25,11 @@ from absl import app, flags
 from cnn_jax.engine import compile_cache
 from cnn_jax import config as config_lib
 from cnn_jax import models
+from cnn_jax import model as model_lib
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.rundir.workdir import WriteError
 
 FLAGS = flags.FLAGS
-_HELP = {
-    "augment_shift": "Training augmentation: shift each image by up to N pixels (pad with zeros, crop); 0: off.",
-    "augment_flip": "Training augmentation: mirror images left-right at random (keep off for digits).",
-    "dataset": "Dataset: mnist, fashion_mnist, kmnist, cifar10 or cifar100 (input_shape and num_classes follow it).",
-    "data_dir": "Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
-                "empty: the first source found (docs/data.md).",
-    "train_subset": "Train on the first N training images only (0: all).",
-    "test_subset": "Evaluate on the first N test images only (0: all).",
-    "model": "Model family (cnn_jax.models): {names}. Families of your own: $CNN_JAX_MODELS=name=module,...",
-    "conv_filters": "Filters per conv layer, comma-separated (one entry per conv layer).",
-    "conv_kernels": "Kernel size per conv layer, comma-separated.",
-    "conv_stride": "Stride of every conv layer.",
-    "conv_padding": "Padding of every conv layer: VALID or SAME.",
-    "pool": "Pooling: max or avg.",
-    "pool_window": "Pooling window (its height and width).",
-    "pool_stride": "Pooling stride.",
-    "num_fc": "Width of the hidden dense layer.",
-    "num_classes": "Classes of the output layer (follows --dataset unless given).",
-    "input_shape": "Image shape H,W,C (follows --dataset unless given).",
-    "weight_scale": "Standard deviation of --init=normal.",
-    "widths": "vgg, resnet: channels of each VGG block / ResNet stage, comma-separated.",
-    "depth": "vgg, resnet: conv layers per VGG block / pre-activation residual blocks per ResNet stage.",
-    "dropout": "vgg, resnet: dropout rate before the classifier (0: none; training only).",
-    "bn_momentum": "vgg, resnet: batch norm running averages move as momentum * running + (1 - momentum) * batch.",
-    "init": "Initialisation: he, lecun (fan-in scaled) or normal (every weight and bias ~ N(0, weight_scale)).",
-    "optimizer": "sgd (at a constant rate with --loss_reduction=sum: the tutorial's), momentum, adam or adamw.",
-    "learning_rate": "Learning rate (the peak of --schedule).",
-    "momentum": "Momentum of --optimizer=momentum.",
-    "weight_decay": "Weight decay of --optimizer=adamw.",
-    "batch_size": "Training images per step.",
-    "epochs": "Passes over the training set.",
-    "seed": "Random seed: the initial params, the data order and each step's randomness (dropout, augmentation).",
-    "schedule": "Learning-rate schedule for optax optimisers: constant, cosine, onecycle, warmup_cosine.",
-    "loss_reduction": "How per-example losses combine over a batch: mean or sum (the tutorial).",
-    "conv_impl": "Convolution lowering: auto (on CPU winograd in the tutorial CNN's fused conv-relu-pool blocks "
-                 "where it applies, else patches, and onednn for the batch-norm families when it builds; lax "
-                 "elsewhere), lax (reference), patches (im2col + matmul), winograd (F(4x4,5x5)/F(2x2,3x3) where it "
-                 "applies, else patches; fused blocks only) or onednn (oneDNN's convolutions, CPU, NHWC).",
-    "loop": "Execution: auto, step (one jitted call per batch) or scan (a whole epoch in lax.scan).",
-    "pool_impl": "Pooling lowering: auto, reduce_window (reference), reshape (window == stride; tested equal) or "
-                 "onednn (the batch-norm families' 2x2 max pooling through oneDNN; their CPU auto with onednn convs).",
-    "layout": "Activation layout: auto (CHWN on CPU, NHWC elsewhere), NHWC (reference) or CHWN.",
-    "ynnpack": "XLA:CPU's YNNPACK fusions: auto (off on CPU, where they run slower: docs/performance.md), on or off.",
-    "coordinator_address": "Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.",
-    "num_processes": "Multi-host: how many processes take part.",
-    "process_id": "Multi-host: this process's index, 0 .. num_processes - 1.",
-    "eval_batch_size": "Images per evaluation batch (forward pass only).",
-    "loss_smoothing": "Rate s of the moving-average training loss the epoch line prints: m <- (1 - s) * m + s * loss.",
-    "log_every": "Steps between logged training losses.",
-    "train_eval": "Train accuracy: full (evaluate the train set after each epoch) or running.",
-    "debug": "Print every layer's output shape.",
-}
 
 
 class _PresetFlag(flags.EnumFlag):
@@ -123,19 +72,19 @@ def _use_grouped_help() -> None:
 
 
 def define_config_flags() -> None:
-    """Define `--preset`, one flag per Config field (defaults: `Config()`'s values) and the
-    compilation cache's flags, each under its group of `config.FLAG_GROUPS` (the heading
-    `--helpshort` lists it under)."""
+    """Define `--preset`, one flag per Config field (its default, help text and group as the field
+    declares them: `config.field`) and the compilation cache's flags, each under its group of
+    `config.FLAG_GROUPS` (the heading `--helpshort` lists it under)."""
     group_of = {name: group for group, names in config_lib.FLAG_GROUPS.items() for name in names}
     flags.DEFINE_flag(_PresetFlag("preset", "default", "Named config to start from; flags given override its "
                                   "values.", sorted(config_lib.PRESETS)), module_name=group_of["preset"])
     for field in dataclasses.fields(Config):
-        default = getattr(Config(), field.name)
-        help_text = _HELP.get(field.name, field.name.replace("_", " ").capitalize() + ".")
-        where = {"module_name": group_of[field.name]}
+        default, help_text = field.default, field.metadata["help"]
+        where = {"module_name": field.metadata["group"]}
         if field.name == "model":
             names = models.names()
-            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=", ".join(names)), **where)
+            flags.DEFINE_enum(field.name, default, list(names), help_text.format(names=config_lib.one_of(names)),
+                              **where)
         elif isinstance(default, bool):
             flags.DEFINE_boolean(field.name, default, help_text, **where)
         elif isinstance(default, int):
@@ -173,7 +122,7 @@ def config_from_flags(overrides: dict[str, Any] | None = None) -> Config:
                 value = _parse_int_list(field.name, value)
             values[field.name] = value
     values.update(overrides or {})
-    return config_lib.validate(config_lib.replace(config_lib.preset(FLAGS.preset), **values))
+    return model_lib.validate(config_lib.replace(config_lib.preset(FLAGS.preset), **values))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,25 +1,28 @@
 """The one experiment config: every knob, its defaults, the named presets, validation.
 
 `Config` is a frozen dataclass; a preset is just another value of it
-(`PRESETS["tutorial"]` is the MXNet tutorial's recipe). `validate` is the single
-place where values are checked; it raises `ConfigError` with a one-line message
-naming the flag, the value and what is allowed. Names that were renamed
+(`PRESETS["tutorial"]` is the MXNet tutorial's recipe). Each field is described once, where it
+is declared (`field`): its default, its type, its flag's help text, the group `--helpshort` lists
+it under and its roles (`ROLES`); `FLAG_GROUPS` and the role sets other modules keep
+(`fields_with_role`) are derived from that. `validate` checks what every model family shares and
+raises `ConfigError` with a one-line message naming the flag, the value and what is allowed; a
+family checks its own fields (`cnn_jax.model.validate` runs both). Names that were renamed
 (`RENAMED_PRESETS`, `RENAMED_VALUES`) are errors naming the new one when given, and are
-migrated when read from a run's config.json (`from_dict`).
+migrated when read from a run's config.json (`from_dict`). This module imports nothing of
+cnn_jax but the dataset registry, a leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
-
-from cnn_jax import models
+from typing import Any, Mapping
 
 from cnn_jax.data import registry as datasets
-from cnn_jax.nn.layers import PADDINGS
 
 DATASETS = datasets.NAMES
+POOLS = ("max", "avg")
+PADDINGS = ("VALID", "SAME")
 INITS = ("he", "lecun", "normal")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle", "warmup_cosine")
@@ -30,6 +33,24 @@ LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
+
+# The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli), in order.
+GROUPS = ("data", "model", "optimisation", "execution", "run")
+# The scripts' flags that are not fields (cnn_jax.cli defines them), listed before / after a group's fields.
+FLAGS_BEFORE: dict[str, tuple[str, ...]] = {"run": ("preset",)}
+FLAGS_AFTER: dict[str, tuple[str, ...]] = {"execution": ("compilation_cache", "compilation_cache_dir")}
+ROLES: dict[str, str] = {
+    "per_run": "may differ between the runs of one vmapped sweep group (cnn_jax.sweep): an optimiser "
+               "hyperparameter, the init scale, the seed (each run's initial state and data order) or a "
+               "host-side reporting knob",
+    "data": "selects the data: runs that share every such field share one loaded dataset (cnn_jax.sweep)",
+    "resumable": "a resumed run may change it (cnn_jax.rundir.workdir): it alters where data comes from or how "
+                 "the run reports and executes, not what it computes (epochs extends or shortens the run); "
+                 "another lowering or device count computes the same maths up to float rounding, so a resumed "
+                 "run stays bit-identical to an uninterrupted one only if these are kept",
+    "hyperparam": "an optimiser hyperparameter, an array in the optimiser state (cnn_jax.engine.optim), "
+                  "not a constant of the compiled step",
+}
 
 
 class ConfigError(ValueError):
@@ -49,65 +70,177 @@ def shown(value: Any, limit: int = 60, quote: bool = True) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def one_of(choices: tuple[str, ...], notes: Mapping[str, str] | None = None) -> str:
+    """`a, b (note) or c`: the choices for help text, in order, each with its note if any."""
+    notes = notes or {}
+    unknown = set(notes) - set(choices)
+    if unknown:
+        raise ValueError(f"notes for {sorted(unknown)}, not among the choices {choices}")
+    items = [f"{c} ({notes[c]})" if c in notes else c for c in choices]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def field(default: Any, *, help: str, group: str, roles: tuple[str, ...] = (),
+          choices: tuple[str, ...] | None = None) -> Any:
+    """A Config field described once: its default, its flag's help text, its `--helpshort` group,
+    its roles (`ROLES`) and, for a field of named values, the allowed ones."""
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"roles {sorted(unknown)} are not among {tuple(ROLES)}")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "roles": tuple(roles),
+                                                        "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every knob of an experiment; `experiments/train.py` has one flag per field."""
 
     # Data.
-    dataset: str = "mnist"            # mnist | fashion_mnist | kmnist | cifar10 | cifar100 (cnn_jax.data.registry)
-    data_dir: str = ""                # folder with the dataset's offline files; empty: searched (cnn_jax.data)
-    train_subset: int = 0             # train on the first N images only (0: all)
-    test_subset: int = 0              # evaluate on the first N test images only (0: all)
-    augment_shift: int = 0            # training images shifted by up to N pixels (pad and crop; 0: off)
-    augment_flip: bool = False        # training images mirrored left-right at random (off for digits)
+    dataset: str = field(
+        "mnist", group="data", roles=("data",), choices=DATASETS,
+        help=f"Dataset: {one_of(DATASETS)} (input_shape and num_classes follow it).")
+    data_dir: str = field(
+        "", group="data", roles=("data", "resumable"),
+        help="Folder with the dataset's official files (IDX, or CIFAR's batches or the folder above them); "
+             "empty: the first source found (docs/data.md).")
+    train_subset: int = field(0, group="data", roles=("data",),
+                              help="Train on the first N training images only (0: all).")
+    test_subset: int = field(0, group="data", roles=("data",),
+                             help="Evaluate on the first N test images only (0: all).")
+    augment_shift: int = field(
+        0, group="data",
+        help="Training augmentation: shift each image by up to N pixels (pad with zeros, crop); 0: off.")
+    augment_flip: bool = field(
+        False, group="data", help="Training augmentation: mirror images left-right at random (keep off for digits).")
     # Model: the family (cnn_jax.models), then the fields of the tutorial's CNN.
-    model: str = "cnn"                # a family of cnn_jax.models (cnn: the tutorial's network)
-    conv_filters: tuple[int, ...] = (20, 50)
-    conv_kernels: tuple[int, ...] = (3, 5)
-    conv_stride: int = 1
-    conv_padding: str = "VALID"       # VALID | SAME
-    pool: str = "max"                 # max | avg
-    pool_window: int = 2
-    pool_stride: int = 2
-    num_fc: int = 128                 # width of the hidden dense layer
-    num_classes: int = 10             # follows `dataset` in `replace` unless given
-    input_shape: tuple[int, int, int] = (28, 28, 1)   # H, W, C; follows `dataset` in `replace` unless given
-    init: str = "he"                  # he | lecun | normal (every weight and bias ~ N(0, weight_scale))
-    weight_scale: float = 0.01        # std of the normal init
+    model: str = field(
+        "cnn", group="model",
+        help="Model family (cnn_jax.models): {names}. Families of your own: $CNN_JAX_MODELS=name=module,...")
+    conv_filters: tuple[int, ...] = field(
+        (20, 50), group="model", help="Filters per conv layer, comma-separated (one entry per conv layer).")
+    conv_kernels: tuple[int, ...] = field((3, 5), group="model", help="Kernel size per conv layer, comma-separated.")
+    conv_stride: int = field(1, group="model", help="Stride of every conv layer.")
+    conv_padding: str = field("VALID", group="model", choices=PADDINGS,
+                              help=f"Padding of every conv layer: {one_of(PADDINGS)}.")
+    pool: str = field("max", group="model", choices=POOLS, help=f"Pooling: {one_of(POOLS)}.")
+    pool_window: int = field(2, group="model", help="Pooling window (its height and width).")
+    pool_stride: int = field(2, group="model", help="Pooling stride.")
+    num_fc: int = field(128, group="model", help="Width of the hidden dense layer.")
+    num_classes: int = field(10, group="model", roles=("data",),
+                             help="Classes of the output layer (follows --dataset unless given).")
+    input_shape: tuple[int, int, int] = field((28, 28, 1), group="model", roles=("data",),
+                                              help="Image shape H,W,C (follows --dataset unless given).")
+    init: str = field(
+        "he", group="model", choices=INITS,
+        help="Initialisation: " + one_of(INITS, {"lecun": "fan-in scaled",
+                                                 "normal": "every weight and bias ~ N(0, weight_scale)"}) + ".")
+    weight_scale: float = field(0.01, group="model", roles=("per_run",), help="Standard deviation of --init=normal.")
     # Fields of the batch-normalised families (vgg, resnet).
-    widths: tuple[int, ...] = (32, 64, 128)   # channels of each VGG block / ResNet stage
-    depth: int = 2                    # conv layers per VGG block / residual blocks per ResNet stage
-    dropout: float = 0.0              # dropout rate before the classifier (0: none)
-    bn_momentum: float = 0.9          # batch norm: running average <- momentum * running + (1 - momentum) * batch
+    widths: tuple[int, ...] = field(
+        (32, 64, 128), group="model", help="vgg, resnet: channels of each VGG block / ResNet stage, comma-separated.")
+    depth: int = field(
+        2, group="model",
+        help="vgg, resnet: conv layers per VGG block / pre-activation residual blocks per ResNet stage.")
+    dropout: float = field(
+        0.0, group="model", help="vgg, resnet: dropout rate before the classifier (0: none; training only).")
+    bn_momentum: float = field(
+        0.9, group="model",
+        help="vgg, resnet: batch norm running averages move as momentum * running + (1 - momentum) * batch.")
     # Optimisation.
-    optimizer: str = "adam"           # sgd | momentum | adam | adamw
-    learning_rate: float = 1e-3
-    schedule: str = "constant"        # constant | cosine | onecycle | warmup_cosine (optax optimisers)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4        # adamw only
-    ema_decay: float = 0.0            # evaluate an exponential moving average of the params with this decay (0: off)
-    loss_reduction: str = "mean"      # mean | sum (the tutorial sums the per-example loss over the batch)
-    batch_size: int = 64
-    epochs: int = 1
-    seed: int = 0
-    # Execution and reporting.
-    # auto | lax | patches | winograd. auto on CPU: in the tutorial CNN's fused conv -> relu -> pool
-    # blocks Winograd where it applies, else patches; where a convolution runs alone (vgg, resnet,
-    # --debug, reduce_window pooling with NHWC) patches. auto elsewhere: lax (cnn_jax.nn.lowering.resolve).
-    conv_impl: str = "auto"
-    loop: str = "auto"                # auto | step (one jitted step per batch) | scan (epoch in lax.scan)
-    pool_impl: str = "auto"           # auto | reduce_window (reference) | reshape (window == stride only)
-    layout: str = "auto"              # auto | NHWC (reference) | CHWN (channel-major, batch-minor)
-    ynnpack: str = "auto"             # auto | on | off: XLA:CPU's YNNPACK fusions (auto: off on CPU)
-    # Multi-host data parallelism (jax.distributed); empty address: this process alone.
-    coordinator_address: str = ""     # host:port of process 0
-    num_processes: int = 1
-    process_id: int = 0
-    eval_batch_size: int = 1000
-    train_eval: str = "full"          # full: evaluate the whole train set per epoch | running: during the epoch
-    loss_smoothing: float = 0.01      # rate of the tutorial's moving-average loss
-    log_every: int = 100              # steps between logged training losses
-    debug: bool = False               # print every layer's output shape
+    optimizer: str = field(
+        "adam", group="optimisation", choices=OPTIMIZERS,
+        help=one_of(OPTIMIZERS, {"sgd": "at a constant rate with --loss_reduction=sum: the tutorial's"}) + ".")
+    learning_rate: float = field(1e-3, group="optimisation", roles=("per_run", "hyperparam"),
+                                 help="Learning rate (the peak of --schedule).")
+    schedule: str = field("constant", group="optimisation", choices=SCHEDULES,
+                          help=f"Learning-rate schedule: {one_of(SCHEDULES)}.")
+    momentum: float = field(0.9, group="optimisation", roles=("per_run", "hyperparam"),
+                            help="Momentum of --optimizer=momentum.")
+    weight_decay: float = field(1e-4, group="optimisation", roles=("per_run", "hyperparam"),
+                                help="Weight decay of --optimizer=adamw.")
+    ema_decay: float = field(
+        0.0, group="optimisation",
+        help="Evaluate (and checkpoint) an exponential moving average of the params with this decay, "
+             "e.g. 0.999; 0: off.")
+    loss_reduction: str = field(
+        "mean", group="optimisation", choices=LOSS_REDUCTIONS,
+        help=f"How per-example losses combine over a batch: {one_of(LOSS_REDUCTIONS, {'sum': 'the tutorial'})}.")
+    batch_size: int = field(64, group="optimisation", help="Training images per step.")
+    epochs: int = field(1, group="optimisation", roles=("resumable",), help="Passes over the training set.")
+    seed: int = field(
+        0, group="optimisation", roles=("per_run",),
+        help="Random seed: the initial params, the data order and each step's randomness (dropout, augmentation).")
+    # Execution.
+    conv_impl: str = field(
+        "auto", group="execution", roles=("resumable",), choices=CONV_IMPLS,
+        help="Convolution lowering: " + one_of(CONV_IMPLS, {
+            "auto": "on CPU winograd in the tutorial CNN's fused conv-relu-pool blocks where it applies, else "
+                    "patches, and onednn for the batch-norm families when it builds; lax elsewhere",
+            "lax": "reference",
+            "patches": "im2col + matmul",
+            "winograd": "F(4x4,5x5)/F(2x2,3x3) where it applies, else patches; fused blocks only",
+            "onednn": "oneDNN's convolutions, CPU, NHWC"}) + ".")
+    loop: str = field(
+        "auto", group="execution", roles=("resumable",), choices=LOOPS,
+        help="Execution: " + one_of(LOOPS, {"step": "one jitted call per batch",
+                                            "scan": "a whole epoch in lax.scan"}) + ".")
+    pool_impl: str = field(
+        "auto", group="execution", roles=("resumable",), choices=POOL_IMPLS,
+        help="Pooling lowering: " + one_of(POOL_IMPLS, {
+            "reduce_window": "reference",
+            "reshape": "window == stride; tested equal",
+            "onednn": "the batch-norm families' 2x2 max pooling through oneDNN; their CPU auto with onednn convs"})
+        + ".")
+    layout: str = field(
+        "auto", group="execution", roles=("resumable",), choices=LAYOUTS,
+        help="Activation layout: " + one_of(LAYOUTS, {
+            "auto": "CHWN on CPU where the tutorial CNN's fused blocks run, NHWC elsewhere",
+            "NHWC": "reference", "CHWN": "channel-major, batch-minor"}) + ".")
+    ynnpack: str = field(
+        "auto", group="execution", choices=YNNPACK,
+        help="XLA:CPU's YNNPACK fusions: "
+             + one_of(YNNPACK, {"auto": "off on CPU, where they run slower: docs/performance.md"}) + ".")
+    # Multi-host data parallelism (jax.distributed).
+    coordinator_address: str = field(
+        "", group="execution", roles=("resumable",),
+        help="Multi-host: host:port of process 0 (jax.distributed); empty: this process alone.")
+    num_processes: int = field(1, group="execution", roles=("resumable",),
+                               help="Multi-host: how many processes take part.")
+    process_id: int = field(0, group="execution", roles=("resumable",),
+                            help="Multi-host: this process's index, 0 .. num_processes - 1.")
+    eval_batch_size: int = field(1000, group="execution", roles=("resumable",),
+                                 help="Images per evaluation batch (forward pass only).")
+    # Reporting.
+    train_eval: str = field(
+        "full", group="run", roles=("resumable",), choices=TRAIN_EVALS,
+        help="Train accuracy: " + one_of(TRAIN_EVALS, {"full": "evaluate the train set after each epoch",
+                                                       "running": "accumulated during the epoch"}) + ".")
+    loss_smoothing: float = field(
+        0.01, group="run", roles=("per_run",),
+        help="Rate s of the moving-average training loss the epoch line prints: m <- (1 - s) * m + s * loss.")
+    log_every: int = field(100, group="run", roles=("per_run", "resumable"),
+                           help="Steps between logged training losses.")
+    debug: bool = field(False, group="run", roles=("resumable",), help="Print every layer's output shape.")
+
+
+def fields_with_role(role: str) -> tuple[str, ...]:
+    """The names of the fields that have `role` (`ROLES`), in declaration order."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r} is not one of {tuple(ROLES)}")
+    return tuple(f.name for f in dataclasses.fields(Config) if role in f.metadata["roles"])
+
+
+def _flag_groups() -> dict[str, tuple[str, ...]]:
+    """Each group's flags: the non-field flags before, its fields in declaration order, those after."""
+    fields = dataclasses.fields(Config)
+    return {group: FLAGS_BEFORE.get(group, ()) + tuple(f.name for f in fields if f.metadata["group"] == group)
+            + FLAGS_AFTER.get(group, ()) for group in GROUPS}
+
+
+# Every Config field, `--preset` and the compilation cache's flags, each in one group (cnn_jax.cli).
+FLAG_GROUPS: dict[str, tuple[str, ...]] = _flag_groups()
 
 
 PRESETS: dict[str, Config] = {
@@ -168,21 +301,6 @@ def preset(name: str) -> Config:
     return PRESETS[name]
 
 
-# The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli):
-# every Config field, `--preset` and the compilation cache's flags, each in one group.
-FLAG_GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("dataset", "data_dir", "train_subset", "test_subset", "augment_shift", "augment_flip"),
-    "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
-              "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
-              "dropout", "bn_momentum"),
-    "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "ema_decay", "loss_reduction",
-                     "batch_size", "epochs", "seed"),
-    "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
-                  "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
-    "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
-}
-
-
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Config))
 
@@ -229,7 +347,8 @@ def from_dict(values: dict[str, Any]) -> Config:
     return Config(**{k: tuple(v) if k in lists and isinstance(v, list) else v for k, v in values.items()})
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """ConfigError (one line) unless `value` of flag `name` is one of `allowed`; a renamed value names the new one."""
     check_renamed(name, value)
     if value not in allowed:
         raise ConfigError(f"--{name}={shown(value)} is not allowed: use one of {', '.join(allowed)}")
@@ -242,8 +361,8 @@ def _is_int(value: Any) -> bool:
 def _check_types(config: Config) -> None:
     """Every field holds its default's type (a float field also takes an int): a config read from
     JSON or built in Python fails here in one line, not with a TypeError later."""
-    for field in dataclasses.fields(Config):
-        value, default = getattr(config, field.name), field.default
+    for f in dataclasses.fields(Config):
+        value, default = getattr(config, f.name), f.default
         if isinstance(default, bool):
             ok, need = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
@@ -258,42 +377,39 @@ def _check_types(config: Config) -> None:
         else:
             ok, need = isinstance(value, str) and "\0" not in value, "a string (without NUL characters)"
         if not ok:
-            raise ConfigError(f"--{field.name}={shown(value)} is not allowed: it must be {need}")
+            raise ConfigError(f"--{f.name}={shown(value)} is not allowed: it must be {need}")
 
 
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    """ConfigError (one line) unless `value` of flag `name` is positive (or zero) and finite."""
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):   # NaN and inf: a rate must be a finite number
         need = ("zero or positive" if allow_zero else "positive") + (" and finite" if isinstance(value, float) else "")
         raise ConfigError(f"--{name}={value!r} is not allowed: it must be {need}")
 
 
-def validate(config: Config) -> Config:
-    """Check every value; return the config unchanged or raise ConfigError (one line).
+def check_positive_int(name: str, value: Any) -> None:
+    """ConfigError (one line) unless `value` of flag `name` is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"--{name}={value!r} is not allowed: it must be a positive integer")
+    check_positive(name, value)
 
-    The model family's own checks (its fields, the shape walk) are its `validate`, run last."""
+
+def validate(config: Config) -> Config:
+    """Check the values every model family shares; return the config unchanged or raise ConfigError
+    (one line). The family's checks of its own fields are its `validate`: `cnn_jax.model.validate`
+    runs both (and the `model` choice, which needs the family registry)."""
     _check_types(config)
-    _choice("dataset", config.dataset, DATASETS)
-    _choice("model", config.model, models.names())
-    _choice("pool", config.pool, tuple(("max", "avg")))
-    _choice("conv_padding", config.conv_padding, PADDINGS)
-    _choice("init", config.init, INITS)
-    _choice("optimizer", config.optimizer, OPTIMIZERS)
-    _choice("schedule", config.schedule, SCHEDULES)
-    _choice("loss_reduction", config.loss_reduction, LOSS_REDUCTIONS)
-    _choice("conv_impl", config.conv_impl, CONV_IMPLS)
-    _choice("loop", config.loop, LOOPS)
-    _choice("pool_impl", config.pool_impl, POOL_IMPLS)
-    _choice("layout", config.layout, LAYOUTS)
-    _choice("ynnpack", config.ynnpack, YNNPACK)
-    if config.pool_impl == "reshape" and config.pool_window != config.pool_stride:
-        raise ConfigError(f"--pool_impl=reshape needs --pool_window == --pool_stride (got "
-                          f"{config.pool_window} and {config.pool_stride}); use --pool_impl=reduce_window")
-    if config.conv_impl == "winograd" and (config.layout == "NHWC" or config.pool_impl == "reduce_window"
-                                           or config.pool_window != config.pool_stride):
-        raise ConfigError("--conv_impl=winograd runs in the fused channel-major block: it needs "
-                          "--layout=CHWN (or auto) and reshape pooling (--pool_window == --pool_stride, "
-                          "--pool_impl=reshape or auto); use --conv_impl=patches otherwise")
+    check_choice("dataset", config.dataset, DATASETS)
+    check_choice("init", config.init, INITS)
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_choice("schedule", config.schedule, SCHEDULES)
+    check_choice("loss_reduction", config.loss_reduction, LOSS_REDUCTIONS)
+    check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
+    check_choice("loop", config.loop, LOOPS)
+    check_choice("pool_impl", config.pool_impl, POOL_IMPLS)
+    check_choice("layout", config.layout, LAYOUTS)
+    check_choice("ynnpack", config.ynnpack, YNNPACK)
     if config.conv_impl == "onednn" and config.layout == "CHWN":
         raise ConfigError("--conv_impl=onednn runs on NHWC activations: use --layout=auto or NHWC")
     if config.coordinator_address and ":" not in config.coordinator_address:
@@ -305,19 +421,15 @@ def validate(config: Config) -> Config:
     if not 0 <= config.process_id < config.num_processes:
         raise ConfigError(f"--process_id={config.process_id!r} is not allowed: it must be in "
                           f"0..{config.num_processes - 1} (--num_processes={config.num_processes})")
-    _choice("train_eval", config.train_eval, TRAIN_EVALS)
-    for name in ("conv_stride", "pool_window", "pool_stride", "num_fc", "num_classes",
-                 "batch_size", "epochs", "eval_batch_size", "log_every"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"--{name}={value!r} is not allowed: it must be a positive integer")
-        _positive(name, value)
+    check_choice("train_eval", config.train_eval, TRAIN_EVALS)
+    for name in ("num_classes", "batch_size", "epochs", "eval_batch_size", "log_every"):
+        check_positive_int(name, getattr(config, name))
     for name in ("train_subset", "test_subset", "seed", "augment_shift"):
-        _positive(name, getattr(config, name), allow_zero=True)
+        check_positive(name, getattr(config, name), allow_zero=True)
     for name in ("learning_rate", "weight_scale"):
-        _positive(name, getattr(config, name))
+        check_positive(name, getattr(config, name))
     for name in ("momentum", "weight_decay"):
-        _positive(name, getattr(config, name), allow_zero=True)
+        check_positive(name, getattr(config, name), allow_zero=True)
     if not 0 <= config.ema_decay < 1:
         raise ConfigError(f"--ema_decay={shown(config.ema_decay)} is not allowed: it must be in [0, 1) "
                           "(0: off; e.g. 0.999)")
@@ -328,5 +440,4 @@ def validate(config: Config) -> Config:
     if config.augment_shift >= min(config.input_shape[:2]):
         raise ConfigError(f"--augment_shift={config.augment_shift} is not allowed: a shift must be smaller "
                           f"than the {config.input_shape[0]}x{config.input_shape[1]} images (a few pixels, e.g. 2)")
-    models.family(config.model).validate(config)
     return config

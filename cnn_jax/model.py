@@ -22,6 +22,7 @@ import numpy as np
 
 from cnn_jax import models
 
+from cnn_jax import config as config_lib
 from cnn_jax.nn import lowering
 from cnn_jax.config import Config, ConfigError
 
@@ -68,9 +69,14 @@ def flops(config: Config) -> tuple[float, float]:
     return forward, forward + forward + (forward - per_layer[0])
 
 
-def validate(config: Config) -> None:
-    """The family's checks of its own fields (ConfigError, one line)."""
+def validate(config: Config) -> Config:
+    """The full check of a config: `config.validate` (what every family shares), the `model`
+    name, then the family's checks of its own fields. Returns the config unchanged or raises
+    ConfigError (one line). Composed here because `config` imports nothing above it."""
+    config_lib.validate(config)
+    config_lib.check_choice("model", config.model, models.names())
     family(config).validate(config)
+    return config
 
 
 def strategy(config: Config) -> lowering.Strategy:

@@ -618,7 +618,7 @@ def checked_flags() -> list[int]:
             raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
-            config_lib.validate(config_lib.replace(config_lib.PRESETS["tutorial"], pool=pool, batch_size=batch_size))
+            model.validate(config_lib.replace(config_lib.PRESETS["tutorial"], pool=pool, batch_size=batch_size))
     folder = os.path.dirname(os.path.abspath(FLAGS.output)) if FLAGS.output else ""
     if folder and not os.path.isdir(folder):
         raise ConfigError(f"--output={FLAGS.output}: folder {folder} does not exist")
@@ -663,7 +663,7 @@ def main(argv: list[str]) -> None:
     }
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
-            config = config_lib.validate(config_lib.replace(base, pool=pool, batch_size=batch_size))
+            config = model.validate(config_lib.replace(base, pool=pool, batch_size=batch_size))
             steps = max(1, round(FLAGS.repeat_images / batch_size))
             steps = min(steps, len(train_y) // batch_size)
             candidates = [jax_candidate(name, config_lib.replace(config, **STRATEGIES[name][0]),
@@ -692,7 +692,7 @@ def main(argv: list[str]) -> None:
                                                  FLAGS.repeats)})
     for name in [f for f in FLAGS.families if f]:
         preset = config_lib.PRESETS[name]
-        config = config_lib.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
+        config = model.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
         steps = min(max(1, round(FLAGS.repeat_images / config.batch_size)), len(train_y) // config.batch_size)
         convs = [c for c in FLAGS.family_convs if c] or ["auto"]
         candidates = [jax_candidate(name if conv == "auto" else f"{name}:{conv}",

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from cnn_jax import cli, sweep
+from cnn_jax import cli, model, sweep
 
 from cnn_jax.data import sources as data
 from cnn_jax import config as config_lib
@@ -54,7 +54,7 @@ def measure_group(base: config_lib.Config, size: int) -> int:
 @cli.main_guard
 def main(argv):
     del argv
-    base = config_lib.validate(cli.config_from_flags())
+    base = model.validate(cli.config_from_flags())
     if FLAGS.group_size:
         print(f"GROWTH_BYTES {measure_group(base, FLAGS.group_size)}", flush=True)
         return

@@ -23,7 +23,7 @@ import time
 import jax
 from absl import app, flags
 
-from cnn_jax import cli, sweep
+from cnn_jax import cli, model, sweep
 
 from cnn_jax.data import sources as data
 
@@ -88,7 +88,7 @@ def main(argv):
     results = {"runs": FLAGS.runs, "epochs": base.epochs, "device": jax.devices()[0].device_kind,
                "load_before": os.getloadavg()[0], "vectorised": {}}
     for variant in variants:
-        config = config_lib.validate(config_lib.replace(base, **variant))
+        config = model.validate(config_lib.replace(base, **variant))
         name = sweep.run_name(variant) if variant else "vectorised"
         results["vectorised"][name] = time_vectorised(run_configs(config, FLAGS.runs), dataset)
         r = results["vectorised"][name]

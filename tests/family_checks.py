@@ -39,7 +39,7 @@ def strip(records):
 
 def shapes_match_the_real_ones(config, input_shape, capsys):
     """apply's logits for `input_shape`, and `layer_shapes` equal to the shapes apply really makes."""
-    config = config_lib.validate(config_lib.replace(config, input_shape=input_shape))
+    config = model.validate(config_lib.replace(config, input_shape=input_shape))
     family = model.family(config)
     # Shapes come from tracing alone: eval_shape traces apply once (the shapes print while tracing,
     # as when --debug runs eagerly) and compiles nothing.

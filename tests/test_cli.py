@@ -1,5 +1,6 @@
 """The command line end to end: experiments/train.py on a small real subset, and bad flags."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 import script_runner
 from cnn_jax import config as config_lib
+from cnn_jax import models
 from conftest import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "experiments", "train.py")
@@ -52,6 +54,11 @@ def test_helpshort_lists_every_flag_the_script_takes_grouped():
     assert {group: sorted(names) for group, names in groups.items()} == \
         {group: sorted(names) for group, names in config_lib.FLAG_GROUPS.items()}
     assert list(groups) == list(config_lib.FLAG_GROUPS)
+    text = "".join(result.stdout.split())   # absl wraps the help texts, at hyphens too
+    for field in dataclasses.fields(config_lib.Config):   # each as the field declares it
+        help_text = field.metadata["help"].format(names=config_lib.one_of(models.names()))
+        assert "".join(help_text.split()) in text, field.name
+    assert "Modelfamily(cnn_jax.models):cnn,vggorresnet." in text
     assert "logtostderr" not in result.stdout and "--helpfull" in result.stdout
     full = run("--helpfull", timeout=120).stdout
     assert "logtostderr" in full and all(f"\n{group}:\n" in full for group in config_lib.FLAG_GROUPS)
@@ -91,7 +98,7 @@ import runpy, socket, sys
 def refuse(*args, **kwargs):
     raise OSError("network is unreachable")
 socket.create_connection = refuse
-import cnn_jax.data
+import cnn_jax.data.sources
 cnn_jax.data.sources.SHARED_DATA_DIR = sys.argv.pop(1)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.nn import layers, lowering, onednn
 from cnn_jax.models import cnn, cnn_blocks
 from cnn_jax.config import Config
@@ -88,7 +89,7 @@ OTHER_NETWORKS = [
 
 def _loss_and_grads(config: Config, overrides: tuple) -> tuple:
     """Summed cross-entropy of 4 fixed images and its gradient, as numpy, for config + overrides."""
-    config = config_lib.validate(config_lib.replace(config, **dict(overrides)))
+    config = model.validate(config_lib.replace(config, **dict(overrides)))
     params = jax.tree.map(lambda shape: random_array(shape, len(shape), 0.2), cnn.param_shapes(config),
                           is_leaf=lambda x: isinstance(x, tuple))
     images = jnp.asarray(np.random.default_rng(1).random((4,) + tuple(config.input_shape), np.float32))
@@ -188,7 +189,7 @@ def test_winograd_runs_only_the_layers_it_applies_to():
                                        {"pool_window": 3, "pool_stride": 2}])
 def test_winograd_needs_the_fused_channel_major_block(overrides):
     with pytest.raises(config_lib.ConfigError, match="--conv_impl=winograd runs in the fused"):
-        config_lib.validate(config_lib.replace(Config(), conv_impl="winograd", **overrides))
+        model.validate(config_lib.replace(Config(), conv_impl="winograd", **overrides))
 
 
 @pytest.mark.parametrize("shape", [(50, 4, 4, 6), (3, 2, 5, 4)])

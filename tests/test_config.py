@@ -1,10 +1,15 @@
 """Config: defaults, presets, round trip, and the one place where values are validated."""
 
+import ast
+import dataclasses
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
+from cnn_jax import model, models
 
 from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config, ConfigError
@@ -14,14 +19,14 @@ from test_readers import PROPERTY, json_values, value_or_one_line_error
 def test_defaults_are_the_tutorials_network():
     c = Config()
     assert (c.conv_filters, c.conv_kernels, c.num_fc, c.batch_size, c.epochs) == ((20, 50), (3, 5), 128, 64, 1)
-    assert config_lib.validate(c) is c
+    assert model.validate(c) is c
 
 
 def test_tutorial_preset_is_the_tutorial():
     c = config_lib.PRESETS["tutorial"]
     assert (c.init, c.weight_scale, c.optimizer, c.learning_rate, c.loss_reduction, c.pool, c.epochs,
             c.schedule) == ("normal", 0.01, "sgd", 0.01, "sum", "avg", 1, "constant")
-    config_lib.validate(c)
+    model.validate(c)
 
 
 @pytest.mark.parametrize("name,old,message", [
@@ -31,7 +36,7 @@ def test_tutorial_preset_is_the_tutorial():
 ])
 def test_renamed_values_are_one_line_errors_naming_the_new_one(name, old, message):
     with pytest.raises(ConfigError) as info:
-        config_lib.validate(config_lib.replace(Config(), **{name: old}))
+        model.validate(config_lib.replace(Config(), **{name: old}))
     assert str(info.value) == message
     with pytest.raises(ConfigError, match=f"^--sweep: {name}={old} was renamed: use {name}="):
         config_lib.check_renamed(name, old, "--sweep")
@@ -60,7 +65,7 @@ def test_flag_groups_hold_every_config_field_once():
 
 def test_every_preset_is_valid():
     for preset in config_lib.PRESETS.values():
-        config_lib.validate(preset)
+        model.validate(preset)
 
 
 def test_presets_flip_only_images_whose_mirror_keeps_the_class():
@@ -98,7 +103,7 @@ def test_dict_round_trip():
 ])
 def test_bad_values_are_rejected_in_one_line(overrides, fragment):
     with pytest.raises(ConfigError) as info:
-        config_lib.validate(config_lib.replace(Config(), **overrides))
+        model.validate(config_lib.replace(Config(), **overrides))
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
@@ -146,12 +151,12 @@ def test_fast_preset_trains_the_tutorials_network(mnist_dir):
 def test_values_of_the_wrong_type_are_one_line_errors_not_type_errors(overrides, fragment):
     """A config read from JSON or built in Python may hold any value: `validate` refuses each in one line."""
     with pytest.raises(ConfigError) as info:
-        config_lib.validate(config_lib.replace(Config(), **overrides))
+        model.validate(config_lib.replace(Config(), **overrides))
     assert fragment in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 200, info.value
 
 
 def test_a_float_field_takes_an_integer():
-    assert config_lib.validate(config_lib.replace(Config(), learning_rate=1, momentum=0)).learning_rate == 1
+    assert model.validate(config_lib.replace(Config(), learning_rate=1, momentum=0)).learning_rate == 1
 
 
 @pytest.mark.parametrize("values, fragment", [
@@ -161,7 +166,7 @@ def test_a_float_field_takes_an_integer():
 ])
 def test_from_dict_then_validate_refuses_json_of_the_wrong_shape(values, fragment):
     with pytest.raises(ConfigError) as info:
-        config_lib.validate(config_lib.from_dict({**config_lib.to_dict(Config()), **values}))
+        model.validate(config_lib.from_dict({**config_lib.to_dict(Config()), **values}))
     assert fragment in str(info.value)
 
 
@@ -170,9 +175,93 @@ def test_from_dict_then_validate_refuses_json_of_the_wrong_shape(values, fragmen
 def test_any_json_values_for_config_fields_give_a_valid_config_or_one_line(changes):
     """What `workdir.read_config` does with a config.json whose values were edited."""
     values = {**config_lib.to_dict(Config()), **changes}
-    config = value_or_one_line_error(lambda: config_lib.validate(config_lib.from_dict(values)))
+    config = value_or_one_line_error(lambda: model.validate(config_lib.from_dict(values)))
     if config is not None:   # a valid config: every field has its type
         for name, default in config_lib.to_dict(Config()).items():
             value = getattr(config, name)
             assert isinstance(value, tuple if isinstance(default, list) else type(default)) or \
                 (isinstance(default, float) and type(value) is int), (name, value)
+
+
+def test_each_field_is_described_once_where_it_is_declared():
+    for f in dataclasses.fields(Config):
+        assert f.metadata["help"].strip() and f.metadata["group"] in config_lib.GROUPS, f.name
+        assert set(f.metadata["roles"]) <= set(config_lib.ROLES), f.name
+    with pytest.raises(ValueError, match="group"):
+        config_lib.field(0, help="x", group="misc")
+    with pytest.raises(ValueError, match="roles"):
+        config_lib.field(0, help="x", group="run", roles=("per_runs",))
+
+
+def test_derived_field_sets_are_the_ones_written_out_before():
+    """The sets each module kept by hand until the fields declared their roles, pinned as they were."""
+    from cnn_jax import sweep
+    from cnn_jax.engine import optim
+    from cnn_jax.rundir import workdir
+    assert config_lib.FLAG_GROUPS == {
+        "data": ("dataset", "data_dir", "train_subset", "test_subset", "augment_shift", "augment_flip"),
+        "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
+                  "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
+                  "dropout", "bn_momentum"),
+        "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "loss_reduction",
+                         "batch_size", "epochs", "seed"),
+        "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
+                      "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
+        "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
+    }
+    assert workdir.RESUMABLE_FIELDS == frozenset({
+        "epochs", "data_dir", "log_every", "eval_batch_size", "debug", "train_eval", "loop", "conv_impl", "pool_impl",
+        "layout", "coordinator_address", "num_processes", "process_id"})
+    assert optim.HYPERPARAMS == ("learning_rate", "momentum", "weight_decay")
+    assert sweep.PER_RUN_FIELDS == ("learning_rate", "momentum", "weight_decay", "weight_scale", "seed",
+                                    "loss_smoothing", "log_every")
+    # The same fields as before; declaration order puts num_classes before input_shape (data_key's
+    # tuple is only compared with itself).
+    assert set(sweep.DATA_FIELDS) == {"dataset", "data_dir", "train_subset", "test_subset", "input_shape",
+                                      "num_classes"}
+    assert sweep.DATA_FIELDS == config_lib.fields_with_role("data")
+    with pytest.raises(ValueError, match="role"):
+        config_lib.fields_with_role("nope")
+
+
+def listed_choices(help_text):
+    """The `a, b or c` list of a help text, with every (parenthesised note) taken out."""
+    while re.search(r"\([^()]*\)", help_text):
+        help_text = re.sub(r"\s*\([^()]*\)", "", help_text)
+    match = re.search(r"((?:\w+, )*\w+ or \w+)", help_text)
+    return tuple(re.split(r", | or ", match.group(1))) if match else ()
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config) if f.metadata["choices"]])
+def test_help_lists_exactly_the_choices_validate_takes(name):
+    choices = next(f.metadata["choices"] for f in dataclasses.fields(Config) if f.name == name)
+    assert listed_choices(next(f.metadata["help"] for f in dataclasses.fields(Config) if f.name == name)) == choices
+    with pytest.raises(ConfigError) as info:
+        model.validate(config_lib.replace(Config(), **{name: "bogus"}))
+    assert str(info.value) == f"--{name}='bogus' is not allowed: use one of {', '.join(choices)}"
+
+
+def test_choice_tuples_are_their_registries():
+    from cnn_jax.nn import layers
+    assert config_lib.DATASETS == datasets.NAMES
+    assert config_lib.PADDINGS == layers.PADDINGS and config_lib.POOLS == tuple(layers.POOLS)
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(Config) if f.name == "model")
+    assert listed_choices(help_text.format(names=config_lib.one_of(models.names()))) == models.names()
+
+
+def test_config_imports_nothing_above_it():
+    """Only the dataset registry, a leaf: the families' checks are composed in `model.validate`."""
+    tree = ast.parse(open(config_lib.__file__).read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+        {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name and name.startswith("cnn_jax")} == {"cnn_jax.data"}
+
+
+def test_the_tutorial_cnns_fields_are_checked_by_its_family_only():
+    vgg = config_lib.replace(config_lib.PRESETS["vgg"], pool="min", conv_padding="FULL", conv_stride=0,
+                             pool_window=3, pool_impl="reshape", num_fc=0)
+    assert model.validate(vgg) is vgg
+    cnn = config_lib.replace(vgg, model="cnn", widths=Config().widths)
+    assert config_lib.validate(cnn) is cnn
+    with pytest.raises(ConfigError, match=r"^--pool='min' is not allowed: use one of max, avg$"):
+        model.validate(cnn)

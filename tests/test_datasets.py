@@ -3,6 +3,7 @@
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config
 
@@ -25,7 +26,7 @@ def test_the_registered_datasets():
 
 @pytest.mark.parametrize("name", datasets.NAMES)
 def test_shape_and_classes_follow_the_dataset_and_the_default_network_fits(name):
-    config = config_lib.validate(config_lib.replace(Config(), dataset=name))
+    config = model.validate(config_lib.replace(Config(), dataset=name))
     spec = datasets.get(name)
     assert config.input_shape == spec.image_shape and config.num_classes == spec.num_classes
     # and back: from CIFAR to MNIST the shape follows again
@@ -44,7 +45,7 @@ def test_given_shape_or_classes_win_and_other_changes_keep_them():
 def test_an_old_config_json_still_loads():
     """config.json written before the registry: mnist with explicit shape and classes."""
     old = config_lib.to_dict(Config())
-    assert config_lib.validate(config_lib.from_dict(old)) == Config()
+    assert model.validate(config_lib.from_dict(old)) == Config()
 
 
 def test_unit_float_normalisation_is_exactly_divide_by_255():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.nn import layers, lowering
 from cnn_jax.config import Config
 from lowering_checks import REFERENCE, assert_same_vjp, random_array, value_and_vjp
@@ -80,7 +81,7 @@ def test_auto_strategy_per_backend():
 
 def test_reshape_pool_needs_window_equal_to_stride():
     with pytest.raises(config_lib.ConfigError, match="--pool_impl=reshape"):
-        config_lib.validate(config_lib.replace(Config(), pool_impl="reshape", pool_window=3, pool_stride=2))
+        model.validate(config_lib.replace(Config(), pool_impl="reshape", pool_window=3, pool_stride=2))
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU option")
 @pytest.mark.parametrize("ynnpack,fused", [("auto", False), ("off", False), ("on", True)])

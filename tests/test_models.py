@@ -107,13 +107,13 @@ def leaves_equal(a, b):
 
 def test_a_registered_family_is_selectable_and_checked(monkeypatch):
     assert models.names()[0] == "cnn" and "tiny" in models.names()
-    config = config_lib.validate(TINY)
+    config = model.validate(TINY)
     assert model.layer_shapes(config)[-1] == ("output", (10,))
     assert model.format_layer_shapes(config).splitlines()[0] == "conv1    26x26x4"
     with pytest.raises(ConfigError, match="--model=tiny needs inputs of at least 4x4"):
-        config_lib.validate(config_lib.replace(TINY, input_shape=(3, 3, 1)))
+        model.validate(config_lib.replace(TINY, input_shape=(3, 3, 1)))
     with pytest.raises(ConfigError, match=r"--model='nonet' is not allowed: use one of cnn, .*tiny"):
-        config_lib.validate(config_lib.replace(TINY, model="nonet"))
+        model.validate(config_lib.replace(TINY, model="nonet"))
     # $CNN_JAX_MODELS names families for the scripts.
     monkeypatch.setenv(models.PLUGINS_ENV, "other=test_models")
     assert models.family(config_lib.replace(TINY, model="other").model) is sys.modules[__name__]

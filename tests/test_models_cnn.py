@@ -39,7 +39,7 @@ def test_params_are_a_nested_dict_by_layer_name():
     ({"input_shape": (32, 32, 3), "num_classes": 5, "num_fc": 64}, 5 * 5 * 50),
 ])
 def test_flattened_size_is_derived(overrides, flat):
-    config = config_lib.validate(config_lib.replace(Config(), **overrides))
+    config = model.validate(config_lib.replace(Config(), **overrides))
     assert dict(model.layer_shapes(config))["flatten"] == (flat,)
     params = cnn.init(jax.random.key(1), config)[0]
     assert params["dense1"]["w"].shape == (flat, config.num_fc)
@@ -128,5 +128,24 @@ def test_flops_of_the_tutorials_network_come_from_the_shape_walk():
 def test_validate_walks_the_network_once(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         cnn.validate(config_lib.replace(Config(), **overrides))
-    with pytest.raises(config_lib.ConfigError, match=message):   # config.validate runs it
-        config_lib.validate(config_lib.replace(Config(), **overrides))
+    with pytest.raises(config_lib.ConfigError, match=message):   # model.validate runs it
+        model.validate(config_lib.replace(Config(), **overrides))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"pool": "min"}, "--pool='min' is not allowed: use one of max, avg"),
+    ({"conv_padding": "FULL"}, "--conv_padding='FULL' is not allowed: use one of VALID, SAME"),
+    ({"conv_stride": 0}, "--conv_stride=0 is not allowed: it must be positive"),
+    ({"pool_window": 0}, "--pool_window=0 is not allowed: it must be positive"),
+    ({"num_fc": 0}, "--num_fc=0 is not allowed: it must be positive"),
+    ({"pool_impl": "reshape", "pool_window": 3}, "--pool_impl=reshape needs --pool_window == --pool_stride (got 3 "
+                                                 "and 2); use --pool_impl=reduce_window"),
+    ({"conv_impl": "winograd", "layout": "NHWC"}, "--conv_impl=winograd runs in the fused channel-major block"),
+])
+def test_the_family_checks_its_conv_and_pooling_fields(overrides, message):
+    """Checks of fields only this family reads: its own `validate`, not `config.validate`."""
+    config = config_lib.replace(Config(), **overrides)
+    assert config_lib.validate(config) is config
+    with pytest.raises(config_lib.ConfigError) as info:
+        cnn.validate(config)
+    assert str(info.value).startswith(message)

@@ -65,7 +65,7 @@ def test_a_block_is_the_pre_activation_formula():
 
 
 def test_config_checks_and_flops():
-    assert config_lib.validate(config_lib.PRESETS["resnet"]).model == "resnet"
+    assert model.validate(config_lib.PRESETS["resnet"]).model == "resnet"
     for overrides, message in [
         ({"widths": ()}, "--widths= is not allowed for --model=resnet"),
         ({"input_shape": (1, 1, 1), "widths": (4, 8)}, "halve the 1x1 input below 1x1"),
@@ -73,7 +73,7 @@ def test_config_checks_and_flops():
         ({"conv_impl": "winograd"}, "--conv_impl=winograd is not available for --model=resnet"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            config_lib.validate(config_lib.replace(TINY, **overrides))
+            model.validate(config_lib.replace(TINY, **overrides))
     config = config_lib.replace(TINY, widths=(4, 8))
     stem = 2 * 28 * 28 * 9 * 1 * 4
     block1 = 2 * 28 * 28 * 9 * (4 * 4 + 4 * 4)

@@ -33,7 +33,7 @@ def test_shapes(input_shape, capsys):
 
 
 def test_config_checks():
-    assert config_lib.validate(config_lib.PRESETS["vgg"]).model == "vgg"
+    assert model.validate(config_lib.PRESETS["vgg"]).model == "vgg"
     for overrides, message in [
         ({"widths": ()}, "--widths= is not allowed for --model=vgg"),
         ({"widths": (4, 0)}, "--widths=4,0 is not allowed"),
@@ -45,7 +45,7 @@ def test_config_checks():
         ({"layout": "CHWN"}, "--layout=CHWN is not available for --model=vgg"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            config_lib.validate(config_lib.replace(TINY, **overrides))
+            model.validate(config_lib.replace(TINY, **overrides))
 
 
 def test_flops_count_the_convolutions_and_the_classifier():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.nn import layers, lowering, onednn
 from cnn_jax.config import ConfigError
 from conftest import REPO_ROOT
@@ -126,10 +127,10 @@ def test_the_command_line_says_in_one_line_what_to_install(tmp_path, mnist_dir):
 
 def test_onednn_needs_nhwc_a_cpu_and_a_family_that_pools_on_its_own():
     with pytest.raises(ConfigError, match="--conv_impl=onednn runs on NHWC activations"):
-        config_lib.validate(config_lib.replace(config_lib.Config(), conv_impl="onednn", layout="CHWN"))
+        model.validate(config_lib.replace(config_lib.Config(), conv_impl="onednn", layout="CHWN"))
     with pytest.raises(ConfigError, match="--conv_impl=onednn runs on CPU only"):
         lowering.resolve(config_lib.replace(config_lib.Config(), conv_impl="onednn"), "gpu")
     with pytest.raises(ConfigError, match="--pool_impl=onednn is not available for --model=cnn"):
-        config_lib.validate(config_lib.replace(config_lib.Config(), pool_impl="onednn"))
+        model.validate(config_lib.replace(config_lib.Config(), pool_impl="onednn"))
     chosen = lowering.resolve(config_lib.replace(config_lib.Config(), conv_impl="onednn"), "cpu")
     assert (chosen.conv_impl, chosen.layout, chosen.loop) == ("onednn", "NHWC", "scan")

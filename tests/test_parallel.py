@@ -220,4 +220,4 @@ def test_initialize_needs_a_coordinator_address():
 ])
 def test_distributed_flags_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        config_lib.validate(config_lib.replace(Config(), **overrides))
+        model.validate(config_lib.replace(Config(), **overrides))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.engine import optim, state, step
 from cnn_jax.config import Config
 
@@ -76,6 +77,6 @@ def test_the_step_augments_its_batch_from_the_step_key(small):
 
 def test_augmentation_is_checked_against_the_image_size():
     with pytest.raises(config_lib.ConfigError, match="--augment_shift=28 is not allowed"):
-        config_lib.validate(config_lib.replace(Config(), augment_shift=28))
+        model.validate(config_lib.replace(Config(), augment_shift=28))
     with pytest.raises(config_lib.ConfigError, match="--augment_shift=-1 is not allowed"):
-        config_lib.validate(config_lib.replace(Config(), augment_shift=-1))
+        model.validate(config_lib.replace(Config(), augment_shift=-1))

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax import models, sweep
 from cnn_jax.engine import evaluation, optim, step, train
 from cnn_jax.engine import state as state_lib
@@ -181,7 +182,7 @@ def test_peak_live_bytes_frees_each_value_after_its_last_use():
 def test_the_default_group_holds_many_runs_and_its_estimate_bounds_xlas_own_figure():
     """The default config's per-run estimate lies within [1x, 4x] of what XLA's compiled train step
     holds (arguments, outputs, temporaries), and a 4 GiB budget holds a real group of it."""
-    config = config_lib.validate(Config())
+    config = model.validate(Config())
     optimizer = optim.make_optimizer(config, 1)
     state = state_lib.abstract(config, optimizer)
     batch = (jax.ShapeDtypeStruct((config.batch_size, *config.input_shape), jnp.float32),
@@ -196,7 +197,7 @@ def test_the_default_group_holds_many_runs_and_its_estimate_bounds_xlas_own_figu
 def test_the_estimate_follows_every_family_and_where_evaluation_runs(monkeypatch):
     models.register("tiny", "test_models")   # the family defined in tests/test_models.py
     for family in ("cnn", "vgg", "resnet", "tiny"):
-        config = config_lib.validate(config_lib.replace(Config(), model=family))
+        config = model.validate(config_lib.replace(Config(), model=family))
         memory = sweep.program_memory(config)
         assert memory.state > 0, family
         doubled = sweep.program_memory(config_lib.replace(config, batch_size=2 * config.batch_size))
@@ -613,7 +614,7 @@ def _settings_or_one_line_error(path):
         runs = value_or_one_line_error(lambda: sweep.make_runs(Config(), settings_list, f"--sweep_file={path}"),
                                        path)
         for run in runs or []:
-            assert config_lib.validate(run.config) == run.config
+            assert model.validate(run.config) == run.config
 
 
 @PROPERTY

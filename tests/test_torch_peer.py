@@ -104,7 +104,7 @@ def test_the_family_networks_compute_the_jax_families(family, input_shape):
     from cnn_jax import config as config_lib
     from cnn_jax import model
 
-    config = config_lib.validate(config_lib.replace(config_lib.PRESETS[family], widths=(4, 8, 8), depth=2,
+    config = model.validate(config_lib.replace(config_lib.PRESETS[family], widths=(4, 8, 8), depth=2,
                                                     input_shape=input_shape))
     params, model_state = model.init(jax.random.key(3), config)
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
+from cnn_jax import model
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
@@ -213,7 +214,7 @@ def test_a_search_trials_metrics_with_validation_epochs_and_evaluations_are_read
 def test_any_bytes_as_config_json_give_a_config_or_one_line(tmp_path, data):
     (tmp_path / "config.json").write_bytes(data)
     config = value_or_one_line_error(lambda: workdir_lib.read_config(str(tmp_path)), tmp_path / "config.json")
-    assert config is None or config_lib.validate(config) == config
+    assert config is None or model.validate(config) == config
 
 
 @PROPERTY
@@ -221,7 +222,7 @@ def test_any_bytes_as_config_json_give_a_config_or_one_line(tmp_path, data):
 def test_any_json_value_as_config_json_gives_a_config_or_one_line(tmp_path, value):
     (tmp_path / "config.json").write_text(json.dumps(value))
     config = value_or_one_line_error(lambda: workdir_lib.read_config(str(tmp_path)), tmp_path / "config.json")
-    assert config is None or config_lib.validate(config) == config
+    assert config is None or model.validate(config) == config
 
 
 @PROPERTY

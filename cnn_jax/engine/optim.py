@@ -17,11 +17,11 @@ from typing import Any
 import jax
 import optax
 
-from cnn_jax.config import Config
+from cnn_jax.config import Config, fields_with_role
 
 
 # The optimiser's per-run values: Config fields carried in `opt_state.hyperparams`.
-HYPERPARAMS = ("learning_rate", "momentum", "weight_decay")
+HYPERPARAMS = fields_with_role("hyperparam")
 
 
 def learning_rate_schedule(config: Config, total_steps: int, learning_rate: Any = None) -> optax.Schedule | Any:

@@ -25,16 +25,15 @@ import numpy as np
 import optax
 
 from cnn_jax import model
-from cnn_jax.config import Config
+from cnn_jax.config import Config, fields_with_role
 from cnn_jax.data import sources as data_lib
 from cnn_jax.engine import compile_cache, evaluation, optim, parallel, state as state_lib, step as step_lib
 from cnn_jax.engine.state import TrainState
 from cnn_jax.nn import lowering
 
-# Fields that may differ between the runs of one program: the optimiser's hyperparameters (arrays
-# in each run's optimiser state), the init scale and seed (each run's initial state is drawn
-# alone; the seed also sets the data order) and host-side reporting knobs.
-PER_RUN_FIELDS = optim.HYPERPARAMS + ("weight_scale", "seed", "loss_smoothing", "log_every")
+# Fields that may differ between the runs of one program (the role `per_run`, `config.ROLES`): the
+# optimiser's hyperparameters first, in their order.
+PER_RUN_FIELDS = optim.HYPERPARAMS + tuple(f for f in fields_with_role("per_run") if f not in optim.HYPERPARAMS)
 
 
 def program_key(config: Config) -> Config:

@@ -18,7 +18,7 @@ Built-in families are listed in `FAMILIES` (name -> module path), imported on fi
 big_vision's `importlib.import_module(f"...models.{name}")`. A family kept outside the package
 is registered with `register(name, "my_package.my_module")` in Python, or, for the scripts, with
 the environment variable `CNN_JAX_MODELS="name=my_package.my_module,..."` (the module must be
-importable, e.g. on PYTHONPATH). This module imports nothing from cnn_jax, so `config` can use it.
+importable, e.g. on PYTHONPATH). This module imports nothing from cnn_jax.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from cnn_jax.nn import layers, lowering
 from cnn_jax.models import cnn_blocks
+from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.nn.layers import conv_output_size
 
@@ -56,7 +57,20 @@ def walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
 
 
 def validate(config: Config) -> None:
-    """The checks of this family's own fields (conv filters and kernels, the shape walk)."""
+    """The checks of this family's own fields (conv and pooling, the lowerings of its fused
+    blocks, the shape walk); `config.validate` has checked the shared ones."""
+    config_lib.check_choice("pool", config.pool, config_lib.POOLS)
+    config_lib.check_choice("conv_padding", config.conv_padding, config_lib.PADDINGS)
+    for name in ("conv_stride", "pool_window", "pool_stride", "num_fc"):
+        config_lib.check_positive_int(name, getattr(config, name))
+    if config.pool_impl == "reshape" and config.pool_window != config.pool_stride:
+        raise ConfigError(f"--pool_impl=reshape needs --pool_window == --pool_stride (got "
+                          f"{config.pool_window} and {config.pool_stride}); use --pool_impl=reduce_window")
+    if config.conv_impl == "winograd" and (config.layout == "NHWC" or config.pool_impl == "reduce_window"
+                                           or config.pool_window != config.pool_stride):
+        raise ConfigError("--conv_impl=winograd runs in the fused channel-major block: it needs "
+                          "--layout=CHWN (or auto) and reshape pooling (--pool_window == --pool_stride, "
+                          "--pool_impl=reshape or auto); use --conv_impl=patches otherwise")
     if config.pool_impl == "onednn":
         raise ConfigError("--pool_impl=onednn is not available for --model=cnn (its fused conv-relu-pool blocks pool "
                           "by reshape or reduce_window): use auto, reshape or reduce_window")
@@ -73,7 +87,6 @@ def validate(config: Config) -> None:
             raise ConfigError(f"--{name}={','.join(map(str, values))} is not allowed: "
                               "every entry must be a positive integer")
     walk(config)
-
 
 
 def first_conv(params: Params) -> jax.Array:

@@ -31,6 +31,7 @@ import time
 from typing import Any, Iterable
 
 from cnn_jax import config as config_lib
+from cnn_jax import model as model_lib
 from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError
 
@@ -42,13 +43,8 @@ PLOTS_DIR = "plots"
 TENSORBOARD_DIR = "tensorboard"
 RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, RESULTS_FILE, CHECKPOINT_DIR, PLOTS_DIR, TENSORBOARD_DIR)
 
-# Fields a resumed run may change: they alter where data comes from or how the run
-# reports and executes, not what it computes (`epochs` extends or shortens the run).
-# Another lowering or device count computes the same maths up to float rounding, so a
-# resumed run stays bit-identical to an uninterrupted one only if these are kept.
-RESUMABLE_FIELDS = frozenset({"epochs", "data_dir", "log_every", "eval_batch_size", "debug", "train_eval",
-                              "loop", "conv_impl", "pool_impl", "layout",
-                              "coordinator_address", "num_processes", "process_id"})
+# Fields a resumed run may change: the `resumable` role (`config.ROLES`, declared with each field).
+RESUMABLE_FIELDS = frozenset(config_lib.fields_with_role("resumable"))
 
 
 # Temporaries of atomic writes (`.<name>.tmp-<pid>`): what a failed or killed writer can leave.
@@ -165,7 +161,7 @@ def read_config(workdir: str) -> Config:
                           "give the folder a training run wrote with --workdir")
     values = readers.check_object(read_json(path), path, DAMAGED_RUN_FILE, "a JSON object of config fields")
     try:
-        return config_lib.validate(config_lib.from_dict(values))
+        return model_lib.validate(config_lib.from_dict(values))
     except ConfigError as e:
         raise readers.fail(path, str(e), "correct the file, or start a new --workdir") from None
 
@@ -200,7 +196,7 @@ def resume_config(workdir: str, given: Config, present: Iterable[str]) -> Config
     if changed:
         raise ConfigError(f"--resume keeps the run's config in {workdir}: {changed[0]} cannot change; "
                           "drop the flag, or start a new --workdir")
-    return config_lib.validate(merged)
+    return model_lib.validate(merged)
 
 
 def check(workdir: str, config: Config, resume: bool = False, overwrite: bool = False) -> None:

@@ -11,7 +11,7 @@ On the command line (`--space`), terms separated by spaces:
 In a JSON or YAML file (`--space_file`), a mapping of field to such a string, or to a
 list of choices, or to {"type": "loguniform", "low": ..., "high": ...}.
 
-Every field is a `Config` field; each bound and choice is checked with `config.validate`
+Every field is a `Config` field; each bound and choice is checked with `model.validate`
 against the base config, so a space that would give an invalid run is refused before
 anything trains.
 """
@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 
 from cnn_jax import config as config_lib
+from cnn_jax import model as model_lib
 from cnn_jax import sweep
 from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError
@@ -164,7 +165,7 @@ def check_against(space: Space, base: Config, where: str) -> None:
     for name, distribution in space.items():
         for value in endpoints(distribution):
             try:
-                config_lib.validate(config_lib.replace(base, **to_config_values({name: value})))
+                model_lib.validate(config_lib.replace(base, **to_config_values({name: value})))
             except ConfigError as e:
                 raise ConfigError(f"{where}: {name}={sweep.format_value(value)} gives an invalid run: {e}") from None
 

@@ -38,6 +38,7 @@ import numpy as np
 import optuna
 
 from cnn_jax import config as config_lib
+from cnn_jax import model as model_lib
 from cnn_jax.data import sources as data_lib
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
@@ -292,7 +293,7 @@ class Heartbeats:
 
 
 def trial_config(settings: Settings, params: dict[str, Any]) -> Config:
-    return config_lib.validate(config_lib.replace(settings.base, **space_lib.to_config_values(params)))
+    return model_lib.validate(config_lib.replace(settings.base, **space_lib.to_config_values(params)))
 
 
 def fail_stale(study: optuna.Study) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cnn_jax.config import Config
+from cnn_jax.config import Config, fields_with_role
 from cnn_jax.data import sources as data_lib
 from cnn_jax.engine import loop, program as program_lib, state as state_lib
 from cnn_jax.engine.runlog import RunLog, steps_per_epoch
@@ -19,9 +19,9 @@ from cnn_jax.engine.state import TrainState
 from cnn_jax.sweep.spec import Run
 
 # Fields that may differ between the runs of one group (`engine.program.PER_RUN_FIELDS`), and the
-# fields that select the data: runs sharing them share one loaded dataset.
+# fields that select the data (the role `data`): runs sharing them share one loaded dataset.
 PER_RUN_FIELDS = program_lib.PER_RUN_FIELDS
-DATA_FIELDS = ("dataset", "data_dir", "train_subset", "test_subset", "input_shape", "num_classes")
+DATA_FIELDS = fields_with_role("data")
 group_key = program_lib.program_key
 
 

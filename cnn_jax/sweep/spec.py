@@ -11,6 +11,7 @@ import os
 from typing import Any, Sequence
 
 from cnn_jax import config as config_lib
+from cnn_jax import model as model_lib
 from cnn_jax.rundir import readers
 from cnn_jax.config import Config, ConfigError, shown
 
@@ -193,7 +194,7 @@ def run_name(settings: dict[str, Any]) -> str:
 
 
 def make_runs(base: Config, settings_list: Sequence[dict[str, Any]], where: str = "--sweep") -> list[Run]:
-    """One validated Run per settings dict; a value that fails `config.validate` names its run."""
+    """One validated Run per settings dict; a value that fails `model.validate` names its run."""
     runs, names = [], {}
     for settings in settings_list:
         name = run_name(settings)
@@ -201,7 +202,7 @@ def make_runs(base: Config, settings_list: Sequence[dict[str, Any]], where: str 
             raise ConfigError(f"{where}: run {name} appears twice")
         names[name] = True
         try:
-            config = config_lib.validate(config_lib.replace(base, **settings))
+            config = model_lib.validate(config_lib.replace(base, **settings))
         except ConfigError as e:
             raise ConfigError(f"{where}: run {name}: {e}") from None
         runs.append(Run(name, dict(settings), config))
