@@ -203,8 +203,8 @@ def test_derived_field_sets_are_the_ones_written_out_before():
         "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
                   "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
                   "dropout", "bn_momentum"),
-        "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "loss_reduction",
-                         "batch_size", "epochs", "seed"),
+        "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "ema_decay",
+                         "loss_reduction", "batch_size", "epochs", "seed"),   # ema_decay: added with the field
         "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
                       "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
         "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
