@@ -34,7 +34,9 @@ def _no_op(*args: Any) -> None:
     del args
 
 
-class _SilentBar:
+class SilentProgress:
+    """A progress reporter that reports nothing (the default: the caller chooses what is shown)."""
+
     def advance(self, steps: int = 1) -> None:
         del steps
 
@@ -66,7 +68,7 @@ class Hooks:
     on_finish: Callable[[int, "Outcome"], None] = _no_op
     should_stop: Callable[[int], bool] = lambda step: False
     on_stop: Callable[[int, TrainState, RunLog], None] = _no_op
-    progress: Callable[[int, int, int], Any] = lambda epoch, steps, first: _SilentBar()
+    progress: Callable[[int, int, int], Any] = lambda epoch, steps, first: SilentProgress()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,24 +59,6 @@ class _Lines:
         pass
 
 
-class _Silent:
-    """Reports nothing: for loops whose caller prints its own lines (a search's trials)."""
-
-    def advance(self, steps: int = 1) -> None:
-        del steps
-
-    def log(self, step: int, loss: float, images_per_second: float) -> None:
-        del step, loss, images_per_second
-
-    def close(self) -> None:
-        pass
-
-
-def silent() -> _Silent:
-    """A progress reporter that reports nothing."""
-    return _Silent()
-
-
 def epoch_progress(epoch: int, num_steps: int, first_step: int = 0, stream: TextIO | None = None,
                    bar: bool | None = None):
     """A progress reporter for one epoch; `bar` defaults to whether `stream` is a terminal."""
