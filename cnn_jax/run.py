@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -41,7 +41,8 @@ from cnn_jax.engine.state import TrainState
 
 def train_and_evaluate(config: Config, workdir: str | None = None,
                        dataset: data_lib.Dataset | None = None, *, resume: bool = False,
-                       overwrite: bool = False, tensorboard: bool = False) -> list[dict[str, Any]]:
+                       overwrite: bool = False, tensorboard: bool = False,
+                       print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
 
     `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
@@ -50,11 +51,11 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
     """
     if workdir is not None:
         return train_in_workdir(config, workdir, dataset, resume=resume, overwrite=overwrite,
-                                tensorboard=tensorboard)
+                                tensorboard=tensorboard, print_fn=print_fn)
     if dataset is None:
         dataset = data_lib.load(config)
-        print(f"data: {dataset.source}", flush=True)
-    return train.fit(config, dataset, hooks=train.Hooks(progress=progress.epoch_progress))[1]
+        print_fn(f"data: {dataset.source}")
+    return train.fit(config, dataset, hooks=train.Hooks(progress=progress.epoch_progress, print_fn=print_fn))[1]
 
 
 def checkpoint_meta(log: train.RunLog, config: Config, steps_per_epoch: int) -> dict[str, Any]:
@@ -108,9 +109,10 @@ def write_failed(workdir: str, error: OSError) -> workdir_lib.WriteError:
 
 
 def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | None = None, *,
-                     resume: bool = False, overwrite: bool = False,
-                     tensorboard: bool = False) -> list[dict[str, Any]]:
-    """Train `config` keeping everything in `workdir`; return the per-epoch history (all epochs)."""
+                     resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
+                     print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train `config` keeping everything in `workdir`; return the per-epoch history (all epochs).
+    What the run reports (data source, strategy, epoch lines) goes to `print_fn`."""
     if not os.path.isdir(workdir):   # a file as workdir, or a fresh one: refused before the lock creates it
         workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
     # In a multi-host run only process 0 writes files; every process takes part in checkpoints.
@@ -120,7 +122,7 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
         workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
         try:
             return _train_locked(config, workdir, dataset, resume=resume, overwrite=overwrite,
-                                 tensorboard=tensorboard, primary=primary)
+                                 tensorboard=tensorboard, primary=primary, print_fn=print_fn)
         except (BrokenPipeError, InterruptedError):
             raise
         except OSError as e:   # checkpoints, metrics, results, plots, TensorBoard events
@@ -128,17 +130,18 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
 
 
 def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None, *, resume: bool,
-                  overwrite: bool, tensorboard: bool, primary: bool) -> list[dict[str, Any]]:
+                  overwrite: bool, tensorboard: bool, primary: bool,
+                  print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
     if dataset is None:
         dataset = data_lib.load(config)
-        print(f"data: {dataset.source}", flush=True)
+        print_fn(f"data: {dataset.source}")
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
     start = restore_state(workdir, config, steps_per_epoch) if resume else None
     start_step = start[1].step if start else None
     if start is not None:
         workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
-        print(f"resuming {workdir} at step {start_step} (epoch {start_step // steps_per_epoch}, "
-              f"step {start_step % steps_per_epoch}/{steps_per_epoch})", flush=True)
+        print_fn(f"resuming {workdir} at step {start_step} (epoch {start_step // steps_per_epoch}, "
+                 f"step {start_step % steps_per_epoch}/{steps_per_epoch})")
 
     # The data and the checkpoint are good: from here on the workdir is written.
     if primary:
@@ -146,6 +149,26 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
     metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start_step, write=primary)
     manager = checkpoint.open_manager(workdir)
     writer = _tensorboard_writer(workdir, start_step) if tensorboard and primary else None
+    closers = [metrics.flush] + ([writer.close] if writer else []) + [manager.close]
+    try:
+        state, history = _fit_keeping(config, dataset, start, workdir, metrics, manager, writer, print_fn)
+    except BaseException:
+        for close in closers:   # the error in flight is the one to report
+            with contextlib.suppress(Exception):
+                close()
+        raise
+    for close in closers:
+        close()
+    _write_results(config, workdir, dataset, state, history, metrics.records, primary)
+    return history
+
+
+def _fit_keeping(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, train.RunLog] | None,
+                 workdir: str, metrics: workdir_lib.MetricsLog, manager: Any, writer: Any,
+                 print_fn: Callable[[str], None]) -> tuple[TrainState, list[dict[str, Any]]]:
+    """`train.fit` with the workdir's hooks: metrics and TensorBoard scalars as they come, a
+    checkpoint after every epoch and when a signal stops the run."""
+    steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
 
     def save(state: TrainState, log: train.RunLog) -> None:
         metrics.flush()
@@ -165,36 +188,31 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
             writer.flush()
         save(state, log)
 
-    closers = [metrics.flush] + ([writer.close] if writer else []) + [manager.close]
-    try:
-        with signals.stop_on_signals() as stop:
-            hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch, should_stop=lambda step: stop.requested,
-                                on_stop=save, progress=progress.epoch_progress)
-            try:
-                state, history = train.fit(config, dataset, start, hooks)
-            except train.Stopped as e:
-                raise signals.Interrupted(stop.signum or signal.SIGINT, e.step,
-                                          checkpoint.checkpoint_dir(workdir)) from None
-            except FloatingPointError as e:
-                last = manager.latest_step()
-                kept = (f"the last good checkpoint (step {last}) is kept" if last is not None
-                        else "no checkpoint was written")
-                raise FloatingPointError(f"{e}; {kept}") from None
-    except BaseException:
-        for close in closers:   # the error in flight is the one to report
-            with contextlib.suppress(Exception):
-                close()
-        raise
-    for close in closers:
-        close()
+    with signals.stop_on_signals() as stop:
+        hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch, should_stop=lambda step: stop.requested,
+                            on_stop=save, progress=progress.epoch_progress, print_fn=print_fn)
+        try:
+            return train.fit(config, dataset, start, hooks)
+        except train.Stopped as e:
+            raise signals.Interrupted(stop.signum or signal.SIGINT, e.step,
+                                      checkpoint.checkpoint_dir(workdir)) from None
+        except FloatingPointError as e:
+            last = manager.latest_step()
+            kept = (f"the last good checkpoint (step {last}) is kept" if last is not None
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"{e}; {kept}") from None
 
+
+def _write_results(config: Config, workdir: str, dataset: data_lib.Dataset, state: TrainState,
+                   history: list[dict[str, Any]], records: list[dict[str, Any]], primary: bool) -> None:
+    """results.json (the test set evaluated with the weights the run evaluates, by every process)
+    and the plots (by process 0)."""
     result = report.evaluate_test(state_lib.eval_params(state), state.model_state, dataset, config)
     if not primary:
-        return history
+        return
     step = history[-1]["step"] if history else 0
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                            report.results_json(result, dataset.class_names, step))
-    plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), config, metrics.records,
+    plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), config, records,
                           model.first_conv(jax.device_get(state.params), config), dataset.test_images, dataset.test_labels,
                           result["predictions"], result["confusion"], dataset.class_names)
-    return history

@@ -73,3 +73,15 @@ def test_a_diverging_member_is_dropped_and_the_others_finish(small):
     assert results[0].status == "complete" and results[0].params is not None
     assert results[1].status == "diverged" and "lower --learning_rate" in results[1].message
     assert results[1].params is None and results[1].evaluations == []
+
+
+def test_a_trial_trained_alone_gives_the_digits_of_the_same_run_trained_by_train_py(small):
+    """A batch of one trains the program `engine.train.fit` trains: the same params, bit for bit."""
+    from cnn_jax.engine import train as train_lib
+    train, val_x, val_y = small
+    config = config_lib.replace(_configs(0.02)[0], optimizer="adam")
+    result, = trials.train_trials([config], train, val_x, val_y, 4, lambda members, evs: [False] * len(members))
+    alone, history = train_lib.fit(config, train)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(result.state.params),
+                                                    jax.tree.leaves(jax.device_get(alone.params))))
+    assert [r["moving_loss"] for r in result.log.history] == [h["moving_loss"] for h in history]

@@ -264,6 +264,37 @@ def group_and_alone(tiny_dataset):
     return configs, result, logs, alone
 
 
+def _without_times(history):
+    return [{k: v for k, v in record.items() if k not in ("epoch_time", "images_per_second")} for record in history]
+
+
+def test_a_group_of_one_trains_the_program_the_run_trains_alone(small_dataset):
+    """What the CPU's default group size (one) trains: the digits of `train.py` for the same run,
+    every epoch record and every parameter bit for bit, whatever its per-run values."""
+    config = config_lib.replace(Config(), optimizer="adam", learning_rate=0.004, seed=2, batch_size=32, epochs=2,
+                                log_every=2)
+    result = sweep.train_group([config], small_dataset)
+    alone, history = train.fit(config, small_dataset)
+    assert _without_times(result.histories[0]) == _without_times(history)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(result.states[0].params)),
+                                                    jax.tree.leaves(jax.device_get(alone.params))))
+
+
+def test_a_vmapped_group_stays_within_rounding_of_its_runs_alone_over_a_whole_run(small_dataset):
+    """A vmapped program sums in another order than the runs alone (batched kernels), so on CPU its
+    digits differ; over a whole short run (2 epochs of Adam) the difference stays a rounding-level
+    drift: losses within 2% and accuracies within 2 test images of 200."""
+    base = config_lib.replace(Config(), optimizer="adam", batch_size=32, epochs=2, log_every=2)
+    configs = [config_lib.replace(base, learning_rate=lr, seed=i) for i, lr in enumerate((0.001, 0.004))]
+    result = sweep.train_group(configs, small_dataset)
+    for i, config in enumerate(configs):
+        _, history = train.fit(config, small_dataset)
+        mine, theirs = result.histories[i][-1], history[-1]
+        for key in ("moving_loss", "train_loss", "test_loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=0.02), key
+        assert abs(mine["test_accuracy"] - theirs["test_accuracy"]) <= 2 / 200
+
+
 def test_vmapped_runs_match_the_same_runs_trained_alone(group_and_alone):
     """Per-run learning rate (through a traced warmup-cosine schedule), momentum and seed
     (init and data order); a diverging run in the group is marked and does not disturb the others."""

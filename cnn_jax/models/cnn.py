@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+
 
 import jax
 import jax.numpy as jnp
@@ -167,9 +167,7 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
     conv = conv_fn(config)
     pool = layers.POOLS[config.pool]
 
-    def trace(name: str, x: Any) -> None:
-        if debug:
-            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
+    trace = layers.shape_tracer(debug)
 
     x = images
     strategy = lowering.resolve(config)

@@ -62,7 +62,6 @@ def validate(config: Config) -> None:
     walk(config)
 
 
-
 def strategy(config: Config) -> lowering.Strategy:
     """What runs, for the start-up `strategy:` line (the only pooling is the global mean)."""
     return common.strategy(config, "global_mean")
@@ -99,16 +98,10 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 
 def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,
           rng: jax.Array | None = None, debug: bool = False) -> tuple[jax.Array, dict]:
-    """(logits (N, num_classes), model state) for images (N, H, W, C): in training with batch
-    statistics (returning the moved running averages) and dropout drawn from `rng`; in evaluation
-    with the running averages (returned unchanged) and no dropout. `debug` prints each layer's
-    output shape."""
-    conv = common.conv_fn(config)
-
-    def trace(name: str, x: jax.Array) -> None:
-        if debug:
-            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
-
+    """(logits (N, num_classes), model state) of the pre-activation ResNet for images (N, H, W, C);
+    batch norm and dropout as in the vgg family (batch statistics and `rng` in training, running
+    averages in evaluation). `debug` prints each block's output shape."""
+    conv, trace = common.conv_fn(config), layers.shape_tracer(debug)
     new_state: dict = {}
     x = conv(images, params["stem"]["w"], 0.0, 1, "SAME")
     trace("stem", x)

@@ -47,7 +47,6 @@ def validate(config: Config) -> None:
     walk(config)
 
 
-
 def strategy(config: Config) -> lowering.Strategy:
     """What runs, for the start-up `strategy:` line."""
     return common.strategy(config, common.pool_impl(config))
@@ -86,9 +85,7 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
     output shape."""
     conv = common.conv_fn(config)
 
-    def trace(name: str, x: jax.Array) -> None:
-        if debug:
-            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
+    trace = layers.shape_tracer(debug)
 
     new_state: dict = {}
     x = images

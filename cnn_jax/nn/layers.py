@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -217,3 +219,14 @@ def residual_add(branch: jax.Array, shortcut: jax.Array, projection: jax.Array |
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N, C): the mean over the spatial axes."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def shape_tracer(debug: bool) -> Callable[[str, jax.Array], None]:
+    """trace(name, x): with `debug`, print the layer's per-example output shape (`--debug`'s
+    trace, one `name  HxWxC` line per layer, as `model.format_layer_shapes` writes it); else nothing."""
+
+    def trace(name: str, x: jax.Array) -> None:
+        if debug:
+            print(f"{name:8s} {'x'.join(map(str, x.shape[1:]))}")
+
+    return trace

@@ -33,7 +33,7 @@ import optuna
 
 from cnn_jax.data import sources as data_lib
 from cnn_jax import sweep
-from cnn_jax.engine import evaluation, train
+from cnn_jax.engine import evaluation, state as state_lib, train
 from cnn_jax.rundir import lock, report
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
@@ -113,7 +113,8 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
     test = None
     if outcome.params is not None:
         if outcome.status == trials_lib.COMPLETE:
-            result = evaluation.evaluate(outcome.state.params, outcome.state.model_state, dataset.test_images,
+            result = evaluation.evaluate(state_lib.eval_params(outcome.state), outcome.state.model_state,
+                                         dataset.test_images,
                                          dataset.test_labels, config, return_predictions=True)
             confusion = report.confusion_matrix(dataset.test_labels, np.asarray(result["predictions"]),
                                                 dataset.num_classes)
@@ -165,11 +166,9 @@ class _Deferred:
 
 def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, heartbeats, max_parallel,
                  result, print_fn) -> None:
-    """Train one asked batch: its trials grouped by shape, each group one vmapped program.
-
-    The storage writes made while a group trains (reports, pruning questions, tells) defer during
-    an outage (`_Deferred`): the group trains on, unpruned, and its writes are made once the storage
-    is back, at the latest when the group ends (waiting up to --storage_timeout there)."""
+    """Train one asked batch: its trials grouped by shape (`sweep.group_runs`), each group trained
+    by `_train_group`. On SIGINT or an error nothing asked is lost: what was not finished is told
+    failed and re-queued."""
     guard = storage_lib.guard_of(study._storage)
     runs = [sweep.Run(f"trial_{t.number:05d}", dict(t.params), study_lib.trial_config(settings, t.params)) for t in asked]
     by_name = {run.name: trial for run, trial in zip(runs, asked)}
@@ -180,83 +179,12 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
             key = sweep.data_key(group[0].config)
             if key not in datasets:
                 datasets[key] = study_lib.split_validation(load_dataset(group[0].config), settings)
-            train_data, val_images, val_labels = datasets[key]
-            group_trials = [by_name[r.name] for r in group]
-            paths = [_trial_dir(search_dir, t.number) for t in group_trials]
-            with contextlib.ExitStack() as locks:   # one writer per trial directory
-                for path in paths:
-                    locks.enter_context(lock.hold(path))
-                for path, r in zip(paths, group):
-                    workdir_lib.start(path, r.config, overwrite=True)
-                logs = [workdir_lib.MetricsLog(path) for path in paths]
-                abandoned: set[int] = set()
-                print_fn(f"training trial(s) {', '.join(str(t.number) for t in group_trials)} together: "
-                         + "  ".join(f"#{t.number} " + space_lib.describe_params(t.params) for t in group_trials))
-
-                def report(i: int, value: float, step: int) -> None:
-                    if i in abandoned:
-                        return
-                    try:
-                        group_trials[i].report(value, step)
-                    except optuna.exceptions.UpdateFinishedTrialError:
-                        abandoned.add(i)   # failed as stale by another worker, who re-queued it
-
-                def decide(members: list[int], evaluations: list[dict[str, Any]]) -> list[bool]:
-                    stop = []
-                    for i, ev in zip(members, evaluations):
-                        deferred.do(functools.partial(report, i, _objective_value(settings, ev), ev["evaluation"]))
-                        prune = False
-                        if not len(deferred) and i not in abandoned:
-                            try:
-                                with guard.deferring():
-                                    prune = group_trials[i].should_prune()
-                            except storage_lib.StorageDown:
-                                pass   # the storage is away: no pruning until it is back
-                        stop.append(prune or i in abandoned)
-                    return stop
-
-                def tell(i: int, outcome: trials_lib.TrialResult, row: dict[str, Any]) -> None:
-                    trial, path = group_trials[i], paths[i]
-                    if i in abandoned:
-                        heartbeats.remove(trial._trial_id)
-                        result.lost += 1
-                        print_fn(f"trial {trial.number}: another worker marked it failed (no heartbeat within the "
-                                 "grace period) and re-queued it; dropped here")
-                        return
-                    try:
-                        _tell(study, trial, settings, {**row, "run_dir": path})
-                    except optuna.exceptions.UpdateFinishedTrialError:
-                        heartbeats.remove(trial._trial_id)
-                        result.lost += 1
-                        return
-                    heartbeats.remove(trial._trial_id)
-                    result.trained += 1
-                    setattr(result, outcome.status, getattr(result, outcome.status) + 1)
-                    last = outcome.evaluations[-1] if outcome.evaluations else None
-                    shown = f"{settings.objective}={_objective_value(settings, last):.4f}" if last else ""
-                    print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
-                             + (f" ({outcome.message})" if outcome.message else ""))
-
-                def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
-                    trial, run, path = group_trials[i], group[i], paths[i]
-                    logs[i].flush()
-                    row = {"number": trial.number, "params": trial.params, "status": outcome.status,
-                           "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
-                           "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
-                    save_trial(path, run.config, outcome, train_data, row)
-                    untold.discard(trial.number)   # kept in its run directory: told now, later, or by a rerun
-                    deferred.do(functools.partial(tell, i, outcome, row))
-
-                def on_record(i: int, record: dict[str, Any]) -> None:
-                    logs[i].append(record)
-
-                trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
-                                        settings.eval_every, decide, on_record, on_stop)
-                deferred.flush(wait=True)   # still holding the directories: no rerun reports them meanwhile
+            tells = _GroupTells(study, settings, [by_name[r.name] for r in group], heartbeats, result, print_fn,
+                                guard, deferred)
+            _train_group(search_dir, group, tells, datasets[key], untold)
     except storage_lib.StorageUnavailable:
         raise   # what is unfinished stays RUNNING: its heartbeats stop, and a rerun re-queues it
     except BaseException:
-        # SIGINT or an error: nothing asked may be lost; re-queue what was not finished.
         with contextlib.suppress(Exception):
             deferred.flush(wait=False)
         with guard.deferring():
@@ -270,6 +198,99 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
                     except Exception:
                         pass   # the storage is gone too: the heartbeat grace period will re-queue it
         raise
+
+
+@dataclasses.dataclass
+class _GroupTells:
+    """A group's contact with the study while it trains: reports, pruning questions and tells.
+
+    The storage writes made while a group trains defer during an outage (`_Deferred`): the group
+    trains on, unpruned, and its writes are made once the storage is back, at the latest when the
+    group ends (waiting up to --storage_timeout there)."""
+
+    study: optuna.Study
+    settings: Settings
+    trials: list[optuna.Trial]
+    heartbeats: Heartbeats
+    result: WorkerReport
+    print_fn: Callable[[str], None]
+    guard: Any
+    deferred: _Deferred
+    abandoned: set[int] = dataclasses.field(default_factory=set)   # failed as stale by another worker
+
+    def report(self, i: int, value: float, step: int) -> None:
+        if i in self.abandoned:
+            return
+        try:
+            self.trials[i].report(value, step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.abandoned.add(i)   # failed as stale by another worker, who re-queued it
+
+    def decide(self, members: list[int], evaluations: list[dict[str, Any]]) -> list[bool]:
+        stop = []
+        for i, ev in zip(members, evaluations):
+            self.deferred.do(functools.partial(self.report, i, _objective_value(self.settings, ev), ev["evaluation"]))
+            prune = False
+            if not len(self.deferred) and i not in self.abandoned:
+                try:
+                    with self.guard.deferring():
+                        prune = self.trials[i].should_prune()
+                except storage_lib.StorageDown:
+                    pass   # the storage is away: no pruning until it is back
+            stop.append(prune or i in self.abandoned)
+        return stop
+
+    def tell(self, i: int, outcome: trials_lib.TrialResult, row: dict[str, Any]) -> None:
+        trial = self.trials[i]
+        if i in self.abandoned:
+            self.heartbeats.remove(trial._trial_id)
+            self.result.lost += 1
+            self.print_fn(f"trial {trial.number}: another worker marked it failed (no heartbeat within the "
+                          "grace period) and re-queued it; dropped here")
+            return
+        try:
+            _tell(self.study, trial, self.settings, row)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.heartbeats.remove(trial._trial_id)
+            self.result.lost += 1
+            return
+        self.heartbeats.remove(trial._trial_id)
+        self.result.trained += 1
+        setattr(self.result, outcome.status, getattr(self.result, outcome.status) + 1)
+        last = outcome.evaluations[-1] if outcome.evaluations else None
+        shown = f"{self.settings.objective}={_objective_value(self.settings, last):.4f}" if last else ""
+        self.print_fn(f"trial {trial.number}: {outcome.status} at step {outcome.step} {shown}"
+                      + (f" ({outcome.message})" if outcome.message else ""))
+
+
+def _train_group(search_dir: str, group: list, tells: _GroupTells, data: tuple, untold: set[int]) -> None:
+    """Train one group's trials in their run directories (each locked while it trains), telling
+    each trial's outcome as soon as it has one."""
+    train_data, val_images, val_labels = data
+    paths = [_trial_dir(search_dir, t.number) for t in tells.trials]
+    with contextlib.ExitStack() as locks:   # one writer per trial directory
+        for path in paths:
+            locks.enter_context(lock.hold(path))
+        for path, r in zip(paths, group):
+            workdir_lib.start(path, r.config, overwrite=True)
+        logs = [workdir_lib.MetricsLog(path) for path in paths]
+        tells.print_fn(f"training trial(s) {', '.join(str(t.number) for t in tells.trials)} together: "
+                       + "  ".join(f"#{t.number} " + space_lib.describe_params(t.params) for t in tells.trials))
+
+        def on_stop(i: int, outcome: trials_lib.TrialResult) -> None:
+            trial = tells.trials[i]
+            logs[i].flush()
+            row = {"number": trial.number, "params": trial.params, "status": outcome.status,
+                   "message": outcome.message, "step": outcome.step, "evaluations": outcome.evaluations,
+                   "seconds": outcome.seconds, "group_size": len(group), "worker": _worker()}
+            save_trial(paths[i], group[i].config, outcome, train_data, row)
+            untold.discard(trial.number)   # kept in its run directory: told now, later, or by a rerun
+            tells.deferred.do(functools.partial(tells.tell, i, outcome, {**row, "run_dir": paths[i]}))
+
+        trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
+                                tells.settings.eval_every, tells.decide, lambda i, record: logs[i].append(record),
+                                on_stop)
+        tells.deferred.flush(wait=True)   # still holding the directories: no rerun reports them meanwhile
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, settings: Settings, row: dict[str, Any]) -> None:
