@@ -44,7 +44,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
                        overwrite: bool = False, tensorboard: bool = False) -> list[dict[str, Any]]:
     """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
 
-    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
+    `dataset` defaults to `data.sources.load(config)`. Nothing is written when `workdir` is None;
     otherwise the run keeps its config, metrics, checkpoints and plots there,
     `resume` continues its latest checkpoint and `overwrite` replaces it.
     """
