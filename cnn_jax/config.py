@@ -201,7 +201,7 @@ class Config:
     ynnpack: str = field(
         "auto", group="execution", choices=YNNPACK,
         help="XLA:CPU's YNNPACK fusions: "
-             + one_of(YNNPACK, {"auto": "off on CPU, where they run slower: docs/performance.md"}) + ".")
+             + one_of(YNNPACK, {"auto": "off on CPU, where they run slower for these networks"}) + ".")
     # Multi-host data parallelism (jax.distributed).
     coordinator_address: str = field(
         "", group="execution", roles=("resumable",),

@@ -45,7 +45,7 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
                        print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train for `config.epochs` epochs; return one record per epoch (losses, accuracies, time).
 
-    `dataset` defaults to `data.load(config)`. Nothing is written when `workdir` is None;
+    `dataset` defaults to `data.sources.load(config)`. Nothing is written when `workdir` is None;
     otherwise the run keeps its config, metrics, checkpoints and plots there,
     `resume` continues its latest checkpoint and `overwrite` replaces it.
     """

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The measurements of docs/search.md, run one after another (never two at once, except the two
-# workers of the last step, which share one study on purpose). Steps (default: all, in order):
+# Search measurements (docs/search.md: batch8, batch1; the others' last figures: CHANGELOG.md),
+# run one after another (never two at once, except the two workers of the last step, which share
+# one study on purpose). Steps (default: all, in order):
 #   batch8, batch1  a 32-trial search of the tutorial network (init N(0, weight_scale) for every
 #                   weight) over learning rate, momentum and init scale, 2 epochs, median pruning,
 #                   on the 50,000 training images left by the validation split: --batch=8, --batch=1;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The 12-run comparison of docs/sweeps.md: 3 learning rates x 2 pools x 2 seeds, 1 epoch
-# each, full MNIST, default recipe, (a) launched one after another through experiments/train.py,
+# A 12-run comparison (its last figures: CHANGELOG.md): 3 learning rates x 2 pools x 2 seeds,
+# 1 epoch each, full MNIST, default recipe, (a) launched one after another through experiments/train.py,
 # (b) as one experiments/sweep.py command. Prints the machine load and both wall-clock times.
 #
 #   bash experiments/sweep_vs_sequential.sh                     # both

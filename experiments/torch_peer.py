@@ -214,8 +214,8 @@ def main(argv: list[str]) -> None:
     if not os.path.isdir(data_dir):
         raise ValueError(f"--data_dir={data_dir} is not a folder; point it at the MNIST IDX files")
     # OpenMP threads that sleep when idle instead of spinning: on a CPU shared with other work a
-    # spinning thread holds a core another thread needs (docs/performance.md). A value already
-    # in the environment wins.
+    # spinning thread holds a core another thread needs (measured on a busy 2-core machine;
+    # CHANGELOG.md). A value already in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 

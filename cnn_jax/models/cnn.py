@@ -117,7 +117,7 @@ def _draws_are_prefixes(key: jax.Array) -> bool:
 def _normal(key: jax.Array, shape: tuple[int, ...], draw_size: int, prefix_ok: bool) -> jax.Array:
     """Exactly `jax.random.normal(key, shape, float32)`, taken as the prefix of a draw of
     `draw_size` values when that is the same thing: every layer then uses one compiled sampler
-    (one per shape costs ~0.3 s of compilation each, ~2 s per process on CPU)."""
+    (one per shape would each be compiled on its own)."""
     if not prefix_ok:
         return jax.random.normal(key, shape, jnp.float32)
     return jax.random.normal(key, (draw_size,), jnp.float32)[:math.prod(shape)].reshape(shape)

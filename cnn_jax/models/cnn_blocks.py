@@ -219,7 +219,7 @@ def winograd_applies(kernel: int, stride: int, in_channels: int, conv_out: tuple
     pool windows, and at least `WINOGRAD_MIN_CHANNELS` input channels: the (2m)^2 products
     contract over the input channels, and with few of them they are too thin to repay the
     transforms (the tutorial's conv1, one channel, runs slower as Winograd; its conv2, 20 channels,
-    faster: docs/lowering.md, docs/performance.md)."""
+    faster; measured 2026-11-25, CHANGELOG.md)."""
     m = kernel - 1
     used = [size // window * window for size in conv_out]
     return (stride == 1 and kernel in (3, 5) and in_channels >= WINOGRAD_MIN_CHANNELS

@@ -133,7 +133,7 @@ BN_EPSILON = 1e-5
 
 def channel_sum(x: jax.Array) -> jax.Array:
     """The sum over every axis but the last, as one matrix product with a row of ones: XLA:CPU
-    runs a long reduction as a tree of reduce-windows, several times slower (docs/performance.md)."""
+    runs a long reduction as a slow tree of reduce-windows."""
     flat = x.reshape(-1, x.shape[-1])
     return jnp.dot(jnp.ones((1, flat.shape[0]), x.dtype), flat, precision=lax.Precision.HIGHEST)[0]
 

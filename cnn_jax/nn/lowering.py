@@ -80,7 +80,7 @@ def inference_config(config: Config) -> Config:
     Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
     faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
     convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling (the
-    faster average pooling of the forward pass; docs/performance.md). Explicit choices are kept."""
+    faster average pooling of the forward pass). Explicit choices are kept."""
     if config.conv_impl != "auto" or config.layout != "auto":
         return config
     pool_impl = config.pool_impl
@@ -107,7 +107,7 @@ def compiler_options(config: Config) -> dict[str, str]:
 
     With ynnpack off (auto on CPU) XLA:CPU runs dots on its own Eigen kernels and emits its
     own reductions and elementwise loops instead of YNNPACK fusions, which run slower for this
-    network's shapes (docs/performance.md)."""
+    network's shapes."""
     if jax.default_backend() != "cpu" or resolve(config).ynnpack == "on" or not _ynn_option_known():
         return {}
     return {_YNN_OPTION: ""}

@@ -4,8 +4,8 @@ convolutions use) through `jax.ffi`, tied together by a custom VJP. NHWC activat
 weights, float32, CPU only.
 
 XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
-families' layers; oneDNN's blocked direct convolutions run them several times faster
-(docs/performance.md).
+families' layers; oneDNN's blocked direct convolutions run them faster (docs/performance.md,
+"The model families at their presets").
 The handlers (`cnn_jax/nn/csrc/onednn_conv.cc`) are compiled on first use with the C++ compiler
 (`$CXX`, else `g++`) against the pinned `onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels, into
 `$CNN_JAX_CACHE` (default `$XDG_CACHE_HOME/cnn_jax` or `~/.cache/cnn_jax`, beside the compilation

@@ -1,4 +1,5 @@
-"""Hyperparameter sweeps: a grid or a list of runs, trained together with `jax.vmap` where shapes allow.
+"""Hyperparameter sweeps: a grid or a list of runs, trained together with `jax.vmap` where shapes allow
+(on CPU by default one run at a time: `memory.default_max_parallel`).
 
 A sweep is a list of *settings* (config overrides), one per run, from a grid
 
@@ -15,7 +16,7 @@ weight decay, seed, ...) compute with arrays of the same shapes, so they form on
 trained as one jit-compiled program: the train step of `cnn_jax.engine.step` is `jax.vmap`-ed
 over a leading run axis of the train state (params, optimiser state with the run's
 hyperparameters, model state, rng) and of the batches. Each run keeps its own initial state,
-rng and data order (`data.epoch_permutation(seed, epoch, n)`), so it computes what it
+rng and data order (`data.sources.epoch_permutation(seed, epoch, n)`), so it computes what it
 computes alone.
 Fields that change shapes or the program (filters, kernels, batch size, pool, optimizer,
 ...) split runs into separate groups.

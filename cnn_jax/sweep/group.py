@@ -82,7 +82,7 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
     on_log(run_index, record) gets `{"kind": "train", ...}` records every `log_every` steps,
     on_epoch(run_index, record) the per-epoch record. A run whose loss or params become
     non-finite is marked diverged (its history stops) while the others go on. With
-    `validation` (images, labels held out of `dataset`'s training images: `data.hold_out`),
+    `validation` (images, labels held out of `dataset`'s training images: `data.sources.hold_out`),
     each epoch's record also holds `validation_loss` and `validation_accuracy`.
     """
     start_time = time.perf_counter()

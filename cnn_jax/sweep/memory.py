@@ -135,7 +135,7 @@ def default_max_parallel(config: Config) -> int:
     """`--max_parallel=0`: the group size that trains the most images per second on this backend.
 
     On CPU one run at a time: a vmapped group trains fewer images per second there than the same
-    runs one after another in one process (docs/sweeps.md, `experiments/sweep_benchmark.py`), and
+    runs one after another in one process (docs/search.md, "Measurements"), and
     a run alone trains the program `experiments/train.py` runs, so it gives the same digits. On
     accelerators, where vmapping is where the speed comes from, as many runs as fit in `memory_budget()`.
     """
