@@ -23,7 +23,7 @@ import tensorflow  # noqa: E402,F401 - timed: what reading a TFDS copy first cos
 import tensorflow_datasets as tfds  # noqa: E402
 t_import = time.perf_counter() - t
 tfds.disable_progress_bar()
-from cnn_jax import data  # noqa: E402
+from cnn_jax.data import sources as data  # noqa: E402
 
 MNIST = os.path.join(data.SHARED_DATA_DIR, "mnist")
 

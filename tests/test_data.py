@@ -246,7 +246,8 @@ def test_the_source_is_named_and_the_shared_copy_is_found_from_the_package(no_so
 
 def test_shared_data_dir_is_relative_to_the_repository_not_the_cwd():
     assert data.SHARED_DATA_DIR == os.path.normpath(
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(data.__file__))), "..", "shared", "data"))
+        os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))), "..",
+                     "shared", "data"))   # the repository: three levels above cnn_jax/data/sources.py
 
 
 def write_idx(path, array):

@@ -100,7 +100,7 @@ def test_a_trial_directory_held_by_another_process_is_refused_and_its_trial_requ
     storage = study_lib.open_storage(study_lib.default_storage(str(tmp_path)), 1, 3)
     study = study_lib.open_study(storage, "s", settings, "grid", 0, optuna.pruners.NopPruner())
     held = tmp_path / "trial_00000"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cnn_jax import lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom cnn_jax.rundir import lock\n"
                                "with lock.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)",
                                str(held)], stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
     try:
