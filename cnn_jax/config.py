@@ -188,8 +188,9 @@ class Config:
              "(warmup_cosine keeps its own); 0: none.")
     momentum: float = field(0.9, group="optimisation", roles=("per_run", "hyperparam"),
                             help="Momentum of --optimizer=momentum.")
-    weight_decay: float = field(1e-4, group="optimisation", roles=("per_run", "hyperparam"),
-                                help="Weight decay of --optimizer=adamw (and of sgd / momentum with --sgd_weight_decay).")
+    weight_decay: float = field(
+        1e-4, group="optimisation", roles=("per_run", "hyperparam"),
+        help="Weight decay of --optimizer=adamw (and of sgd / momentum with --sgd_weight_decay).")
     sgd_weight_decay: str = field(
         "off", group="optimisation", choices=SGD_WEIGHT_DECAYS,
         help="How --weight_decay applies to --optimizer=sgd and momentum: " + one_of(SGD_WEIGHT_DECAYS, {

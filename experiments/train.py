@@ -48,8 +48,9 @@ def main(argv):
         if FLAGS["seed"].present:
             raise config_lib.ConfigError("--seed and --seeds cannot be combined: give the seeds in --seeds")
         if FLAGS.workdir or FLAGS.resume or FLAGS.overwrite or FLAGS.tensorboard or config.num_processes > 1:
-            raise config_lib.ConfigError("--seeds trains in one process without a --workdir: to keep the runs, "
-                                         f"use experiments/sweep.py --sweep=seed={','.join(map(str, seeds))} --workdir=DIR")
+            raise config_lib.ConfigError(
+                "--seeds trains in one process without a --workdir: to keep the runs, use experiments/sweep.py "
+                f"--sweep=seed={','.join(map(str, seeds))} --workdir=DIR")
         dataset = data_lib.load(config)
         print(f"data: {dataset.source}", flush=True)
         sweep.train_seeds(config, seeds, dataset, print_fn=lambda line: print(line, flush=True))
