@@ -33,6 +33,8 @@ LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
+SGD_WEIGHT_DECAYS = ("off", "l2", "decoupled")
+ERASING_FILLS = ("random", "zero")
 
 # The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli), in order.
 GROUPS = ("data", "model", "optimisation", "execution", "run")
@@ -114,6 +116,26 @@ class Config:
         help="Training augmentation: shift each image by up to N pixels (pad with zeros, crop); 0: off.")
     augment_flip: bool = field(
         False, group="data", help="Training augmentation: mirror images left-right at random (keep off for digits).")
+    random_erasing: float = field(
+        0.0, group="data",
+        help="Training augmentation: erase a random rectangle of each image with this probability "
+             "(random erasing, Zhong et al. 2017; cutout with --random_erasing_fill=zero); 0: off.")
+    random_erasing_min_area: float = field(
+        0.02, group="data", help="Random erasing: the smallest erased area, as a fraction of the image.")
+    random_erasing_max_area: float = field(
+        1 / 3, group="data", help="Random erasing: the largest erased area, as a fraction of the image.")
+    random_erasing_fill: str = field(
+        "random", group="data", choices=ERASING_FILLS,
+        help="Random erasing fills the rectangle with " + one_of(ERASING_FILLS, {
+            "random": "uniform noise per pixel, Zhong et al.", "zero": "cutout"}) + ".")
+    mixup_alpha: float = field(
+        0.0, group="data",
+        help="Training augmentation: mixup (Zhang et al. 2018): each batch blended with a permutation of "
+             "itself, weight ~ Beta(alpha, alpha), the loss the weighted pair of cross-entropies; 0: off.")
+    cutmix_alpha: float = field(
+        0.0, group="data",
+        help="Training augmentation: cutmix (Yun et al. 2019): a box of a permuted batch pasted in, its "
+             "area ~ Beta(alpha, alpha); with --mixup_alpha too, each batch takes one of the two; 0: off.")
     # Model: the family (cnn_jax.models), then the fields of the tutorial's CNN.
     model: str = field(
         "cnn", group="model",
@@ -148,6 +170,10 @@ class Config:
     bn_momentum: float = field(
         0.9, group="model",
         help="vgg, resnet: batch norm running averages move as momentum * running + (1 - momentum) * batch.")
+    drop_path: float = field(
+        0.0, group="model",
+        help="resnet: stochastic depth, the largest rate at which a block's residual branch is dropped per "
+             "example in training (rising linearly to it over the blocks; scaled to keep the expectation); 0: off.")
     # Optimisation.
     optimizer: str = field(
         "adam", group="optimisation", choices=OPTIMIZERS,
@@ -156,14 +182,31 @@ class Config:
                                  help="Learning rate (the peak of --schedule).")
     schedule: str = field("constant", group="optimisation", choices=SCHEDULES,
                           help=f"Learning-rate schedule: {one_of(SCHEDULES)}.")
+    warmup_steps: int = field(
+        0, group="optimisation",
+        help="Linear warm-up from 0 over the first N steps, then --schedule over the rest "
+             "(warmup_cosine keeps its own); 0: none.")
     momentum: float = field(0.9, group="optimisation", roles=("per_run", "hyperparam"),
                             help="Momentum of --optimizer=momentum.")
-    weight_decay: float = field(1e-4, group="optimisation", roles=("per_run", "hyperparam"),
-                                help="Weight decay of --optimizer=adamw.")
+    weight_decay: float = field(
+        1e-4, group="optimisation", roles=("per_run", "hyperparam"),
+        help="Weight decay of --optimizer=adamw (and of sgd / momentum with --sgd_weight_decay).")
+    sgd_weight_decay: str = field(
+        "off", group="optimisation", choices=SGD_WEIGHT_DECAYS,
+        help="How --weight_decay applies to --optimizer=sgd and momentum: " + one_of(SGD_WEIGHT_DECAYS, {
+            "l2": "added to the gradient before momentum, as torch.optim.SGD",
+            "decoupled": "added to the update after momentum, SGDW"}) + ".")
+    grad_clip_norm: float = field(
+        0.0, group="optimisation",
+        help="Clip the gradient to this global norm before the optimiser (optax.clip_by_global_norm); 0: off.")
     ema_decay: float = field(
         0.0, group="optimisation",
         help="Evaluate (and checkpoint) an exponential moving average of the params with this decay, "
              "e.g. 0.999; 0: off.")
+    label_smoothing: float = field(
+        0.0, group="optimisation",
+        help="Label smoothing of the training loss: (1 - e) * cross-entropy + e * the mean over classes of "
+             "-log p (evaluation keeps the plain cross-entropy); 0: off.")
     loss_reduction: str = field(
         "mean", group="optimisation", choices=LOSS_REDUCTIONS,
         help=f"How per-example losses combine over a batch: {one_of(LOSS_REDUCTIONS, {'sum': 'the tutorial'})}.")
@@ -217,6 +260,10 @@ class Config:
         "full", group="run", roles=("resumable",), choices=TRAIN_EVALS,
         help="Train accuracy: " + one_of(TRAIN_EVALS, {"full": "evaluate the train set after each epoch",
                                                        "running": "accumulated during the epoch"}) + ".")
+    tta_flip: bool = field(
+        False, group="run",
+        help="Evaluate with test-time augmentation: the mean of the logits of each image and its left-right "
+             "mirror (keep off for digits).")
     loss_smoothing: float = field(
         0.01, group="run", roles=("per_run",),
         help="Rate s of the moving-average training loss the epoch line prints: m <- (1 - s) * m + s * loss.")
@@ -410,6 +457,8 @@ def validate(config: Config) -> Config:
     check_choice("pool_impl", config.pool_impl, POOL_IMPLS)
     check_choice("layout", config.layout, LAYOUTS)
     check_choice("ynnpack", config.ynnpack, YNNPACK)
+    check_choice("sgd_weight_decay", config.sgd_weight_decay, SGD_WEIGHT_DECAYS)
+    check_choice("random_erasing_fill", config.random_erasing_fill, ERASING_FILLS)
     if config.conv_impl == "onednn" and config.layout == "CHWN":
         raise ConfigError("--conv_impl=onednn runs on NHWC activations: use --layout=auto or NHWC")
     if config.coordinator_address and ":" not in config.coordinator_address:
@@ -430,6 +479,25 @@ def validate(config: Config) -> Config:
         check_positive(name, getattr(config, name))
     for name in ("momentum", "weight_decay"):
         check_positive(name, getattr(config, name), allow_zero=True)
+    if config.sgd_weight_decay != "off" and config.optimizer not in ("sgd", "momentum"):
+        raise ConfigError(f"--sgd_weight_decay={config.sgd_weight_decay} applies to --optimizer=sgd or momentum, "
+                          f"not {config.optimizer}: use --sgd_weight_decay=off (adamw decays with --weight_decay)")
+    check_positive("grad_clip_norm", config.grad_clip_norm, allow_zero=True)
+    check_positive("warmup_steps", config.warmup_steps, allow_zero=True)
+    if config.warmup_steps and config.schedule == "warmup_cosine":
+        raise ConfigError(f"--warmup_steps={config.warmup_steps} is not allowed with --schedule=warmup_cosine, "
+                          "which warms up over its first tenth: use --schedule=cosine --warmup_steps=N")
+    for name in ("label_smoothing", "random_erasing", "random_erasing_min_area", "random_erasing_max_area"):
+        value = getattr(config, name)
+        if not 0 <= value <= 1:
+            raise ConfigError(f"--{name}={shown(value)} is not allowed: it must be in [0, 1] (0: off)")
+    if not 0 < config.random_erasing_min_area <= config.random_erasing_max_area:
+        raise ConfigError(f"--random_erasing_min_area={config.random_erasing_min_area!r} is not allowed: it must be "
+                          f"positive and at most --random_erasing_max_area={config.random_erasing_max_area!r}")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        check_positive(name, getattr(config, name), allow_zero=True)
+    if not 0 <= config.drop_path < 1:
+        raise ConfigError(f"--drop_path={shown(config.drop_path)} is not allowed: it must be in [0, 1) (0: off)")
     if not 0 <= config.ema_decay < 1:
         raise ConfigError(f"--ema_decay={shown(config.ema_decay)} is not allowed: it must be in [0, 1) "
                           "(0: off; e.g. 0.999)")

@@ -50,7 +50,7 @@ def test_helpshort_lists_every_flag_the_script_takes_grouped():
         elif current and line.startswith("  --"):
             groups.setdefault(current, []).append(re.match(r"  --(?:\[no\])?(\w+)", line).group(1))
     assert next(iter(groups)) == TRAIN   # the script's own flags first, under its path (absl's heading)
-    assert groups.pop(TRAIN) == ["overwrite", "resume", "tensorboard", "workdir"]
+    assert groups.pop(TRAIN) == ["overwrite", "resume", "seeds", "tensorboard", "workdir"]   # seeds: --seeds=0-9
     assert {group: sorted(names) for group, names in groups.items()} == \
         {group: sorted(names) for group, names in config_lib.FLAG_GROUPS.items()}
     assert list(groups) == list(config_lib.FLAG_GROUPS)

@@ -199,15 +199,22 @@ def test_derived_field_sets_are_the_ones_written_out_before():
     from cnn_jax.engine import optim
     from cnn_jax.rundir import workdir
     assert config_lib.FLAG_GROUPS == {
-        "data": ("dataset", "data_dir", "train_subset", "test_subset", "augment_shift", "augment_flip"),
+        # random_erasing ... cutmix_alpha: added with the training techniques (all off by default).
+        "data": ("dataset", "data_dir", "train_subset", "test_subset", "augment_shift", "augment_flip",
+                 "random_erasing", "random_erasing_min_area", "random_erasing_max_area", "random_erasing_fill",
+                 "mixup_alpha", "cutmix_alpha"),
         "model": ("model", "conv_filters", "conv_kernels", "conv_stride", "conv_padding", "pool", "pool_window",
                   "pool_stride", "num_fc", "num_classes", "input_shape", "init", "weight_scale", "widths", "depth",
-                  "dropout", "bn_momentum"),
-        "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "ema_decay",
-                         "loss_reduction", "batch_size", "epochs", "seed"),   # ema_decay: added with the field
+                  "dropout", "bn_momentum", "drop_path"),   # drop_path: added with the training techniques
+        # ema_decay: added with the field; warmup_steps, sgd_weight_decay, grad_clip_norm, label_smoothing:
+        # added with the training techniques.
+        "optimisation": ("optimizer", "learning_rate", "schedule", "warmup_steps", "momentum", "weight_decay",
+                         "sgd_weight_decay", "grad_clip_norm", "ema_decay", "label_smoothing", "loss_reduction",
+                         "batch_size", "epochs", "seed"),
         "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
                       "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
-        "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
+        # tta_flip: added with the training techniques.
+        "run": ("preset", "train_eval", "tta_flip", "loss_smoothing", "log_every", "debug"),
     }
     assert workdir.RESUMABLE_FIELDS == frozenset({
         "epochs", "data_dir", "log_every", "eval_batch_size", "debug", "train_eval", "loop", "conv_impl", "pool_impl",

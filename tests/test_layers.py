@@ -303,3 +303,32 @@ def test_global_avg_pool_matches_numpy_and_its_gradient():
     x = random((3, 4, 5, 6), 42)
     np.testing.assert_allclose(layers.global_avg_pool(x), x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-5)
     finite_difference_check(lambda x: jnp.sum(jnp.sin(layers.global_avg_pool(x))), (x,))
+
+
+def test_label_smoothing_is_its_formula():
+    """(1 - e) * (-log p[y]) + e * mean_k(-log p[k]), against NumPy; e = 0 is the plain cross-entropy, bit for bit."""
+    logits, labels = random((6, 5), 3), jnp.asarray([0, 4, 2, 2, 1, 3])
+    x = np.asarray(logits, np.float64)
+    log_p = x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    nll = -log_p[np.arange(6), np.asarray(labels)]
+    for e in (0.1, 0.5, 1.0):
+        want = (1 - e) * nll + e * -log_p.mean(-1)
+        np.testing.assert_allclose(layers.softmax_cross_entropy(logits, labels, e), want, rtol=1e-5)
+    # The same as the cross-entropy against the smoothed one-hot target (timm's off value e / K).
+    target = np.full((6, 5), 0.1 / 5) + np.eye(5)[np.asarray(labels)] * 0.9
+    np.testing.assert_allclose(layers.softmax_cross_entropy(logits, labels, 0.1), -(target * log_p).sum(-1),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(layers.softmax_cross_entropy(logits, labels, 0.0),
+                                  layers.softmax_cross_entropy(logits, labels))
+
+
+def test_drop_path_drops_whole_examples_and_keeps_the_expectation():
+    """Each example's branch is all zero or all x / (1 - rate); over many keys the mean is x; evaluation is x."""
+    x, rate = random((4, 3, 3, 2), 5) + 2.0, 0.25
+    draws = jax.vmap(lambda k: layers.drop_path(x, rate, k, train=True))(jax.random.split(jax.random.key(0), 4000))
+    kept = np.all(np.isclose(draws, x / (1 - rate)), axis=(2, 3, 4))
+    dropped = np.all(draws == 0, axis=(2, 3, 4))
+    assert np.all(kept ^ dropped)
+    assert abs(dropped.mean() - rate) < 0.02
+    np.testing.assert_allclose(draws.mean(0), x, rtol=0.05)
+    assert layers.drop_path(x, rate, None, train=False) is x and layers.drop_path(x, 0.0, None, train=True) is x

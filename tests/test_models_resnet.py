@@ -9,6 +9,7 @@ import pytest
 import family_checks as checks
 from cnn_jax import config as config_lib
 from cnn_jax import model
+from cnn_jax.models import common, resnet
 from cnn_jax.nn import layers
 from cnn_jax.config import Config, ConfigError
 
@@ -107,3 +108,49 @@ def test_the_command_line_trains_and_resumes_it_bit_exactly(mnist_dir, tmp_path)
         mnist_dir, ["--model=resnet", "--widths=4,8", "--depth=1", "--dropout=0.1"], tmp_path)
     assert f"strategy: conv={checks.CPU_CONV} pool=global_mean layout=NHWC" in out
     assert not np.array_equal(got.model_state["stage1_block1"]["bn1"]["var"], np.ones(4))   # the statistics moved
+
+
+
+def test_stochastic_depth_matches_evaluation_in_expectation(small):
+    """--drop_path (Huang et al. 2016): rates rising linearly to it over the blocks; evaluation runs
+    every branch (the logits of drop_path=0); in training a block's branch is dropped per example
+    and the kept ones scaled, so over many keys a block's mean output is its output with every
+    branch; training draws other drops per key; other families refuse it."""
+    config = config_lib.replace(TINY, dropout=0.0, drop_path=0.5)
+    assert resnet.drop_path_rates(config) == [0.25, 0.5]
+    plain = config_lib.replace(config, drop_path=0.0)
+    params, state = model.init(jax.random.key(0), config)
+    images = small.train_images[:16]
+    np.testing.assert_array_equal(model.apply(params, state, images, config)[0],
+                                  model.apply(params, state, images, plain)[0])
+    train = jax.jit(lambda key: model.apply(params, state, images, config, train=True, rng=key)[0])
+    full = model.apply(params, state, images, plain, train=True, rng=jax.random.key(1))[0]
+    assert not np.allclose(train(jax.random.key(1)), full) and not np.allclose(train(jax.random.key(1)),
+                                                                              train(jax.random.key(2)))
+    # A block with a projection (stage 2's first), in training, at rate 0.5: the mean over keys.
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 8))
+    p, s = params["stage2_block1"], state["stage2_block1"]
+    run = jax.jit(jax.vmap(lambda k: resnet.block(p, s, x, config, 2, train=True, drop_rate=0.5, rng=k)[0]))
+    draws = np.asarray(run(jax.random.split(jax.random.key(4), 4000)), np.float64)
+    every, _ = resnet.block(p, s, x, config, 2, train=True)
+    shortcut = layers.project(layers.relu(common.bn(x, p["bn1"], s["bn1"], config, True)[0]), p["proj"]["w"], 2)
+    dropped = np.all(np.isclose(draws, shortcut, atol=1e-5), axis=(2, 3, 4))
+    assert 0.45 < dropped.mean() < 0.55 and not dropped.all(axis=0).any()   # per example, per key
+    np.testing.assert_allclose(draws.mean(0), every, atol=0.05 * float(np.abs(every).max()))
+    for family in ("cnn", "vgg"):
+        with pytest.raises(ConfigError, match=f"--drop_path=0.5 is not available for --model={family}"):
+            model.validate(config_lib.replace(Config(), model=family, drop_path=0.5))
+    with pytest.raises(ConfigError, match=r"--drop_path=1.0 is not allowed: it must be in \[0, 1\)"):
+        model.validate(config_lib.replace(config, drop_path=1.0))
+
+
+def test_a_sweep_group_with_every_training_technique_trains_each_run_as_alone(small):
+    """The training techniques are fields like any other: a vmapped group of two seeds with all of
+    them on (stochastic depth, label smoothing, mixup or cutmix, random erasing, clipping, warm-up,
+    L2 decay with momentum, flip averaging at evaluation) trains each run as it trains alone."""
+    techniques = dict(drop_path=0.3, label_smoothing=0.1, mixup_alpha=0.4, cutmix_alpha=1.0, random_erasing=0.5,
+                      grad_clip_norm=1.0, warmup_steps=2, sgd_weight_decay="l2", weight_decay=5e-4, tta_flip=True)
+    configs = [config_lib.replace(TINY, seed=seed, **techniques) for seed in (0, 1)]
+    for config in configs:
+        model.validate(config_lib.replace(config, optimizer="momentum"))
+    checks.sweep_group_matches_runs_alone(configs, small)

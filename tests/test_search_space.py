@@ -131,3 +131,16 @@ space_fields = st.sampled_from(["learning_rate", "momentum", "pool", "seed", "co
      "high": json_values}), max_size=3))
 def test_any_json_value_as_a_space_file_gives_a_space_or_one_line(tmp_path_factory, value):
     load_or_one_line(tmp_path_factory.mktemp("space"), "space.json", json.dumps(value).encode())
+
+
+def test_the_training_techniques_are_searchable_and_checked_like_any_field():
+    from cnn_jax import config as config_lib
+    base = config_lib.replace(Config(), model="resnet", optimizer="momentum")
+    searched = space.parse("label_smoothing=uniform(0,0.2) mixup_alpha=uniform(0,1) cutmix_alpha=0,1 "
+                           "random_erasing=uniform(0,0.5) drop_path=uniform(0,0.3) grad_clip_norm=loguniform(0.1,10) "
+                           "warmup_steps=int(0,100) sgd_weight_decay=off,l2,decoupled tta_flip=true,false")
+    space.check_against(searched, base, "--space")
+    with pytest.raises(ConfigError, match=r"^--space: label_smoothing=1.5 gives an invalid run: --label_smoothing=1.5"):
+        space.check_against(space.parse("label_smoothing=uniform(0,1.5)"), base, "--space")
+    with pytest.raises(ConfigError, match=r"^--space: drop_path=0.2 gives an invalid run: .*--model=cnn"):
+        space.check_against(space.parse("drop_path=uniform(0,0.2)"), Config(), "--space")

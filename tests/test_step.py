@@ -80,3 +80,67 @@ def test_augmentation_is_checked_against_the_image_size():
         model.validate(config_lib.replace(Config(), augment_shift=28))
     with pytest.raises(config_lib.ConfigError, match="--augment_shift=-1 is not allowed"):
         model.validate(config_lib.replace(Config(), augment_shift=-1))
+
+
+def test_label_smoothing_trains_on_its_formula_and_evaluation_keeps_the_plain_loss(small):
+    """--label_smoothing e: the training loss is (1 - e) * CE + e * mean_k(-log p_k) per example;
+    evaluation's loss stays the plain cross-entropy."""
+    from cnn_jax.nn import layers
+    config = config_lib.replace(Config(), label_smoothing=0.2)
+    params, model_state = model.init(jax.random.key(0), config)
+    images, labels = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
+    loss, (metrics, _) = step.loss_fn(params, model_state, (images, labels), None, config)
+    logits, _ = model.apply(params, model_state, images, config, train=True)
+    log_p = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    nll = -log_p[np.arange(32), np.asarray(labels)]
+    np.testing.assert_allclose(loss, np.mean(0.8 * nll + 0.2 * -log_p.mean(-1)), rtol=1e-5)
+    plain, _ = step.loss_fn(params, model_state, (images, labels), None, config_lib.replace(config, label_smoothing=0.0))
+    assert float(loss) > float(plain)
+    summed, _, _ = step.eval_batch(params, model_state, images, labels, jnp.ones(32, bool), config)
+    np.testing.assert_allclose(summed, nll.sum(), rtol=1e-5)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(config_lib.ConfigError, match=rf"^--label_smoothing={bad} is not allowed: it must be in \[0, 1\]"):
+            model.validate(config_lib.replace(Config(), label_smoothing=bad))
+
+
+def test_mixup_in_the_step_trains_on_the_mixed_batch_with_the_weighted_pair_of_losses(small):
+    """--mixup_alpha / --cutmix_alpha: the step's update is the manual one on augment.mix_batch's
+    images from fold_in(step key, MIX_STREAM) with the loss lam * CE(label) + (1 - lam) * CE(partner's)."""
+    from cnn_jax.data import augment
+    from cnn_jax.nn import layers
+    for alphas in ({"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}):
+        config = config_lib.replace(config_lib.PRESETS["tutorial"], **alphas)
+        opt = optim.make_optimizer(config, 1)
+        start = state.create(config, opt).replace(step=jnp.asarray(5, jnp.int32))
+        images, labels = jnp.asarray(small.train_images[:64]), jnp.asarray(small.train_labels[:64])
+        new, _ = jax.jit(step.make_train_step(config, opt))(start, (images, labels))
+        mixed, perm, lam = augment.mix_batch(jax.random.fold_in(state.step_rng(start), step.MIX_STREAM), images,
+                                             config.mixup_alpha, config.cutmix_alpha)
+        assert 0 < float(lam) < 1
+
+        def manual(p):
+            logits, _ = model.apply(p, {}, mixed, config, train=True)
+            return jnp.sum(lam * layers.softmax_cross_entropy(logits, labels)
+                           + (1 - lam) * layers.softmax_cross_entropy(logits, labels[perm]))
+
+        grads = jax.jit(jax.grad(manual))(start.params)
+        for p, g, n in zip(jax.tree.leaves(start.params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
+            np.testing.assert_allclose(n, p - 0.01 * g, rtol=1e-4, atol=1e-6)
+
+
+def test_flip_averaging_evaluates_the_mean_logits_of_the_image_and_its_mirror(small):
+    """--tta_flip: eval_batch's logits are (f(x) + f(mirror x)) / 2, its loss and accuracy theirs."""
+    from cnn_jax.nn import layers
+    config = config_lib.replace(Config(), tta_flip=True)
+    plain = config_lib.replace(config, tta_flip=False)
+    params, model_state = model.init(jax.random.key(0), config)
+    images, labels = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
+    mask = jnp.arange(32) < 30
+    loss, correct, logits = step.eval_batch(params, model_state, images, labels, mask, config)
+    straight = step.eval_batch(params, model_state, images, labels, mask, plain)[2]
+    mirrored = step.eval_batch(params, model_state, images[:, :, ::-1, :], labels, mask, plain)[2]
+    np.testing.assert_allclose(logits, (straight + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits, straight)
+    want = (straight + mirrored) / 2
+    np.testing.assert_allclose(loss, jnp.sum(layers.softmax_cross_entropy(want, labels) * mask), rtol=1e-5)
+    assert int(correct) == int(jnp.sum((jnp.argmax(want, -1) == labels) * mask))

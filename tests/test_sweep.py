@@ -797,3 +797,14 @@ def test_a_run_directory_another_process_holds_is_refused_and_nothing_written(sm
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_training_techniques_are_sweepable_and_split_groups_unless_per_run():
+    """Read inside the compiled step, the techniques' fields split groups (seeds stay together);
+    the weight decay they give sgd / momentum stays a per-run hyperparameter."""
+    base = config_lib.replace(Config(), optimizer="momentum", sgd_weight_decay="l2")
+    grid = sweep.parse_spec("label_smoothing=0,0.1 mixup_alpha=0,0.2 weight_decay=1e-4,5e-4 seed=0,1")
+    runs = sweep.make_runs(base, sweep.grid_settings(grid))
+    groups = sweep.group_runs(runs, 100)
+    assert len(runs) == 16 and len(groups) == 4 and all(len(g) == 4 for g in groups)
+    assert sweep.parse_spec("tta_flip=true,false random_erasing_fill=zero")["tta_flip"] == [True, False]

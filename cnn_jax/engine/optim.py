@@ -1,4 +1,6 @@
-"""Optimisers: optax's sgd / momentum / adam / adamw with a learning-rate schedule.
+"""Optimisers: optax's sgd / momentum / adam / adamw with a learning-rate schedule, an optional
+linear warm-up (`--warmup_steps`), gradient clipping (`--grad_clip_norm`) and weight decay for
+sgd / momentum (`--sgd_weight_decay`); each of those off leaves the optimiser as it was.
 
 Every optimiser is an `optax.GradientTransformation`; `apply_updates` adds the
 updates to the params. Plain `sgd` at a constant rate is the tutorial's update,
@@ -12,6 +14,7 @@ share one program, each carrying its own values (the vmapped groups of `cnn_jax.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -29,6 +32,13 @@ def learning_rate_schedule(config: Config, total_steps: int, learning_rate: Any 
     peak is `learning_rate` (default `config.learning_rate`; may be a traced array)."""
     lr = config.learning_rate if learning_rate is None else learning_rate
     steps = max(total_steps, 1)
+    if config.warmup_steps:
+        # Linear warm-up from 0 to the peak, then the schedule over the remaining steps (Goyal et al.
+        # 2017, "Accurate, Large Minibatch SGD"): warmup_cosine is cosine with a tenth's warm-up.
+        warmup = min(config.warmup_steps, steps)
+        rest = learning_rate_schedule(dataclasses.replace(config, warmup_steps=0), steps - warmup, lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                     rest if callable(rest) else optax.constant_schedule(rest)], [warmup])
     if config.schedule == "constant":
         return lr
     if config.schedule == "cosine":
@@ -46,12 +56,26 @@ def learning_rate_schedule(config: Config, total_steps: int, learning_rate: Any 
 
 def base_optimizer(config: Config, total_steps: int, learning_rate: Any, momentum: Any,
                    weight_decay: Any) -> optax.GradientTransformation:
-    """The optimiser `config.optimizer` names with its schedule, for the given per-run values."""
-    lr = learning_rate_schedule(config, total_steps, learning_rate)
-    if config.optimizer == "sgd":
-        return optax.sgd(lr)
-    if config.optimizer == "momentum":
-        return optax.sgd(lr, momentum=momentum)
+    """The optimiser `config.optimizer` names with its schedule, for the given per-run values,
+    after clipping the gradient to `--grad_clip_norm` (optax.clip_by_global_norm) when set."""
+    optimizer = _optimizer(config, learning_rate_schedule(config, total_steps, learning_rate), momentum, weight_decay)
+    if config.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+    return optimizer
+
+
+def _optimizer(config: Config, lr: Any, momentum: Any, weight_decay: Any) -> optax.GradientTransformation:
+    if config.optimizer in ("sgd", "momentum"):
+        trace = momentum if config.optimizer == "momentum" else None
+        if config.sgd_weight_decay == "l2":
+            # wd * p added to the gradient before momentum: torch.optim.SGD's weight_decay.
+            return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=trace))
+        if config.sgd_weight_decay == "decoupled":
+            # wd * p added to the update after momentum, then scaled by the rate: SGDW (Loshchilov &
+            # Hutter 2019, "Decoupled Weight Decay Regularization"), as optax.adamw does for Adam.
+            return optax.chain(*([optax.trace(decay=trace)] if trace is not None else []),
+                               optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(lr))
+        return optax.sgd(lr, momentum=trace)
     if config.optimizer == "adam":
         return optax.adam(lr)
     if config.optimizer == "adamw":

@@ -30,17 +30,26 @@ Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 # The augmentation of step s draws from fold_in(step key, AUGMENT_STREAM), apart from the
-# model's own randomness (dropout), which uses the step key itself.
+# model's own randomness (dropout), which uses the step key itself; mixup / cutmix draw from
+# fold_in(step key, MIX_STREAM).
 AUGMENT_STREAM = 0xA06
+MIX_STREAM = 0x313
+# The labels a mixed batch's examples are mixed with and their weight (`augment.mix_batch`).
+Mix = tuple[jax.Array, jax.Array]
 
 
 def loss_fn(params: model.Params, model_state: model.ModelState, batch: Batch, rng: jax.Array,
-            config: Config) -> tuple[jax.Array, tuple[Metrics, model.ModelState]]:
-    """The training objective (per-example cross-entropy, summed or averaged), batch metrics
-    and the model state after the batch."""
+            config: Config, mix: Mix | None = None) -> tuple[jax.Array, tuple[Metrics, model.ModelState]]:
+    """The training objective (per-example cross-entropy, label-smoothed by `--label_smoothing`,
+    summed or averaged), batch metrics and the model state after the batch. With `mix` = (other
+    labels, lam) of a mixed batch the example's loss is lam * CE(label) + (1 - lam) * CE(other)
+    (timm's mixup target, written as the pair of losses); accuracy counts the batch's own labels."""
     images, labels = batch
     logits, model_state = model.apply(params, model_state, images, config, train=True, rng=rng)
-    losses = layers.softmax_cross_entropy(logits, labels)
+    losses = layers.softmax_cross_entropy(logits, labels, config.label_smoothing)
+    if mix is not None:
+        other, lam = mix
+        losses = lam * losses + (1.0 - lam) * layers.softmax_cross_entropy(logits, other, config.label_smoothing)
     loss = losses.sum() if config.loss_reduction == "sum" else losses.mean()
     correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
     return loss, ({"loss": losses.mean(), "correct": correct}, model_state)
@@ -48,16 +57,25 @@ def loss_fn(params: model.Params, model_state: model.ModelState, batch: Batch, r
 
 def make_train_step(config: Config, optimizer: optax.GradientTransformation) -> StepFn:
     """A pure step: (state, (images, labels)) -> (state, metrics); the batch is augmented first
-    (`--augment_shift`, `--augment_flip`) from the step's key."""
+    (`--augment_shift`, `--augment_flip`, `--random_erasing`), then mixed (`--mixup_alpha`,
+    `--cutmix_alpha`), from the step's key."""
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = step_rng(state)
-        if config.augment_shift or config.augment_flip:
+        if config.augment_shift or config.augment_flip or config.random_erasing:
             images, labels = batch
             batch = (augment.augment(jax.random.fold_in(key, AUGMENT_STREAM), images, config.augment_shift,
-                                     config.augment_flip), labels)
+                                     config.augment_flip, config.random_erasing,
+                                     (config.random_erasing_min_area, config.random_erasing_max_area),
+                                     config.random_erasing_fill), labels)
+        mix = None
+        if config.mixup_alpha or config.cutmix_alpha:
+            images, labels = batch
+            images, perm, lam = augment.mix_batch(jax.random.fold_in(key, MIX_STREAM), images, config.mixup_alpha,
+                                                  config.cutmix_alpha)
+            batch, mix = (images, labels), (jnp.take(labels, perm, axis=0), lam)
         grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state.model_state, batch, key, config)
+            state.params, state.model_state, batch, key, config, mix)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates)
         ema = state.ema
@@ -116,8 +134,13 @@ def make_runner(config: Config, train_step: StepFn, loop: str):
 @functools.partial(jax.jit, static_argnums=(5,))
 def eval_batch(params: model.Params, model_state: model.ModelState, images: jax.Array, labels: jax.Array,
                mask: jax.Array, config: Config) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(summed loss, correct count, logits) of one masked evaluation batch (`train=False`)."""
+    """(summed loss, correct count, logits) of one masked evaluation batch (`train=False`); the
+    loss is the plain cross-entropy (no label smoothing). With `--tta_flip` the logits are the mean
+    of the image's and its left-right mirror's (flip test-time augmentation)."""
     logits, _ = model.apply(params, model_state, images, config, train=False)
+    if config.tta_flip:
+        mirrored, _ = model.apply(params, model_state, images[:, :, ::-1, :], config, train=False)
+        logits = (logits + mirrored) / 2
     losses = layers.softmax_cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels)
     return jnp.sum(losses * mask), jnp.sum(correct * mask), logits

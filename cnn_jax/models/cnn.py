@@ -60,6 +60,9 @@ def validate(config: Config) -> None:
     """The checks of this family's own fields (conv and pooling, the lowerings of its fused
     blocks, the shape walk); `config.validate` has checked the shared ones."""
     config_lib.check_choice("pool", config.pool, config_lib.POOLS)
+    if config.drop_path:
+        raise ConfigError(f"--drop_path={config.drop_path!r} is not available for --model=cnn (stochastic depth "
+                          "drops residual branches): use --drop_path=0 or --model=resnet")
     config_lib.check_choice("conv_padding", config.conv_padding, config_lib.PADDINGS)
     for name in ("conv_stride", "pool_window", "pool_stride", "num_fc"):
         config_lib.check_positive_int(name, getattr(config, name))

@@ -100,6 +100,9 @@ def validate(config: Config, family: str) -> None:
                           "give one positive channel count per block or stage, e.g. 32,64,128")
     if isinstance(config.depth, bool) or not isinstance(config.depth, int) or config.depth <= 0:
         raise ConfigError(f"--depth={config.depth!r} is not allowed: it must be a positive integer")
+    if config.drop_path and family != "resnet":
+        raise ConfigError(f"--drop_path={config.drop_path!r} is not available for --model={family} (stochastic "
+                          "depth drops residual branches): use --drop_path=0 or --model=resnet")
     if not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"--dropout={config.dropout!r} is not allowed: it must be in [0, 1)")
     if not 0.0 <= config.bn_momentum < 1.0:

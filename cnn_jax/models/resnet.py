@@ -6,13 +6,14 @@ with `widths[s]` channels (the first block of every stage but the first halves t
 stride 2) -> batch norm -> relu -> global average pooling -> dropout (`--dropout`, training
 only) -> output. A block computes
 
-    h = relu(bn1(x));  y = conv2(relu(bn2(conv1(h, stride))));  out = y + shortcut
+    h = relu(bn1(x));  y = conv2(relu(bn2(conv1(h, stride))));  out = drop_path(y) + shortcut
 
 where the shortcut is x, or a strided 1x1 projection of h when the shape changes (He et al.,
-"Identity Mappings in Deep Residual Networks", 2016). Convolutions are SAME without bias and run
-as patches + matmul on CPU (`models.common`). Params: {"stem": {"w"}, "stage1_block1": {"bn1",
-"conv1", "bn2", "conv2", ["proj"]}, ..., "final_bn", "output"}; the model state holds the batch
-norms' running averages under the same names.
+"Identity Mappings in Deep Residual Networks", 2016), and drop_path the identity unless
+`--drop_path` (stochastic depth, in training) drops the branch of some examples. Convolutions
+are SAME without bias and run as patches + matmul on CPU (`models.common`). Params: {"stem":
+{"w"}, "stage1_block1": {"bn1", "conv1", "bn2", "conv2", ["proj"]}, ..., "final_bn", "output"};
+the model state holds the batch norms' running averages under the same names.
 """
 
 from __future__ import annotations
@@ -26,6 +27,16 @@ from cnn_jax.nn.layers import conv_output_size
 from cnn_jax.models import common
 
 Params = dict[str, dict]
+# Block b's stochastic-depth draws use fold_in(fold_in(rng, DROP_PATH_STREAM), b), apart from the
+# dropout before the classifier, which uses `rng` itself.
+DROP_PATH_STREAM = 0xD9
+
+
+def drop_path_rates(config: Config) -> list[float]:
+    """Each block's stochastic-depth rate: rising linearly to `--drop_path` at the last block,
+    rate * b / L for block b = 1..L (Huang et al. 2016's linear decay rule)."""
+    blocks = len(config.widths) * config.depth
+    return [config.drop_path * b / blocks for b in range(1, blocks + 1)]
 
 
 def _blocks(config: Config):
@@ -57,7 +68,8 @@ def walk(config: Config) -> list[tuple[str, tuple[int, ...], float]]:
 
 
 def validate(config: Config) -> None:
-    """The checks of this family's fields (widths, depth, dropout, bn_momentum) and its shape walk."""
+    """The checks of this family's fields (widths, depth, dropout, bn_momentum, drop_path: `config.validate`)
+    and its shape walk."""
     common.validate(config, "resnet")
     walk(config)
 
@@ -96,27 +108,38 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
     return params, model_state
 
 
+def block(p: dict, s: dict, x: jax.Array, config: Config, stride: int, *, train: bool, drop_rate: float = 0.0,
+          rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """One pre-activation block (the module docstring's formula): (output, its batch norms' state).
+    In training its residual branch is dropped per example at `drop_rate` (`layers.drop_path`)."""
+    conv = common.conv_fn(config)
+    h, s_bn1 = common.bn(x, p["bn1"], s["bn1"], config, train)
+    h = layers.relu(h)
+    y = conv(h, p["conv1"]["w"], 0.0, stride, "SAME")
+    y, s_bn2 = common.bn(y, p["bn2"], s["bn2"], config, train)
+    y = conv(layers.relu(y), p["conv2"]["w"], 0.0, 1, "SAME")
+    y = layers.drop_path(y, drop_rate, rng, train=train)
+    if "proj" in p:   # the shape changes: project the pre-activated input
+        return layers.residual_add(y, h, p["proj"]["w"], stride), {"bn1": s_bn1, "bn2": s_bn2}
+    return layers.residual_add(y, x), {"bn1": s_bn1, "bn2": s_bn2}
+
+
 def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,
           rng: jax.Array | None = None, debug: bool = False) -> tuple[jax.Array, dict]:
-    """(logits (N, num_classes), model state) of the pre-activation ResNet for images (N, H, W, C);
-    batch norm and dropout as in the vgg family (batch statistics and `rng` in training, running
-    averages in evaluation). `debug` prints each block's output shape."""
+    """(logits (N, num_classes), model state) for images (N, H, W, C): in training with batch
+    statistics (returning the moved running averages), dropout and stochastic depth drawn from
+    `rng`; in evaluation with the running averages (returned unchanged), every branch and no
+    dropout. `debug` prints each layer's output shape."""
     conv, trace = common.conv_fn(config), layers.shape_tracer(debug)
     new_state: dict = {}
     x = conv(images, params["stem"]["w"], 0.0, 1, "SAME")
     trace("stem", x)
-    for name, _, _, stride in _blocks(config):
-        p, s = params[name], model_state[name]
-        h, s_bn1 = common.bn(x, p["bn1"], s["bn1"], config, train)
-        h = layers.relu(h)
-        y = conv(h, p["conv1"]["w"], 0.0, stride, "SAME")
-        y, s_bn2 = common.bn(y, p["bn2"], s["bn2"], config, train)
-        y = conv(layers.relu(y), p["conv2"]["w"], 0.0, 1, "SAME")
-        if "proj" in p:   # the shape changes: project the pre-activated input
-            x = layers.residual_add(y, h, p["proj"]["w"], stride)
-        else:
-            x = layers.residual_add(y, x)
-        new_state[name] = {"bn1": s_bn1, "bn2": s_bn2}
+    rates = drop_path_rates(config)
+    for index, (name, _, _, stride) in enumerate(_blocks(config)):
+        x, new_state[name] = block(params[name], model_state[name], x, config, stride, train=train,
+                                   drop_rate=rates[index] if train else 0.0,
+                                   rng=jax.random.fold_in(jax.random.fold_in(rng, DROP_PATH_STREAM), index)
+                                   if train and config.drop_path else None)
         trace(name, x)
     x, new_state["final_bn"] = common.bn(x, params["final_bn"], model_state["final_bn"], config, train)
     x = layers.global_avg_pool(layers.relu(x))

@@ -122,10 +122,17 @@ def softmax(logits: jax.Array) -> jax.Array:
     return exp / jnp.sum(exp, axis=-1, keepdims=True)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example cross-entropy -log softmax(logits)[label]; labels are int class ids."""
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy -log softmax(logits)[label]; labels are int class ids.
+
+    With label `smoothing` e the target puts 1 - e on the label and e spread evenly over all K
+    classes: (1 - e) * (-log p[label]) + e * mean_k(-log p[k]) (Szegedy et al. 2016, "Rethinking
+    the Inception Architecture"; timm's LabelSmoothingCrossEntropy). 0: the plain cross-entropy."""
     log_probs = log_softmax(logits)
-    return -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    if not smoothing:
+        return nll
+    return (1.0 - smoothing) * nll + smoothing * -jnp.mean(log_probs, axis=-1)
 
 
 BN_EPSILON = 1e-5
@@ -195,6 +202,17 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *, train: bool) ->
     if not train or rate == 0.0:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, *, train: bool) -> jax.Array:
+    """Stochastic depth of a residual branch x (N, ...): in training each example's whole branch is
+    zeroed with probability `rate` and kept ones are scaled by 1 / (1 - rate), so its expectation is
+    the evaluation's x (Huang et al. 2016, "Deep Networks with Stochastic Depth"; timm's drop_path
+    with scale_by_keep). Evaluation and rate 0 are the identity."""
+    if not train or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

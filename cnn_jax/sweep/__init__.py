@@ -23,7 +23,7 @@ Fields that change shapes or the program (filters, kernels, batch size, pool, op
 
 The package's modules, each importing only those before it: `spec` (grids, runs, shards),
 `memory` (how many runs fit in a group), `group` (grouping, vmapped training), `rundirs` (run
-directories), `results` (tables, plot).
+directories), `results` (tables, plot), `seeds` (one config over several seeds, summarised).
 """
 
 from cnn_jax.sweep.group import (DATA_FIELDS, PER_RUN_FIELDS, GroupResult, data_key, group_key, group_runs,
@@ -37,5 +37,6 @@ from cnn_jax.sweep.results import (RESULTS_CSV, RESULTS_MD, RESULTS_PLOT, collec
 from cnn_jax.sweep.rundirs import (IGNORED_WHEN_RESUMING, OK_ROW_FIELDS, ROW_FIELDS, SWEEP_RESULT_FILE,
                                    VALIDATION_FIELDS, is_finished, pending_runs, read_row, result_row, run_dir,
                                    run_group)
+from cnn_jax.sweep.seeds import format_summary, parse_seeds, summarize_seeds, train_seeds
 from cnn_jax.sweep.spec import (FIX_SPEC, MAX_RUNS, Run, coerce_value, field_kind, format_value, grid_settings,
                                 load_spec_file, make_runs, parse_shard, parse_spec, run_name, shard)
