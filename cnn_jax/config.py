@@ -442,23 +442,42 @@ def check_positive_int(name: str, value: Any) -> None:
     check_positive(name, value)
 
 
+# Fields whose choices every family shares (a family checks its own, e.g. the tutorial CNN's pool).
+SHARED_CHOICES = ("dataset", "init", "optimizer", "schedule", "loss_reduction", "conv_impl", "loop", "pool_impl",
+                  "layout", "ynnpack", "sgd_weight_decay", "random_erasing_fill")
+
+
 def validate(config: Config) -> Config:
     """Check the values every model family shares; return the config unchanged or raise ConfigError
     (one line). The family's checks of its own fields are its `validate`: `cnn_jax.model.validate`
     runs both (and the `model` choice, which needs the family registry)."""
     _check_types(config)
-    check_choice("dataset", config.dataset, DATASETS)
-    check_choice("init", config.init, INITS)
-    check_choice("optimizer", config.optimizer, OPTIMIZERS)
-    check_choice("schedule", config.schedule, SCHEDULES)
-    check_choice("loss_reduction", config.loss_reduction, LOSS_REDUCTIONS)
-    check_choice("conv_impl", config.conv_impl, CONV_IMPLS)
-    check_choice("loop", config.loop, LOOPS)
-    check_choice("pool_impl", config.pool_impl, POOL_IMPLS)
-    check_choice("layout", config.layout, LAYOUTS)
-    check_choice("ynnpack", config.ynnpack, YNNPACK)
-    check_choice("sgd_weight_decay", config.sgd_weight_decay, SGD_WEIGHT_DECAYS)
-    check_choice("random_erasing_fill", config.random_erasing_fill, ERASING_FILLS)
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}
+    for name in SHARED_CHOICES:
+        check_choice(name, getattr(config, name), choices[name])
+    _check_execution(config)
+    check_choice("train_eval", config.train_eval, TRAIN_EVALS)
+    for name in ("num_classes", "batch_size", "epochs", "eval_batch_size", "log_every"):
+        check_positive_int(name, getattr(config, name))
+    for name in ("train_subset", "test_subset", "seed", "augment_shift"):
+        check_positive(name, getattr(config, name), allow_zero=True)
+    for name in ("learning_rate", "weight_scale"):
+        check_positive(name, getattr(config, name))
+    for name in ("momentum", "weight_decay"):
+        check_positive(name, getattr(config, name), allow_zero=True)
+    _check_techniques(config)
+    if not 0 < config.loss_smoothing <= 1:
+        raise ConfigError(f"--loss_smoothing={shown(config.loss_smoothing)} is not allowed: it must be in (0, 1]")
+    if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
+        raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
+    if config.augment_shift >= min(config.input_shape[:2]):
+        raise ConfigError(f"--augment_shift={config.augment_shift} is not allowed: a shift must be smaller "
+                          f"than the {config.input_shape[0]}x{config.input_shape[1]} images (a few pixels, e.g. 2)")
+    return config
+
+
+def _check_execution(config: Config) -> None:
+    """Lowerings that exclude each other, and the multi-host fields."""
     if config.conv_impl == "onednn" and config.layout == "CHWN":
         raise ConfigError("--conv_impl=onednn runs on NHWC activations: use --layout=auto or NHWC")
     if config.coordinator_address and ":" not in config.coordinator_address:
@@ -470,15 +489,10 @@ def validate(config: Config) -> Config:
     if not 0 <= config.process_id < config.num_processes:
         raise ConfigError(f"--process_id={config.process_id!r} is not allowed: it must be in "
                           f"0..{config.num_processes - 1} (--num_processes={config.num_processes})")
-    check_choice("train_eval", config.train_eval, TRAIN_EVALS)
-    for name in ("num_classes", "batch_size", "epochs", "eval_batch_size", "log_every"):
-        check_positive_int(name, getattr(config, name))
-    for name in ("train_subset", "test_subset", "seed", "augment_shift"):
-        check_positive(name, getattr(config, name), allow_zero=True)
-    for name in ("learning_rate", "weight_scale"):
-        check_positive(name, getattr(config, name))
-    for name in ("momentum", "weight_decay"):
-        check_positive(name, getattr(config, name), allow_zero=True)
+
+
+def _check_techniques(config: Config) -> None:
+    """The training techniques' fields (all off at their defaults)."""
     if config.sgd_weight_decay != "off" and config.optimizer not in ("sgd", "momentum"):
         raise ConfigError(f"--sgd_weight_decay={config.sgd_weight_decay} applies to --optimizer=sgd or momentum, "
                           f"not {config.optimizer}: use --sgd_weight_decay=off (adamw decays with --weight_decay)")
@@ -501,11 +515,3 @@ def validate(config: Config) -> Config:
     if not 0 <= config.ema_decay < 1:
         raise ConfigError(f"--ema_decay={shown(config.ema_decay)} is not allowed: it must be in [0, 1) "
                           "(0: off; e.g. 0.999)")
-    if not 0 < config.loss_smoothing <= 1:
-        raise ConfigError(f"--loss_smoothing={shown(config.loss_smoothing)} is not allowed: it must be in (0, 1]")
-    if len(config.input_shape) != 3 or any(v <= 0 for v in config.input_shape):
-        raise ConfigError(f"--input_shape={config.input_shape} is not allowed: give H,W,C, all positive")
-    if config.augment_shift >= min(config.input_shape[:2]):
-        raise ConfigError(f"--augment_shift={config.augment_shift} is not allowed: a shift must be smaller "
-                          f"than the {config.input_shape[0]}x{config.input_shape[1]} images (a few pixels, e.g. 2)")
-    return config
