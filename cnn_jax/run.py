@@ -32,10 +32,9 @@ from cnn_jax import model
 from cnn_jax.rundir import checkpoint, lock, plots, progress, report, signals
 
 from cnn_jax.engine import state as state_lib, train
-from cnn_jax import config as config_lib
 from cnn_jax.data import sources as data_lib
 from cnn_jax.rundir import workdir as workdir_lib
-from cnn_jax.config import Config, ConfigError
+from cnn_jax.config import Config
 from cnn_jax.engine.state import TrainState
 
 
@@ -56,30 +55,6 @@ def train_and_evaluate(config: Config, workdir: str | None = None,
         dataset = data_lib.load(config)
         print_fn(f"data: {dataset.source}")
     return train.fit(config, dataset, hooks=train.Hooks(progress=progress.epoch_progress, print_fn=print_fn))[1]
-
-
-def checkpoint_meta(log: train.RunLog, config: Config, steps_per_epoch: int) -> dict[str, Any]:
-    """The JSON part of a checkpoint: everything besides arrays that resuming needs."""
-    return {
-        "step": log.step, "epoch": log.step // steps_per_epoch,
-        "step_in_epoch": log.step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-        "moving_loss": log.moving_loss, "epoch_losses": log.epoch_losses,
-        "epoch_correct": log.epoch_correct, "history": log.history,
-        "config": config_lib.to_dict(config),
-    }
-
-
-def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> tuple[TrainState, train.RunLog] | None:
-    """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none."""
-    if checkpoint.latest_step(workdir) is None:
-        return None
-    state, meta = checkpoint.restore(workdir, config, meta_fields=checkpoint.RUN_META_FIELDS)
-    if meta.get("steps_per_epoch") != steps_per_epoch:
-        raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
-                          f"but this config gives {steps_per_epoch}: the data or --batch_size differ")
-    return state, train.RunLog(step=meta["step"], moving_loss=meta["moving_loss"],
-                               epoch_losses=list(meta["epoch_losses"]), epoch_correct=meta["epoch_correct"],
-                               history=list(meta["history"]))
 
 
 def _tensorboard_writer(workdir: str, start_step: int | None):
@@ -136,7 +111,7 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
         dataset = data_lib.load(config)
         print_fn(f"data: {dataset.source}")
     steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
-    start = restore_state(workdir, config, steps_per_epoch) if resume else None
+    start = checkpoint.restore_state(workdir, config, steps_per_epoch) if resume else None
     start_step = start[1].step if start else None
     if start is not None:
         workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
@@ -172,7 +147,7 @@ def _fit_keeping(config: Config, dataset: data_lib.Dataset, start: tuple[TrainSt
 
     def save(state: TrainState, log: train.RunLog) -> None:
         metrics.flush()
-        checkpoint.save(manager, state, checkpoint_meta(log, config, steps_per_epoch))
+        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, steps_per_epoch))
 
     def on_log(record: dict[str, Any]) -> None:
         metrics.append(record)

@@ -133,7 +133,7 @@ def test_a_failed_restore_names_the_older_checkpoints(tmp_path):
 
 
 def run_meta(step, steps_per_epoch=7):
-    """The meta of a training run's checkpoint at the end of an epoch (what `run.checkpoint_meta` writes)."""
+    """The meta of a training run's checkpoint at the end of an epoch (what `checkpoint.checkpoint_meta` writes)."""
     return {"format": checkpoint.FORMAT, "step": step, "steps_per_epoch": steps_per_epoch, "moving_loss": 0.5,
             "epoch_losses": [], "epoch_correct": 0, "history": []}
 
@@ -379,7 +379,7 @@ def test_a_run_directory_of_the_format_before_resumes_bit_exactly_and_evaluates(
     workdir = str(tmp_path / "old_run")
     write_old_format_config(workdir, config)
     workdir_lib.MetricsLog(workdir).append({"kind": "epoch", **history[0]})
-    meta = {**run.checkpoint_meta(train.RunLog(step=10, moving_loss=history[0]["moving_loss"], history=history),
+    meta = {**checkpoint.checkpoint_meta(train.RunLog(step=10, moving_loss=history[0]["moving_loss"], history=history),
                                   config, 10)}
     write_old_format_checkpoint(workdir, 10, after_first.params, after_first.opt_state.inner_state, meta)
 

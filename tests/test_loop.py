@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax import run
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.engine import evaluation, optim, state as state_lib, step as step_lib, train
 from cnn_jax.rundir import checkpoint
@@ -98,12 +97,12 @@ def test_a_run_with_an_average_resumes_bit_exactly_from_a_mid_epoch_checkpoint(t
     manager = checkpoint.open_manager(workdir)
 
     def on_stop(state, log):
-        checkpoint.save(manager, state, run.checkpoint_meta(log, config, 10))
+        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, 10))
 
     with pytest.raises(train.Stopped):
         train.fit(config, tiny, hooks=train.Hooks(should_stop=lambda step: step == 13, on_stop=on_stop))
     manager.close()
-    start = run.restore_state(workdir, config, 10)
+    start = checkpoint.restore_state(workdir, config, 10)
     assert start[1].step == 13 and start[0].ema is not None
     final, history = train.fit(config, tiny, start=start)
     assert _same(final.params, whole.params) and _same(final.ema, whole.ema)

@@ -25,7 +25,7 @@ from conftest import default_sigint
 
 from cnn_jax import config as config_lib
 from cnn_jax.data import sources as data
-from cnn_jax import run as run_lib
+from cnn_jax.rundir import checkpoint
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import storage as storage_lib
@@ -87,7 +87,7 @@ def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path,
         records = workdir_lib.read_metrics(str(run_dir))
         assert [r["kind"] for r in records].count("evaluation") == 2
         assert [r["validation_accuracy"] for r in records if r["kind"] == "epoch"] == [t.intermediate_values[2]]
-        _, log = run_lib.restore_state(str(run_dir), workdir_lib.read_config(str(run_dir)), 8)
+        _, log = checkpoint.restore_state(str(run_dir), workdir_lib.read_config(str(run_dir)), 8)
         assert log.step == 8 and [r["validation_accuracy"] for r in log.history] == [t.intermediate_values[2]]
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from cnn_jax import config as config_lib
 from cnn_jax.engine import optim, state as state_lib
+from cnn_jax.engine.runlog import RunLog
 from cnn_jax.rundir import readers
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
@@ -47,7 +48,7 @@ from cnn_jax.data.sources import DataError
 KEEP_CHECKPOINTS = 3   # the newest N checkpoints are kept; older ones are deleted
 FORMAT = 2             # meta["format"] of checkpoints holding a whole TrainState; none before
 
-# The fields of a training run's meta item that resuming and evaluating read (`run.checkpoint_meta`
+# The fields of a training run's meta item that resuming and evaluating read (`checkpoint_meta`
 # writes them); `history` holds the epoch records of metrics.jsonl.
 RUN_META_FIELDS = {"step": readers.COUNT, "steps_per_epoch": readers.POSITIVE,
                    "moving_loss": readers.NUMBER_OR_NULL, "epoch_losses": readers.list_of(readers.NUMBER),
@@ -285,3 +286,27 @@ def restore_run(workdir: str, step: int | None = None,
         config = config_lib.replace(config, data_dir=data_dir)
     state, meta = restore(workdir, config, step, meta_fields=RUN_META_FIELDS)
     return config, state, meta
+
+
+def checkpoint_meta(log: RunLog, config: Config, steps_per_epoch: int) -> dict[str, Any]:
+    """The JSON part of a checkpoint: everything besides arrays that resuming needs."""
+    return {
+        "step": log.step, "epoch": log.step // steps_per_epoch,
+        "step_in_epoch": log.step % steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "moving_loss": log.moving_loss, "epoch_losses": log.epoch_losses,
+        "epoch_correct": log.epoch_correct, "history": log.history,
+        "config": config_lib.to_dict(config),
+    }
+
+
+def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> tuple[state_lib.TrainState, RunLog] | None:
+    """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none."""
+    if latest_step(workdir) is None:
+        return None
+    state, meta = restore(workdir, config, meta_fields=RUN_META_FIELDS)
+    if meta.get("steps_per_epoch") != steps_per_epoch:
+        raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
+                          f"but this config gives {steps_per_epoch}: the data or --batch_size differ")
+    return state, RunLog(step=meta["step"], moving_loss=meta["moving_loss"],
+                         epoch_losses=list(meta["epoch_losses"]), epoch_correct=meta["epoch_correct"],
+                         history=list(meta["history"]))

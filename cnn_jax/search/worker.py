@@ -107,8 +107,7 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
     """Finish a trial's run directory: a checkpoint of its final params (unless it diverged), for a
     completed trial its test results (results.json, also added to `row`), and last the row as
     trial_result.json. Returns the test results, or None."""
-    from cnn_jax import run as run_lib  # orbax is only needed here
-    from cnn_jax.rundir import checkpoint
+    from cnn_jax.rundir import checkpoint  # orbax is only needed here
 
     test = None
     if outcome.params is not None:
@@ -126,7 +125,7 @@ def save_trial(path: str, config: Config, outcome: trials_lib.TrialResult, datas
         steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
         manager = checkpoint.open_manager(path)
         try:
-            checkpoint.save(manager, outcome.state, run_lib.checkpoint_meta(outcome.log, config, steps_per_epoch))
+            checkpoint.save(manager, outcome.state, checkpoint.checkpoint_meta(outcome.log, config, steps_per_epoch))
         finally:
             manager.close()
     workdir_lib.write_json(os.path.join(path, TRIAL_RESULT_FILE), row)

@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from cnn_jax import run as run_lib
 
 from cnn_jax.rundir import checkpoint, lock, readers, report
 
@@ -147,7 +146,7 @@ def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.D
             manager = checkpoint.open_manager(path)
             try:
                 checkpoint.save(manager, jax.device_get(result.states[i]),
-                                run_lib.checkpoint_meta(result.logs[i], r.config, result.steps_per_epoch))
+                                checkpoint.checkpoint_meta(result.logs[i], r.config, result.steps_per_epoch))
             finally:
                 manager.close()
         row = result_row(r, history, status, message, result.seconds, len(runs),
