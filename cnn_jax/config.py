@@ -33,6 +33,7 @@ LAYOUTS = ("auto", "NHWC", "CHWN")
 YNNPACK = ("auto", "on", "off")
 LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli), in order.
 GROUPS = ("data", "model", "optimisation", "execution", "run")
@@ -198,6 +199,11 @@ class Config:
         help="Activation layout: " + one_of(LAYOUTS, {
             "auto": "CHWN on CPU where the tutorial CNN's fused blocks run, NHWC elsewhere",
             "NHWC": "reference", "CHWN": "channel-major, batch-minor"}) + ".")
+    compute_dtype: str = field(
+        "float32", group="execution", choices=COMPUTE_DTYPES,
+        help="Dtype of the convolutions' and matmuls' inputs (accumulation, params, optimiser state, batch-norm "
+             "statistics, loss and softmax stay float32): " + one_of(COMPUTE_DTYPES, {
+                 "bfloat16": "needs a GPU or a CPU with AVX512_BF16 or AMX-BF16"}) + ".")
     ynnpack: str = field(
         "auto", group="execution", choices=YNNPACK,
         help="XLA:CPU's YNNPACK fusions: "
@@ -410,6 +416,7 @@ def validate(config: Config) -> Config:
     check_choice("pool_impl", config.pool_impl, POOL_IMPLS)
     check_choice("layout", config.layout, LAYOUTS)
     check_choice("ynnpack", config.ynnpack, YNNPACK)
+    check_choice("compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
     if config.conv_impl == "onednn" and config.layout == "CHWN":
         raise ConfigError("--conv_impl=onednn runs on NHWC activations: use --layout=auto or NHWC")
     if config.coordinator_address and ":" not in config.coordinator_address:

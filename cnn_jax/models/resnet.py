@@ -120,7 +120,7 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
         y, s_bn2 = common.bn(y, p["bn2"], s["bn2"], config, train)
         y = conv(layers.relu(y), p["conv2"]["w"], 0.0, 1, "SAME")
         if "proj" in p:   # the shape changes: project the pre-activated input
-            x = layers.residual_add(y, h, p["proj"]["w"], stride)
+            x = layers.residual_add(y, h, p["proj"]["w"], stride, config.compute_dtype)
         else:
             x = layers.residual_add(y, x)
         new_state[name] = {"bn1": s_bn1, "bn2": s_bn2}
@@ -129,6 +129,6 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
     x = layers.global_avg_pool(layers.relu(x))
     trace("pool", x)
     x = layers.dropout(x, config.dropout, rng, train=train)
-    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"], config.compute_dtype)
     trace("output", x)
     return x, (new_state if train else model_state)
