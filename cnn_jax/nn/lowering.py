@@ -52,17 +52,23 @@ class Strategy:
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")   # x86 AMX, x86 AVX-512, Arm (Linux's names)
 
 
+def bf16_flag(cpuinfo: str) -> str:
+    """The first of `BF16_CPU_FLAGS` that the text of a /proc/cpuinfo reports, upper case (e.g.
+    AVX512_BF16); '' if none."""
+    flags = {word for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for word in line.split(":", 1)[1].split()}
+    return next((flag.upper() for flag in BF16_CPU_FLAGS if flag in flags), "")
+
+
 @functools.lru_cache(maxsize=None)
-def bf16_support(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The first of `BF16_CPU_FLAGS` this CPU reports (upper case, e.g. AVX512_BF16), '' if none
-    (or no /proc/cpuinfo): the instructions XLA:CPU and oneDNN run bfloat16 products with."""
+def bf16_support() -> str:
+    """`bf16_flag` of this machine ('' without /proc/cpuinfo): the instructions XLA:CPU and oneDNN
+    run bfloat16 products with."""
     try:
-        with open(cpuinfo) as f:
-            flags = {word for line in f if line.split(":")[0].strip() in ("flags", "Features")
-                     for word in line.split(":", 1)[1].split()}
+        with open("/proc/cpuinfo") as f:
+            return bf16_flag(f.read())
     except OSError:
         return ""
-    return next((flag.upper() for flag in BF16_CPU_FLAGS if flag in flags), "")
 
 
 def check_compute_dtype(config: Config, backend: str | None = None) -> None:
