@@ -205,8 +205,9 @@ def test_derived_field_sets_are_the_ones_written_out_before():
                   "dropout", "bn_momentum"),
         "optimisation": ("optimizer", "learning_rate", "schedule", "momentum", "weight_decay", "ema_decay",
                          "loss_reduction", "batch_size", "epochs", "seed"),   # ema_decay: added with the field
-        "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
-                      "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
+        "execution": ("conv_impl", "loop", "pool_impl", "layout", "compute_dtype", "ynnpack",   # compute_dtype: added
+                      "coordinator_address", "num_processes", "process_id", "eval_batch_size", "compilation_cache",
+                      "compilation_cache_dir"),
         "run": ("preset", "train_eval", "loss_smoothing", "log_every", "debug"),
     }
     assert workdir.RESUMABLE_FIELDS == frozenset({
