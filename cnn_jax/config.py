@@ -35,6 +35,7 @@ LOOPS = ("auto", "step", "scan")
 TRAIN_EVALS = ("full", "running")
 SGD_WEIGHT_DECAYS = ("off", "l2", "decoupled")
 ERASING_FILLS = ("random", "zero")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 # The headings the experiment scripts' `--helpshort` lists the config flags under (cnn_jax.cli), in order.
 GROUPS = ("data", "model", "optimisation", "execution", "run")
@@ -241,6 +242,11 @@ class Config:
         help="Activation layout: " + one_of(LAYOUTS, {
             "auto": "CHWN on CPU where the tutorial CNN's fused blocks run, NHWC elsewhere",
             "NHWC": "reference", "CHWN": "channel-major, batch-minor"}) + ".")
+    compute_dtype: str = field(
+        "float32", group="execution", choices=COMPUTE_DTYPES,
+        help="Dtype of the convolutions' and matmuls' inputs (accumulation, params, optimiser state, batch-norm "
+             "statistics, loss and softmax stay float32): " + one_of(COMPUTE_DTYPES, {
+                 "bfloat16": "needs a GPU or a CPU with AVX512_BF16 or AMX-BF16"}) + ".")
     ynnpack: str = field(
         "auto", group="execution", choices=YNNPACK,
         help="XLA:CPU's YNNPACK fusions: "
@@ -444,7 +450,7 @@ def check_positive_int(name: str, value: Any) -> None:
 
 # Fields whose choices every family shares (a family checks its own, e.g. the tutorial CNN's pool).
 SHARED_CHOICES = ("dataset", "init", "optimizer", "schedule", "loss_reduction", "conv_impl", "loop", "pool_impl",
-                  "layout", "ynnpack", "sgd_weight_decay", "random_erasing_fill")
+                  "layout", "ynnpack", "compute_dtype", "sgd_weight_decay", "random_erasing_fill")
 
 
 def validate(config: Config) -> Config:

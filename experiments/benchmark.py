@@ -16,6 +16,9 @@ memory and accuracy of full MNIST training runs of `experiments/train.py` in sub
 one per preset and seed, alternated seed by seed with PyTorch's time-to-99% peer
 (`experiments/torch_peer.py`: the fast preset's network with PyTorch's own recipe), and the
 ratio of their mean wall times from process start to exit, measured side by side.
+With `--compute_dtypes=float32,bfloat16` (the default) every JAX row is timed in both compute
+dtypes (`name:bf16`: `--compute_dtype=bfloat16`) and PyTorch also under
+`torch.autocast(dtype=torch.bfloat16)` (`torch:bf16`), interleaved in the same rounds.
 Output: a table on stdout and, with --output, a JSON file.
 """
 
@@ -43,6 +46,7 @@ from cnn_jax.engine import state as state_lib
 from cnn_jax.engine import step as step_lib
 from cnn_jax import config as config_lib
 from cnn_jax.data import sources as data_lib
+from cnn_jax.nn import lowering
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
 
@@ -71,6 +75,9 @@ flags.DEFINE_list("families", ["vgg", "resnet"],
 flags.DEFINE_list("family_convs", ["auto", "patches", "lax"],
                   "--conv_impl values each family is timed with, side by side (`auto`: the row named after the "
                   "family; others: `family:conv_impl`), `--loop=auto` resolving as train.py does.")
+flags.DEFINE_list("compute_dtypes", ["float32", "bfloat16"],
+                  "--compute_dtype values every JAX row is timed with, side by side (bfloat16 rows are named "
+                  "`name:bf16`); with bfloat16, PyTorch is timed under torch.autocast(bfloat16) too (`torch:bf16`).")
 flags.DEFINE_float("quiet_wait", 60.0, "Before each timed round, wait up to this many seconds for other "
                    "processes to leave the CPUs idle (0: don't wait).")
 flags.DEFINE_string("output", "", "Write every figure to this JSON file.")
@@ -120,6 +127,14 @@ class Candidate:
                 "compile_s": self.compile_s}
 
 
+BF16_SUFFIX = ":bf16"
+
+
+def dtype_name(name: str, compute_dtype: str) -> str:
+    """A row's name in `compute_dtype`: `name` for float32, `name:bf16` for bfloat16."""
+    return name if compute_dtype == "float32" else name + BF16_SUFFIX
+
+
 def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Array,
                   steps: int) -> Candidate:
     """The train.py runner for `config`, `steps` batches per run, through the real step code."""
@@ -151,7 +166,8 @@ def jax_candidate(name: str, config: Config, images: jax.Array, labels: jax.Arra
 
     start = time.perf_counter()
     run()   # compiles, then runs once
-    candidate = Candidate(name, "jax", f"{STRATEGIES.get(name, ({}, name))[1]} [{strategy.describe()}]",
+    base = name.removesuffix(BF16_SUFFIX)
+    candidate = Candidate(name, "jax", f"{STRATEGIES.get(base, ({}, base))[1]} [{strategy.describe()}]",
                           run, steps * config.batch_size)
     candidate.compile_s = time.perf_counter() - start
     return candidate
@@ -181,20 +197,31 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def torch_timed(run: Callable[[], None], images_per_run: int, device: str) -> Candidate:
-    """A PyTorch candidate for `run`, run once first (its `compile_s`: the first call's time)."""
+def torch_timed(run: Callable[[], None], images_per_run: int, device: str, autocast: bool = False) -> Candidate:
+    """A PyTorch candidate for `run`, run once first (its `compile_s`: the first call's time);
+    `autocast`: the run's forward passes are under torch.autocast(bfloat16) (`torch:bf16`)."""
     import torch
 
     start = time.perf_counter()
     run()
     where = "CUDA" if device == "cuda" else f"{torch.get_num_threads()} threads"
-    candidate = Candidate("torch", "torch", f"PyTorch {torch.__version__} ({where})", run, images_per_run)
+    where += ", autocast bfloat16" if autocast else ""
+    candidate = Candidate(dtype_name("torch", "bfloat16" if autocast else "float32"), "torch",
+                          f"PyTorch {torch.__version__} ({where})", run, images_per_run)
     candidate.compile_s = time.perf_counter() - start
     return candidate
 
 
-def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
-    """The same network, init and update (p -= lr * grad of the summed loss) in PyTorch."""
+def autocast(device: str, enabled: bool):
+    """torch.autocast(bfloat16) on `device` when `enabled`, else a no-op context."""
+    import torch
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int,
+                    bf16: bool = False) -> Candidate:
+    """The same network, init and update (p -= lr * grad of the summed loss) in PyTorch; `bf16`:
+    its forward pass and loss under torch.autocast(bfloat16), as PyTorch's mixed precision runs."""
     import torch
     import torch.nn.functional as F
 
@@ -212,7 +239,8 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
         for _ in range(steps):
             idx = order[(position[0] % per_epoch) * bs:(position[0] % per_epoch + 1) * bs]
             position[0] += 1
-            loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction=reduction)
+            with autocast(device, bf16):
+                loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction=reduction)
             net.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -221,14 +249,16 @@ def torch_candidate(config: Config, images: np.ndarray, labels: np.ndarray, step
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return torch_timed(run, steps * bs, device)
+    return torch_timed(run, steps * bs, device, bf16)
 
 
-def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int) -> Candidate:
+def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarray, steps: int,
+                           bf16: bool = False) -> Candidate:
     """A model family's network in PyTorch (experiments/torch_peer.py's make_vgg / make_resnet),
     trained as the family's preset trains: Adam at its learning rate (constant: a schedule costs
     nothing per step), batch norm in training mode, dropout, and the preset's random shifts of up
-    to `augment_shift` pixels per image (pad, then gather each image's window)."""
+    to `augment_shift` pixels per image (pad, then gather each image's window); `bf16`: forward and
+    loss under torch.autocast(bfloat16)."""
     import torch
     import torch.nn.functional as F
     import torch_peer   # experiments/, beside this script
@@ -262,14 +292,15 @@ def torch_family_candidate(config: Config, images: np.ndarray, labels: np.ndarra
         for _ in range(steps):
             idx = order[(position[0] % per_epoch) * bs:(position[0] % per_epoch + 1) * bs]
             position[0] += 1
-            loss = F.cross_entropy(net(shifted(x_all[idx])), y_all[idx])
+            with autocast(device, bf16):
+                loss = F.cross_entropy(net(shifted(x_all[idx])), y_all[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return torch_timed(run, steps * bs, device)
+    return torch_timed(run, steps * bs, device, bf16)
 
 
 def busy_fraction(seconds: float = 0.3) -> float:
@@ -496,13 +527,14 @@ def format_training(groups: list[dict[str, Any]]) -> str:
 
 def format_families(rows: list[dict[str, Any]]) -> str:
     """The model-family rows: each family at its preset."""
-    lines = [f"{'family':14s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'MFLOP/img':>9s} "
-             f"{'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
+    lines = [f"{'family':14s} {'batch':>5s} {'img/s':>8s} {'torch img/s':>11s} {'vs torch':>8s} {'vs t.bf16':>9s} "
+             f"{'MFLOP/img':>9s} {'GFLOP/s':>8s} {'% peak':>6s} {'compile s':>9s}  lowering"]
     for r in rows:
-        peer = r.get("torch")
+        peer, peer16 = r.get("torch"), r.get("torch_bf16")
         torch_ips = f"{peer['images_per_second']:11.0f}" if peer else f"{'-':>11s}"
         ratio = f"{r['images_per_second'] / peer['images_per_second']:7.2f}x" if peer else f"{'-':>8s}"
-        lines.append(f"{r['name']:14s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} "
+        ratio16 = f"{r['images_per_second'] / peer16['images_per_second']:8.2f}x" if peer16 else f"{'-':>9s}"
+        lines.append(f"{r['name']:14s} {r['batch_size']:5d} {r['images_per_second']:8.0f} {torch_ips} {ratio} {ratio16} "
                      f"{r['flops_per_image'] / 1e6:9.1f} {r['gflops']:8.1f} {r['percent_of_peak']:6.1f} "
                      f"{r['compile_s']:9.2f}  {r['description']}")
     return "\n".join(lines)
@@ -616,6 +648,11 @@ def checked_flags() -> list[int]:
         unknown = [v for v in FLAGS[name].value if v and v not in known]
         if unknown:
             raise ConfigError(f"--{name}={unknown[0]} is not allowed: use one of {', '.join(known)}")
+    for value in FLAGS.compute_dtypes:
+        config_lib.check_choice("compute_dtypes", value, config_lib.COMPUTE_DTYPES)
+        lowering.check_compute_dtype(config_lib.replace(Config(), compute_dtype=value))
+    if not FLAGS.compute_dtypes:
+        raise ConfigError("--compute_dtypes is empty: give float32, bfloat16 or both")
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:
             model.validate(config_lib.replace(config_lib.PRESETS["tutorial"], pool=pool, batch_size=batch_size))
@@ -666,10 +703,13 @@ def main(argv: list[str]) -> None:
             config = model.validate(config_lib.replace(base, pool=pool, batch_size=batch_size))
             steps = max(1, round(FLAGS.repeat_images / batch_size))
             steps = min(steps, len(train_y) // batch_size)
-            candidates = [jax_candidate(name, config_lib.replace(config, **STRATEGIES[name][0]),
-                                        images, labels, steps) for name in FLAGS.strategies]
+            candidates = [jax_candidate(dtype_name(name, dtype),
+                                        config_lib.replace(config, **STRATEGIES[name][0], compute_dtype=dtype),
+                                        images, labels, steps)
+                          for name in FLAGS.strategies for dtype in FLAGS.compute_dtypes]
             if torch_version:
-                candidates.append(torch_candidate(config, train_x, train_y, steps))
+                candidates += [torch_candidate(config, train_x, train_y, steps, bf16=dtype == "bfloat16")
+                               for dtype in FLAGS.compute_dtypes]
             busy = time_interleaved(candidates, FLAGS.repeats, FLAGS.quiet_wait)
             results = [c.result() for c in candidates]
             for r in results:
@@ -695,14 +735,18 @@ def main(argv: list[str]) -> None:
         config = model.validate(config_lib.replace(preset, batch_size=min(preset.batch_size, len(train_y))))
         steps = min(max(1, round(FLAGS.repeat_images / config.batch_size)), len(train_y) // config.batch_size)
         convs = [c for c in FLAGS.family_convs if c] or ["auto"]
-        candidates = [jax_candidate(name if conv == "auto" else f"{name}:{conv}",
-                                    config_lib.replace(config, conv_impl=conv), images, labels, steps)
-                      for conv in convs]
-        peer = torch_family_candidate(config, train_x, train_y, steps) if torch_version else None
-        busy = time_interleaved(candidates + ([peer] if peer else []), FLAGS.repeats, FLAGS.quiet_wait)
+        candidates = [jax_candidate(dtype_name(name if conv == "auto" else f"{name}:{conv}", dtype),
+                                    config_lib.replace(config, conv_impl=conv, compute_dtype=dtype), images, labels,
+                                    steps)
+                      for conv in convs for dtype in FLAGS.compute_dtypes]
+        peers = {dtype: torch_family_candidate(config, train_x, train_y, steps, bf16=dtype == "bfloat16")
+                 for dtype in FLAGS.compute_dtypes} if torch_version else {}
+        busy = time_interleaved(candidates + list(peers.values()), FLAGS.repeats, FLAGS.quiet_wait)
         for candidate in candidates:
+            peer, peer16 = peers.get("float32"), peers.get("bfloat16")
             row = {**candidate.result(), "batch_size": config.batch_size, "flops_per_image": model_flops(config)[1],
-                   "busy_before_rounds": busy, "torch": peer.result() if peer else None}
+                   "busy_before_rounds": busy, "torch": peer.result() if peer else None,
+                   "torch_bf16": peer16.result() if peer16 else None}
             row["gflops"] = row["images_per_second"] * row["flops_per_image"] / 1e9
             row["percent_of_peak"] = 100.0 * row["gflops"] / peak
             report["families"].append(row)

@@ -3,6 +3,7 @@
     python experiments/evaluate.py --workdir=runs/max
     python experiments/evaluate.py --workdir=runs/max --step=1874        # an older checkpoint
     python experiments/evaluate.py --workdir=copied_run --data_dir=path/to/mnist   # from another machine
+    python experiments/evaluate.py --workdir=runs/bf16 --compute_dtype=float32     # in the other dtype
 
 Everything is rebuilt from the run's config.json and checkpoint; the test accuracy is
 the one training printed for the checkpoint's epoch (same numbers on the same machine).
@@ -11,6 +12,7 @@ the one training printed for the checkpoint's epoch (same numbers on the same ma
 from absl import app, flags, logging
 
 from cnn_jax import cli
+from cnn_jax import config as config_lib
 
 from cnn_jax.data import sources as data
 
@@ -19,6 +21,9 @@ from cnn_jax.rundir import checkpoint, report
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_string("data_dir", None, "Replaces the run's --data_dir (e.g. a run trained elsewhere).")
+flags.DEFINE_enum("compute_dtype", None, list(config_lib.COMPUTE_DTYPES),
+                  "Replaces the run's --compute_dtype: a checkpoint trained in one evaluates in the other "
+                  "(params are float32 either way).")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
@@ -37,6 +42,8 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     config, state, meta = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
+    if FLAGS.compute_dtype:
+        config = config_lib.replace(config, compute_dtype=FLAGS.compute_dtype)
     dataset = data.load(config)
     result = report.evaluate_test(state.params, state.model_state, dataset, config)
     n = len(dataset.test_labels)

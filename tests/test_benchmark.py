@@ -60,7 +60,8 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     proc = script_runner.run(
         [sys.executable, os.path.join(REPO_ROOT, "experiments", "benchmark.py"), "--batch_sizes=8",
          "--pools=max", "--strategies=default,reference", "--repeats=2", "--repeat_images=16",
-         "--train_images=64", "--runs=", "--quiet_wait=0", "--families=vgg", f"--output={output}"])
+         "--train_images=64", "--runs=", "--quiet_wait=0", "--families=vgg", "--compute_dtypes=float32",
+         f"--output={output}"])
     assert proc.returncode == 0, proc.stderr
     report = json.loads(output.read_text())
     group, = report["training"]

@@ -211,8 +211,9 @@ def test_derived_field_sets_are_the_ones_written_out_before():
         "optimisation": ("optimizer", "learning_rate", "schedule", "warmup_steps", "momentum", "weight_decay",
                          "sgd_weight_decay", "grad_clip_norm", "ema_decay", "label_smoothing", "loss_reduction",
                          "batch_size", "epochs", "seed"),
-        "execution": ("conv_impl", "loop", "pool_impl", "layout", "ynnpack", "coordinator_address", "num_processes",
-                      "process_id", "eval_batch_size", "compilation_cache", "compilation_cache_dir"),
+        "execution": ("conv_impl", "loop", "pool_impl", "layout", "compute_dtype", "ynnpack",   # compute_dtype: added
+                      "coordinator_address", "num_processes", "process_id", "eval_batch_size", "compilation_cache",
+                      "compilation_cache_dir"),
         # tta_flip: added with the training techniques.
         "run": ("preset", "train_eval", "tta_flip", "loss_smoothing", "log_every", "debug"),
     }

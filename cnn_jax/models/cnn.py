@@ -159,7 +159,7 @@ def conv_fn(config: Config):
     impl = config.conv_impl
     if impl == "auto":
         impl = "patches" if jax.default_backend() == "cpu" else "lax"
-    return lowering.nhwc_conv(impl)
+    return lowering.nhwc_conv(impl, config.compute_dtype)
 
 
 def apply(params: Params, model_state: dict, images: jax.Array, config: Config, *, train: bool = False,
@@ -188,13 +188,13 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
             layer = params[f"conv{i}"]
             x = cnn_blocks.conv_block(x, layer["w"], layer["b"], config, strategy)
     if strategy.layout == "CHWN" and not debug:   # flatten + dense1 straight from (C, H, W, N)
-        x = cnn_blocks.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"])
+        x = cnn_blocks.dense_from_chwn(x, params["dense1"]["w"], params["dense1"]["b"], config.compute_dtype)
     else:
         x = layers.flatten(x)
         trace("flatten", x)
-        x = layers.dense(x, params["dense1"]["w"], params["dense1"]["b"])
+        x = layers.dense(x, params["dense1"]["w"], params["dense1"]["b"], config.compute_dtype)
     x = layers.relu(x)
     trace("dense1", x)
-    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"], config.compute_dtype)
     trace("output", x)
     return x, model_state

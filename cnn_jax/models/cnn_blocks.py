@@ -15,7 +15,11 @@
   stride 1, whole tiles, enough input channels), patches for the rest. F(4x4, 5x5) does
   6.25x fewer multiplications than the direct 5x5 conv; the tutorial's conv2 is its case.
 
-`conv_block` picks among them for a resolved `nn.lowering.Strategy`.
+`conv_block` picks among them for a resolved `nn.lowering.Strategy`. With a low-precision
+`compute_dtype` (bfloat16) every block's products take their inputs in it and accumulate in
+float32, forward and backward: the patches are built in bfloat16, the Winograd transforms stay
+float32 (their constants are not exact in bfloat16) and only the transformed tiles and filters
+are rounded for the (2m)^2 products; pooling, relu and every gradient stay float32.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from cnn_jax.nn.lowering import Strategy, avg_pool_reshape, max_pool_reshape, nh
 # --- Channel-major (C, H, W, N) convolution, fused with relu and pooling ---------------------
 
 def conv2d_patches_chwn(x: jax.Array, w: jax.Array, stride: int = 1,
-                        padding: str = "VALID") -> jax.Array:
+                        padding: str = "VALID", compute_dtype: str = layers.FLOAT32) -> jax.Array:
     """Convolution without bias on channel-major arrays: x (C, H, W, N), w (kh, kw, C, O)
     -> (O, H', W', N), as patches (C*kh*kw, H'*W'*N) and one matmul."""
+    x = layers.compute_cast(x, compute_dtype)
     kh, kw, c, o = w.shape
     h, wd = x.shape[1:3]
     if padding == "SAME":
@@ -48,7 +53,7 @@ def conv2d_patches_chwn(x: jax.Array, w: jax.Array, stride: int = 1,
     n = x.shape[3]
     patches = jnp.stack([x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
                          for i in range(kh) for j in range(kw)], axis=1)   # (C, kh*kw, oh, ow, N)
-    y = _weight_matrix(w).T @ patches.reshape(c * kh * kw, oh * ow * n)
+    y = layers.matmul(_weight_matrix(w).T, patches.reshape(c * kh * kw, oh * ow * n), compute_dtype)
     return y.reshape(o, oh, ow, n)
 
 
@@ -98,9 +103,10 @@ def _col2im(dp: jax.Array, x_shape: tuple[int, ...], kh: int, kw: int, stride: i
     return jnp.sum(jnp.stack(rows), axis=0)
 
 
-def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
+def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals, compute_dtype):
     kh, kw, c, o = w.shape
     input_hw = x.shape[1:3]
+    x = layers.compute_cast(x, compute_dtype)     # the patches in the compute dtype
     if padding == "SAME":
         x = layers.pad_same(x, kh, kw, stride)
     h, wd, n = x.shape[1:]
@@ -109,7 +115,7 @@ def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
     pw = conv_output_size(wd, kw, stride) // k
     patches = _window_major_patches(x, kh, kw, stride, k, ph, pw)
     weights = jnp.concatenate([_weight_matrix(w), b[None]])      # the bias row meets the ones row
-    y = (weights.T @ patches).reshape(o, k * k, ph, pw, n)
+    y = layers.mm(layers.compute_cast(weights, compute_dtype).T, patches, compute_dtype).reshape(o, k * k, ph, pw, n)
     if pool == "max":
         z = jnp.max(y, axis=1)
         out = layers.relu(z)      # relu(max(.)) == max(relu(.)), with the same gradient
@@ -124,23 +130,23 @@ def _pooled_conv_forward(x, w, b, stride, padding, pool, k, keep_residuals):
     return out, ((patches, w, y > 0, x.shape, input_hw) if keep_residuals else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def pooled_conv_chwn(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, padding: str, pool: str,
-                     window: int) -> jax.Array:
+                     window: int, compute_dtype: str = layers.FLOAT32) -> jax.Array:
     """pool(relu(conv(x, w) + b)) for channel-major x (C, H, W, N), pool window == stride.
 
     One custom VJP for the whole block: the forward computes only the conv outputs the pool
     reads, as window-major patches and one matmul; the backward routes max pooling's
     gradient to the first maximum of each window (as `select_and_scatter`), takes the bias
     gradient at pooled resolution, and scatters the patches' gradient back (`_col2im`)."""
-    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, False)[0]
+    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, False, compute_dtype)[0]
 
 
-def _pooled_conv_fwd(x, w, b, stride, padding, pool, window):
-    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, True)
+def _pooled_conv_fwd(x, w, b, stride, padding, pool, window, compute_dtype):
+    return _pooled_conv_forward(x, w, b, stride, padding, pool, window, True, compute_dtype)
 
 
-def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
+def _pooled_conv_bwd(stride, padding, pool, k, compute_dtype, residuals, g):
     if pool == "max":
         patches, w, first, out, x_shape, input_hw = residuals
         gz = jnp.where(out > 0, g, jnp.zeros_like(g))
@@ -155,14 +161,14 @@ def _pooled_conv_bwd(stride, padding, pool, k, residuals, g):
         dy = jnp.stack([jnp.where(positive[:, q], gz, zero) for q in range(k * k)], axis=1)
     kh, kw, c, o = w.shape
     _, _, ph, pw, n = dy.shape
-    dy = dy.reshape(o, k * k * ph * pw * n)
-    dw = lax.dot_general(patches, dy, (((1,), (1,)), ((), ())))   # last row: the bias gradient
+    dy = layers.compute_cast(dy.reshape(o, k * k * ph * pw * n), compute_dtype)
+    dw = layers.dot(patches, dy, (((1,), (1,)), ((), ())), compute_dtype)   # last row: the bias gradient
     db = dw[-1]
     dw = dw[:-1].reshape(c, kh, kw, o).transpose(1, 2, 0, 3)
     # The input gradient in row-major column order (a transpose of the small dy, not of
     # the patches' gradient), scattered back by `_col2im`.
     dy_rows = dy.reshape(o, k, k, ph, pw, n).transpose(0, 3, 1, 4, 2, 5).reshape(o, -1)
-    dx = _col2im(_weight_matrix(w) @ dy_rows, x_shape, kh, kw, stride, ph * k, pw * k)
+    dx = _col2im(layers.mm(_weight_matrix(w), dy_rows, compute_dtype), x_shape, kh, kw, stride, ph * k, pw * k)
     if padding == "SAME":
         dx = layers.unpad_same(dx, input_hw, kh, kw, stride)
     return dx, dw, db
@@ -264,7 +270,7 @@ def _winograd_untile(dd: jax.Array, x_shape: tuple[int, ...], m: int, th: int, t
                                   (0, 0, 0)])
 
 
-def _winograd_forward(x, w, b, padding, pool, k, keep_residuals):
+def _winograd_forward(x, w, b, padding, pool, k, keep_residuals, compute_dtype):
     r, _, c, o = w.shape
     m = r - 1
     input_hw = x.shape[1:3]
@@ -276,7 +282,9 @@ def _winograd_forward(x, w, b, padding, pool, k, keep_residuals):
     kb, kg, ka = _winograd_constants(r, k)
     v = (kb @ _winograd_tiles(x, m, th, tw)).reshape(4 * m * m, th * tw * n, c)   # (a*a, P, C)
     u = (kg @ w.reshape(r * r, c * o)).reshape(4 * m * m, c, o)
-    prod = lax.dot_general(u, v, (((1,), (2,)), ((0,), (0,))))            # (a*a, O, P)
+    # The (2m)^2 products in the compute dtype: the transforms above stay float32.
+    v, u = layers.compute_cast(v, compute_dtype), layers.compute_cast(u, compute_dtype)
+    prod = layers.dot(u, v, (((1,), (2,)), ((0,), (0,))), compute_dtype)            # (a*a, O, P)
     y = (ka @ prod.reshape(4 * m * m, -1)).reshape(k * k, m // k, m // k, o, th, tw, n)
     y = y + b[:, None, None, None]
     if pool == "max":
@@ -295,23 +303,23 @@ def _winograd_forward(x, w, b, padding, pool, k, keep_residuals):
     return pooled, ((residuals, w, x.shape, input_hw) if keep_residuals else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def pooled_conv_winograd(x: jax.Array, w: jax.Array, b: jax.Array, padding: str, pool: str,
-                         window: int) -> jax.Array:
+                         window: int, compute_dtype: str = layers.FLOAT32) -> jax.Array:
     """pool(relu(conv(x, w) + b)) for channel-major x (C, H, W, N), stride 1, kernel 3 or 5,
     pool window == stride (see `winograd_applies`), by Winograd's minimal filtering
     F(m x m, r x r), m = r - 1: input tiles of (2m)^2 are transformed, multiplied with the
     transformed filters as (2m)^2 small matmuls, and transformed back into m x m outputs —
     F(4x4, 5x5) does 6.25x fewer multiplications than the direct conv. The backward pass is
     the transposed transforms; max pooling's gradient goes to the first maximum."""
-    return _winograd_forward(x, w, b, padding, pool, window, False)[0]
+    return _winograd_forward(x, w, b, padding, pool, window, False, compute_dtype)[0]
 
 
-def _winograd_fwd(x, w, b, padding, pool, window):
-    return _winograd_forward(x, w, b, padding, pool, window, True)
+def _winograd_fwd(x, w, b, padding, pool, window, compute_dtype):
+    return _winograd_forward(x, w, b, padding, pool, window, True, compute_dtype)
 
 
-def _winograd_bwd(padding, pool, k, residuals, g):
+def _winograd_bwd(padding, pool, k, compute_dtype, residuals, g):
     (v, u, mask, out), w, x_shape, input_hw = residuals
     r, _, c, o = w.shape
     m = r - 1
@@ -330,9 +338,10 @@ def _winograd_bwd(padding, pool, k, residuals, g):
     # The bias gradient through a product (XLA:CPU runs this reduction faster as a dot).
     db = (jnp.ones((1, dy.shape[0]), dy.dtype) @ dy).reshape(o, -1).sum(axis=1)
     dprod = (ka.T @ dy).reshape(4 * m * m, o, -1)                                   # (a*a, O, P)
-    du = lax.dot_general(dprod, v, (((2,), (1,)), ((0,), (0,))))                     # (a*a, O, C)
+    dprod = layers.compute_cast(dprod, compute_dtype)
+    du = layers.dot(dprod, v, (((2,), (1,)), ((0,), (0,))), compute_dtype)           # (a*a, O, C)
     dw = (kg.T @ du.reshape(4 * m * m, c * o)).reshape(r, r, o, c).transpose(0, 1, 3, 2)
-    dv = lax.dot_general(u, dprod, (((2,), (1,)), ((0,), (0,))))                     # (a*a, C, P)
+    dv = layers.dot(u, dprod, (((2,), (1,)), ((0,), (0,))), compute_dtype)           # (a*a, C, P)
     dx = _winograd_untile(kb.T @ dv.reshape(4 * m * m, -1), x_shape, m, th, tw)
     if padding == "SAME":
         dx = layers.unpad_same(dx, input_hw, r, r, 1)
@@ -344,25 +353,26 @@ pooled_conv_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 # --- The dense layer after a channel-major block ----------------------------------------------
 
-@jax.custom_vjp
-def dense_from_chwn(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def dense_from_chwn(x: jax.Array, w: jax.Array, b: jax.Array, compute_dtype: str = layers.FLOAT32) -> jax.Array:
     """`layers.dense(layers.flatten(x_nhwc), w, b)` for channel-major x (C, H, W, N): the
     forward flattens in NHWC order (w's rows stay (h, w, c)). The backward forms the input
     gradient batch-minor, as w @ g^T (I, N), which XLA:CPU multiplies faster than
     g @ w^T, and moves it back to (C, H, W, N) with N staying the contiguous axis."""
-    return _dense_from_chwn_fwd(x, w, b)[0]
+    return _dense_from_chwn_fwd(x, w, b, compute_dtype)[0]
 
 
-def _dense_from_chwn_fwd(x, w, b):
-    flat = jnp.transpose(x, (3, 1, 2, 0)).reshape(x.shape[3], -1)       # (N, H*W*C)
-    return flat @ w + b, (flat, w, x.shape)
+def _dense_from_chwn_fwd(x, w, b, compute_dtype):
+    flat = jnp.transpose(layers.compute_cast(x, compute_dtype), (3, 1, 2, 0)).reshape(x.shape[3], -1)  # (N, H*W*C)
+    return layers.mm(flat, w, compute_dtype) + b, (flat, w, x.shape)
 
 
-def _dense_from_chwn_bwd(residuals, g):
+def _dense_from_chwn_bwd(compute_dtype, residuals, g):
     flat, w, (c, h, wd, n) = residuals
-    dw = lax.dot_general(flat, g, (((0,), (0,)), ((), ())))
     db = jnp.sum(g, axis=0)
-    dx = lax.dot_general(w, g, (((1,), (1,)), ((), ())))               # (H*W*C, N)
+    g = layers.compute_cast(g, compute_dtype)
+    dw = layers.dot(flat, g, (((0,), (0,)), ((), ())), compute_dtype)
+    dx = layers.dot(w, g, (((1,), (1,)), ((), ())), compute_dtype)     # (H*W*C, N)
     return dx.reshape(h, wd, c, n).transpose(2, 0, 1, 3), dw, db
 
 
@@ -394,19 +404,26 @@ def conv_block(x: jax.Array, w: jax.Array, b: jax.Array, config: Config,
                          for size in x.shape[1:3])
         if w.shape[0] == w.shape[1] and winograd_applies(kernel, config.conv_stride, w.shape[2], conv_out,
                                                          config.pool_window):
-            return pooled_conv_winograd(x, w, b, config.conv_padding, config.pool, config.pool_window)
+            return pooled_conv_winograd(x, w, b, config.conv_padding, config.pool, config.pool_window,
+                                        config.compute_dtype)
     if chwn and reshape_pool and strategy.conv_impl in ("patches", "winograd"):
         return pooled_conv_chwn(x, w, b, config.conv_stride, config.conv_padding, config.pool,
-                                config.pool_window)
+                                config.pool_window, config.compute_dtype)
     if reshape_pool:
         x = _crop_to_pooled(x, w.shape[0], config)
     if chwn and strategy.conv_impl == "patches":
-        y = conv2d_patches_chwn(x, w, config.conv_stride, config.conv_padding) + b[:, None, None, None]
-    elif chwn:
+        y = conv2d_patches_chwn(x, w, config.conv_stride, config.conv_padding,
+                                config.compute_dtype) + b[:, None, None, None]
+    elif chwn and config.compute_dtype == layers.FLOAT32:
         y = lax.conv_general_dilated(x, w, (config.conv_stride,) * 2, config.conv_padding,
                                      dimension_numbers=("CHWN", "HWIO", "CHWN")) + b[:, None, None, None]
+    elif chwn:   # the reference in low precision: its backward pass is JAX's, in float32
+        y = lax.conv_general_dilated(layers.compute_cast(x, config.compute_dtype),
+                                     layers.compute_cast(w, config.compute_dtype), (config.conv_stride,) * 2,
+                                     config.conv_padding, dimension_numbers=("CHWN", "HWIO", "CHWN"),
+                                     preferred_element_type=jnp.float32) + b[:, None, None, None]
     else:
-        y = nhwc_conv(strategy.conv_impl)(x, w, b, config.conv_stride, config.conv_padding)
+        y = nhwc_conv(strategy.conv_impl, config.compute_dtype)(x, w, b, config.conv_stride, config.conv_padding)
     if not reshape_pool:
         # The reference pooling: its windows span axes 1 and 2, the spatial axes of both layouts.
         return layers.POOLS[config.pool](layers.relu(y), config.pool_window, config.pool_stride)

@@ -38,7 +38,7 @@ def conv_impl(config: Config, backend: str | None = None) -> str:
 
 def conv_fn(config: Config) -> Conv:
     """conv(x, w, b, stride, padding) of the config's lowering."""
-    return lowering.nhwc_conv(conv_impl(config))
+    return lowering.nhwc_conv(conv_impl(config), config.compute_dtype)
 
 
 def pool_impl(config: Config) -> str:
@@ -58,7 +58,9 @@ def max_pool_2x2(x: jax.Array, config: Config) -> jax.Array:
     if impl == "reduce_window":
         return layers.max_pool(x, 2, 2)
     if impl == "onednn":
-        return onednn.max_pool(x, 2)
+        # In the compute dtype: rounding is monotone, so pool(round(x)) == round(pool(x)), the input
+        # the next convolution takes anyway, read and written at half the bytes.
+        return onednn.max_pool(layers.compute_cast(x, config.compute_dtype), 2)
     return lowering.max_pool_reshape(x, 2)
 
 
@@ -66,7 +68,7 @@ def strategy(config: Config, pool: str) -> lowering.Strategy:
     """What these families run, for the start-up `strategy:` line: their conv lowering, `pool`
     (what the family pools with), NHWC, and the loop and YNNPACK choices of `lowering.resolve`."""
     base = lowering.resolve(config)
-    return lowering.Strategy(conv_impl(config), pool, "NHWC", base.loop, base.ynnpack)
+    return lowering.Strategy(conv_impl(config), pool, "NHWC", base.loop, base.ynnpack, config.compute_dtype)
 
 
 def weight(key: jax.Array, shape: tuple[int, ...], config: Config, gain: float = 2.0) -> jax.Array:

@@ -120,7 +120,7 @@ def block(p: dict, s: dict, x: jax.Array, config: Config, stride: int, *, train:
     y = conv(layers.relu(y), p["conv2"]["w"], 0.0, 1, "SAME")
     y = layers.drop_path(y, drop_rate, rng, train=train)
     if "proj" in p:   # the shape changes: project the pre-activated input
-        return layers.residual_add(y, h, p["proj"]["w"], stride), {"bn1": s_bn1, "bn2": s_bn2}
+        return layers.residual_add(y, h, p["proj"]["w"], stride, config.compute_dtype), {"bn1": s_bn1, "bn2": s_bn2}
     return layers.residual_add(y, x), {"bn1": s_bn1, "bn2": s_bn2}
 
 
@@ -145,6 +145,6 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
     x = layers.global_avg_pool(layers.relu(x))
     trace("pool", x)
     x = layers.dropout(x, config.dropout, rng, train=train)
-    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"], config.compute_dtype)
     trace("output", x)
     return x, (new_state if train else model_state)

@@ -100,6 +100,6 @@ def apply(params: Params, model_state: dict, images: jax.Array, config: Config, 
     x = layers.flatten(x)
     trace("flatten", x)
     x = layers.dropout(x, config.dropout, rng, train=train)
-    x = layers.dense(x, params["output"]["w"], params["output"]["b"])
+    x = layers.dense(x, params["output"]["w"], params["output"]["b"], config.compute_dtype)
     trace("output", x)
     return x, (new_state if train else model_state)

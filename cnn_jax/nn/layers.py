@@ -5,6 +5,12 @@ Convolution goes through `lax.conv_general_dilated` and pooling through
 numerics are visible. `conv2d_patches` is an equivalent lowering of `conv2d`
 (patches + one matmul) that XLA:CPU runs faster; tests hold it equal to the
 reference in value and gradient.
+
+Mixed precision (`--compute_dtype=bfloat16`): every convolution and matmul takes a
+`compute_dtype`; with bfloat16 its inputs are rounded to bfloat16 and its products accumulate
+and come out in float32 (`matmul`, `conv2d`), in the backward pass too, so params, their
+gradients and everything between the products stay float32. float32 runs the plain products,
+unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +24,70 @@ import jax.numpy as jnp
 from jax import lax
 
 PADDINGS = ("VALID", "SAME")
+FLOAT32 = "float32"
+
+
+def low_precision(compute_dtype: str) -> jnp.dtype | None:
+    """The dtype products take their inputs in for `--compute_dtype` (None: float32, the plain path)."""
+    return None if compute_dtype == FLOAT32 else jnp.dtype(compute_dtype)
+
+
+def compute_cast(x: jax.Array, compute_dtype: str) -> jax.Array:
+    """`x` rounded to the compute dtype (unchanged for float32): a product's input."""
+    dtype = low_precision(compute_dtype)
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def dtype_marker(x: jax.Array) -> jax.Array:
+    """An empty array of x's dtype: a custom VJP's residual that says which dtype x's gradient takes."""
+    return jnp.zeros((0,), x.dtype)
+
+
+def dot(a: jax.Array, b: jax.Array, dimension_numbers, compute_dtype: str) -> jax.Array:
+    """`lax.dot_general` with inputs in the compute dtype and float32 accumulation and result
+    (not differentiated through: for the custom VJPs that write their backward pass out)."""
+    if low_precision(compute_dtype) is None:
+        return lax.dot_general(a, b, dimension_numbers)
+    return lax.dot_general(compute_cast(a, compute_dtype), compute_cast(b, compute_dtype), dimension_numbers,
+                           preferred_element_type=jnp.float32)
+
+
+def mm(a: jax.Array, b: jax.Array, compute_dtype: str) -> jax.Array:
+    """a (M, K) @ b (K, N) by `dot` (no custom gradient); float32: plain `a @ b`."""
+    if low_precision(compute_dtype) is None:
+        return a @ b
+    return dot(a, b, (((1,), (0,)), ((), ())), compute_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_matmul(a: jax.Array, b: jax.Array, compute_dtype: str) -> jax.Array:
+    return mm(a, b, compute_dtype)
+
+
+def _mixed_matmul_fwd(a, b, compute_dtype):
+    a16, b16 = compute_cast(a, compute_dtype), compute_cast(b, compute_dtype)
+    return mm(a16, b16, compute_dtype), (a16, b16, dtype_marker(a), dtype_marker(b))
+
+
+def _mixed_matmul_bwd(compute_dtype, residuals, g):
+    # Both gradients are low-precision products with float32 accumulation, like the forward pass;
+    # b's (the weights') comes back in float32, never rounded.
+    a16, b16, a_dtype, b_dtype = residuals
+    g16 = compute_cast(g, compute_dtype)
+    da = dot(g16, b16, (((1,), (1,)), ((), ())), compute_dtype).astype(a_dtype.dtype)
+    db = dot(a16, g16, (((0,), (0,)), ((), ())), compute_dtype).astype(b_dtype.dtype)
+    return da, db
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def matmul(a: jax.Array, b: jax.Array, compute_dtype: str = FLOAT32) -> jax.Array:
+    """a (..., K) @ b (K, N) -> float32 (..., N); with a low-precision compute dtype its inputs
+    and both gradient products take that dtype, accumulating in float32."""
+    if low_precision(compute_dtype) is None:
+        return a @ b
+    return _mixed_matmul(a.reshape(-1, a.shape[-1]), b, compute_dtype).reshape(*a.shape[:-1], b.shape[-1])
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: str = "VALID") -> int:
@@ -50,17 +120,50 @@ def unpad_same(x: jax.Array, hw: tuple[int, int], kh: int, kw: int, stride: int)
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
-           padding: str = "VALID") -> jax.Array:
+           padding: str = "VALID", compute_dtype: str = FLOAT32) -> jax.Array:
     """2-D convolution: x (N, H, W, C), w (kh, kw, C, O), b (O,) -> (N, H', W', O)."""
-    y = lax.conv_general_dilated(
-        x, w, window_strides=(stride, stride), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if low_precision(compute_dtype) is None:
+        y = lax.conv_general_dilated(
+            x, w, window_strides=(stride, stride), padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+        y = _mixed_conv(x, w, stride, padding, compute_dtype)
     return y + b
 
 
+def _low_conv(x: jax.Array, w: jax.Array, stride: int, padding: str, out_dtype) -> jax.Array:
+    return lax.conv_general_dilated(x, w, window_strides=(stride, stride), padding=padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _mixed_conv(x: jax.Array, w: jax.Array, stride: int, padding: str, compute_dtype: str) -> jax.Array:
+    """The lax convolution with inputs in the compute dtype, accumulating into a float32 result."""
+    return _low_conv(compute_cast(x, compute_dtype), compute_cast(w, compute_dtype), stride, padding, jnp.float32)
+
+
+def _mixed_conv_fwd(x, w, stride, padding, compute_dtype):
+    x16, w16 = compute_cast(x, compute_dtype), compute_cast(w, compute_dtype)
+    return _low_conv(x16, w16, stride, padding, jnp.float32), (x16, w16, dtype_marker(x), dtype_marker(w))
+
+
+def _mixed_conv_bwd(stride, padding, compute_dtype, residuals, g):
+    # The transposed convolutions of the low-precision conv itself (cuDNN's bfloat16 kernels on a GPU,
+    # accumulating in float32), not of its float32-result form, which JAX would run in float32.
+    x16, w16, x_dtype, w_dtype = residuals
+    _, vjp = jax.vjp(lambda a, b: _low_conv(a, b, stride, padding, None), x16, w16)
+    dx, dw = vjp(compute_cast(g, compute_dtype))
+    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+
+_mixed_conv.defvjp(_mixed_conv_fwd, _mixed_conv_bwd)
+
+
 def conv2d_patches(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
-                   padding: str = "VALID") -> jax.Array:
-    """`conv2d` lowered as im2col patches and a single matmul (same result)."""
+                   padding: str = "VALID", compute_dtype: str = FLOAT32) -> jax.Array:
+    """`conv2d` lowered as im2col patches and a single matmul (same result); the patches are built
+    in the compute dtype (half the bytes for bfloat16)."""
+    x = compute_cast(x, compute_dtype)
     kh, kw, c, o = w.shape
     n, h, wd, _ = x.shape
     if padding == "SAME":
@@ -71,7 +174,7 @@ def conv2d_patches(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
     patches = jnp.concatenate(
         [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
          for i in range(kh) for j in range(kw)], axis=-1)
-    y = patches.reshape(n * oh * ow, kh * kw * c) @ w.reshape(kh * kw * c, o)
+    y = matmul(patches.reshape(n * oh * ow, kh * kw * c), w.reshape(kh * kw * c, o), compute_dtype)
     return y.reshape(n, oh, ow, o) + b
 
 
@@ -104,9 +207,9 @@ def flatten(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
-def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x (N, I) @ w (I, O) + b (O,)."""
-    return x @ w + b
+def dense(x: jax.Array, w: jax.Array, b: jax.Array, compute_dtype: str = FLOAT32) -> jax.Array:
+    """x (N, I) @ w (I, O) + b (O,), the product in the compute dtype (float32 result)."""
+    return matmul(x, w, compute_dtype) + b
 
 
 def log_softmax(logits: jax.Array) -> jax.Array:
@@ -216,18 +319,18 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None, *, train: bool) 
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def project(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, stride: int = 1, compute_dtype: str = FLOAT32) -> jax.Array:
     """A 1x1 convolution without bias, x (N, H, W, C) @ w (C, O) at `stride`: a residual shortcut's
     projection (the same as `conv2d` with a 1x1 kernel and VALID padding)."""
-    return x[:, ::stride, ::stride, :] @ w
+    return matmul(x[:, ::stride, ::stride, :], w, compute_dtype)
 
 
 def residual_add(branch: jax.Array, shortcut: jax.Array, projection: jax.Array | None = None,
-                 stride: int = 1) -> jax.Array:
+                 stride: int = 1, compute_dtype: str = FLOAT32) -> jax.Array:
     """branch + shortcut; where the shapes differ, the shortcut goes through `project` with the
     (C, O) `projection` weights at `stride` first."""
     if projection is not None:
-        shortcut = project(shortcut, projection, stride)
+        shortcut = project(shortcut, projection, stride, compute_dtype)
     if shortcut.shape != branch.shape:
         raise ValueError(f"residual shapes differ: branch {branch.shape}, shortcut {shortcut.shape}; "
                          "give a projection (and stride) for the shortcut")

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnn_jax.nn import layers, onednn
-from cnn_jax.config import Config
+from cnn_jax.config import Config, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +38,47 @@ class Strategy:
     layout: str      # NHWC | CHWN
     loop: str        # step | scan
     ynnpack: str     # on | off (XLA:CPU only)
+    compute_dtype: str = layers.FLOAT32   # float32 | bfloat16: the products' inputs
 
     def describe(self) -> str:
-        return (f"conv={self.conv_impl} pool={self.pool_impl} layout={self.layout} "
+        """The start-up line's lowerings; a low-precision compute dtype is named with what runs it."""
+        line = (f"conv={self.conv_impl} pool={self.pool_impl} layout={self.layout} "
                 f"loop={self.loop} ynnpack={self.ynnpack}")
+        if self.compute_dtype != layers.FLOAT32:
+            line += f" compute={self.compute_dtype} ({bf16_support() or 'accelerator'})"
+        return line
+
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")   # x86 AMX, x86 AVX-512, Arm (Linux's names)
+
+
+def bf16_flag(cpuinfo: str) -> str:
+    """The first of `BF16_CPU_FLAGS` that the text of a /proc/cpuinfo reports, upper case (e.g.
+    AVX512_BF16); '' if none."""
+    flags = {word for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for word in line.split(":", 1)[1].split()}
+    return next((flag.upper() for flag in BF16_CPU_FLAGS if flag in flags), "")
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_support() -> str:
+    """`bf16_flag` of this machine ('' without /proc/cpuinfo): the instructions XLA:CPU and oneDNN
+    run bfloat16 products with."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bf16_flag(f.read())
+    except OSError:
+        return ""
+
+
+def check_compute_dtype(config: Config, backend: str | None = None) -> None:
+    """One-line ConfigError for bfloat16 on a CPU without bfloat16 instructions, where it would run
+    emulated and slower than float32; accelerators run it natively."""
+    if config.compute_dtype != layers.FLOAT32 and (backend or jax.default_backend()) == "cpu" \
+            and not bf16_support():
+        raise ConfigError(f"--compute_dtype={config.compute_dtype}: this CPU has no bfloat16 instructions "
+                          f"({', '.join(f.upper() for f in BF16_CPU_FLAGS[:2])}), so it would run emulated and "
+                          "slower than float32: use --compute_dtype=float32")
 
 
 def resolve(config: Config, backend: str | None = None) -> Strategy:
@@ -55,6 +92,7 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()
+    check_compute_dtype(config, backend)
     cpu = backend == "cpu"
     pool = config.pool_impl
     if pool == "auto":
@@ -71,7 +109,7 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     # dispatch per batch (the `default` against `default_step` rows of docs/performance.md).
     loop = config.loop if config.loop != "auto" else ("step" if cpu and conv == "lax" else "scan")
     ynnpack = config.ynnpack if config.ynnpack != "auto" else ("off" if cpu else "on")
-    return Strategy(conv, pool, layout, loop, ynnpack)
+    return Strategy(conv, pool, layout, loop, ynnpack, config.compute_dtype)
 
 
 def inference_config(config: Config) -> Config:
@@ -172,7 +210,8 @@ def avg_pool_reshape(x: jax.Array, window: int, axes: tuple[int, int] = (1, 2)) 
     return jnp.mean(_windows(x, window, axes), axis=(ha + 1, wa + 2))
 
 
-def nhwc_conv(impl: str):
+def nhwc_conv(impl: str, compute_dtype: str = layers.FLOAT32):
     """conv(x, w, b, stride, padding) on NHWC activations for a resolved `conv_impl` (Winograd, which
-    needs the fused channel-major block, falls back to patches)."""
-    return {"lax": layers.conv2d, "onednn": onednn.conv2d}.get(impl, layers.conv2d_patches)
+    needs the fused channel-major block, falls back to patches), its products in `compute_dtype`."""
+    conv = {"lax": layers.conv2d, "onednn": onednn.conv2d}.get(impl, layers.conv2d_patches)
+    return conv if compute_dtype == layers.FLOAT32 else functools.partial(conv, compute_dtype=compute_dtype)

@@ -1,7 +1,9 @@
 """oneDNN's convolutions and max pooling as a lowering (`--conv_impl=onednn`, `--pool_impl=onednn`):
 forward, input gradient and weight gradient are each one call into oneDNN (the library PyTorch's CPU
 convolutions use) through `jax.ffi`, tied together by a custom VJP. NHWC activations, HWIO
-weights, float32, CPU only.
+weights, CPU only; float32, or with `compute_dtype="bfloat16"` oneDNN's bfloat16 convolutions
+(AVX512_BF16 / AMX): bfloat16 src, weights and output gradient, accumulated into a float32 output
+and a float32 weight gradient. Max pooling runs in its input's dtype.
 
 XLA:CPU's own convolution and the patches lowering move data slowly for the batch-normalised
 families' layers; oneDNN's blocked direct convolutions run them faster (docs/performance.md,
@@ -129,9 +131,10 @@ def _pads(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: int, paddi
     return layers.same_padding(x_shape[1], w_shape[0], stride) + layers.same_padding(x_shape[2], w_shape[1], stride)
 
 
-def _ffi(target: str, shape: tuple[int, ...], *operands: jax.Array, **attrs: int) -> jax.Array:
-    """One handler's float32 result of `shape`; under vmap, one call per element."""
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")(
+def _ffi(target: str, shape: tuple[int, ...], dtype, *operands: jax.Array, **attrs: int) -> jax.Array:
+    """One handler's result of `shape` and `dtype` (the handlers read every buffer's dtype); under
+    vmap, one call per element."""
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential")(
         *operands, **{name: np.int64(value) for name, value in attrs.items()})
 
 
@@ -139,37 +142,47 @@ def _conv_attrs(stride: int, pads: tuple[int, ...]) -> dict[str, int]:
     return dict(stride=stride, pad_top=pads[0], pad_bottom=pads[1], pad_left=pads[2], pad_right=pads[3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = "VALID") -> jax.Array:
-    """x (N, H, W, C) * w (kh, kw, C, O) -> (N, H', W', O), as `lax.conv_general_dilated` (NHWC)."""
-    return _conv_fwd(x, w, stride, padding)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x: jax.Array, w: jax.Array, stride: int = 1, padding: str = "VALID",
+         compute_dtype: str = layers.FLOAT32) -> jax.Array:
+    """x (N, H, W, C) * w (kh, kw, C, O) -> float32 (N, H', W', O), as `lax.conv_general_dilated`
+    (NHWC); x and w enter the products in `compute_dtype`."""
+    return _conv_fwd(x, w, stride, padding, compute_dtype)[0]
 
 
-def _conv_fwd(x, w, stride, padding):
+def _conv_fwd(x, w, stride, padding, compute_dtype):
     load()
     oh = layers.conv_output_size(x.shape[1], w.shape[0], stride, padding)
     ow = layers.conv_output_size(x.shape[2], w.shape[1], stride, padding)
     attrs = _conv_attrs(stride, _pads(x.shape, w.shape, stride, padding))
-    y = _ffi("cnn_jax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), x, w, **attrs)
-    return y, (x, w)
+    xc, wc = layers.compute_cast(x, compute_dtype), layers.compute_cast(w, compute_dtype)
+    y = _ffi("cnn_jax_onednn_conv_forward", (x.shape[0], oh, ow, w.shape[3]), jnp.float32, xc, wc, **attrs)
+    # An empty array of x's dtype: the input gradient comes back in it (float32, or bfloat16 after
+    # bfloat16 pooling); the weight gradient in w's (float32).
+    return y, (xc, wc, layers.dtype_marker(x), layers.dtype_marker(w))
 
 
-def _conv_bwd(stride, padding, residuals, g):
-    x, w = residuals
+def _conv_bwd(stride, padding, compute_dtype, residuals, g):
+    x, w, x_dtype, w_dtype = residuals
     attrs = _conv_attrs(stride, _pads(x.shape, w.shape, stride, padding))
-    dx = _ffi("cnn_jax_onednn_conv_backward_data", x.shape, g, w, **attrs)
-    dw = _ffi("cnn_jax_onednn_conv_backward_weights", w.shape, x, g, **attrs)
+    g = layers.compute_cast(g, compute_dtype)
+    dx = _ffi("cnn_jax_onednn_conv_backward_data", x.shape, x_dtype.dtype, g, w, **attrs)
+    dw = _ffi("cnn_jax_onednn_conv_backward_weights", w.shape, w_dtype.dtype, x, g, **attrs)
     return dx, dw
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1, padding: str = "VALID") -> jax.Array:
-    """`layers.conv2d` through oneDNN (same signature and result, up to float32 rounding)."""
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        raise ConfigError(f"--conv_impl=onednn runs float32 only (got {x.dtype} and {w.dtype})")
-    return conv(x, w, stride, padding) + b
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def conv2d(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1, padding: str = "VALID",
+           compute_dtype: str = layers.FLOAT32) -> jax.Array:
+    """`layers.conv2d` through oneDNN (same signature and result, up to rounding)."""
+    if x.dtype not in DTYPES or w.dtype not in DTYPES:
+        raise ConfigError(f"--conv_impl=onednn runs float32 and bfloat16 only (got {x.dtype} and {w.dtype})")
+    return conv(x, w, stride, padding, compute_dtype) + b
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -181,15 +194,15 @@ def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
 
 def _max_pool_fwd(x, window):
     load()
-    if x.dtype != jnp.float32:
-        raise ConfigError(f"--pool_impl=onednn runs float32 only (got {x.dtype})")
+    if x.dtype not in DTYPES:
+        raise ConfigError(f"--pool_impl=onednn runs float32 and bfloat16 only (got {x.dtype})")
     shape = (x.shape[0], layers.conv_output_size(x.shape[1], window, window),
              layers.conv_output_size(x.shape[2], window, window), x.shape[3])
-    return _ffi("cnn_jax_onednn_max_pool_forward", shape, x, window=window), x
+    return _ffi("cnn_jax_onednn_max_pool_forward", shape, x.dtype, x, window=window), x
 
 
 def _max_pool_bwd(window, x, g):
-    return (_ffi("cnn_jax_onednn_max_pool_backward", x.shape, x, g, window=window),)
+    return (_ffi("cnn_jax_onednn_max_pool_backward", x.shape, x.dtype, x, g.astype(x.dtype), window=window),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -1,6 +1,9 @@
 // oneDNN's convolutions (forward, backward data, backward weights) and k x k / stride k max pooling
 // (forward, backward) as XLA FFI handlers for jax.ffi (cnn_jax/onednn.py). Activations NHWC, weights
-// HWIO, float32; each convolution primitive picks its own weight layout (reordered here).
+// HWIO; each convolution primitive picks its own weight layout (reordered here). Every buffer is
+// float32 or bfloat16, the primitive's data types read off the buffers: a float32 convolution, or a
+// mixed-precision one whose products take bfloat16 (src, weights, diff_dst) and accumulate into a
+// float32 dst / diff_weights (diff_src in its input's dtype); pooling runs in its input's dtype.
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -11,8 +14,9 @@
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = memory::format_tag;
-using F32 = ffi::Buffer<ffi::F32>;
-using F32Result = ffi::ResultBuffer<ffi::F32>;
+using dtype = memory::data_type;
+using Any = ffi::AnyBuffer;
+using AnyResult = ffi::Result<ffi::AnyBuffer>;
 
 namespace {
 
@@ -24,30 +28,37 @@ dnnl::engine& cpu_engine() {
 // oneDNN's logical order is NCHW (activations) and OIHW (weights); the buffers are NHWC and HWIO.
 memory::dims nchw(ffi::Span<const int64_t> d) { return {d[0], d[3], d[1], d[2]}; }
 memory::dims oihw(ffi::Span<const int64_t> d) { return {d[3], d[2], d[0], d[1]}; }
-memory::desc desc(const memory::dims& dims, tag layout) { return memory::desc(dims, memory::data_type::f32, layout); }
+dtype type_of(ffi::DataType t) { return t == ffi::DataType::BF16 ? dtype::bf16 : dtype::f32; }
+memory::desc desc(const memory::dims& dims, dtype t, tag layout) { return memory::desc(dims, t, layout); }
 memory wrap(const memory::desc& d, void* data) { return memory(d, cpu_engine(), data); }
 
-// A convolution's shapes: x (N H W C), w (KH KW C O), y (N OH OW O), stride, padding.
+// A convolution's shapes: x (N H W C), w (KH KW C O), y (N OH OW O), stride, padding; `compute` is
+// the products' input type (src, weights, diff_dst).
 struct Conv {
-  memory::desc src, weights, any_weights, dst;
-  memory::dims strides, pad_l, pad_r;
+  memory::dims x, w, y, strides, pad_l, pad_r;
+  dtype compute;
 
-  Conv(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y, int64_t stride,
-       int64_t pt, int64_t pb, int64_t pl, int64_t pr)
-      : src(desc(nchw(x), tag::nhwc)), weights(desc(oihw(w), tag::hwio)), any_weights(desc(oihw(w), tag::any)),
-        dst(desc(nchw(y), tag::nhwc)), strides{stride, stride}, pad_l{pt, pl}, pad_r{pb, pr} {}
+  Conv(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y, dtype compute,
+       int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr)
+      : x(nchw(x)), w(oihw(w)), y(nchw(y)), strides{stride, stride}, pad_l{pt, pl}, pad_r{pb, pr},
+        compute(compute) {}
 
-  dnnl::convolution_forward::primitive_desc forward() const {
+  memory::desc src(dtype t) const { return desc(x, t, tag::nhwc); }
+  memory::desc weights(dtype t) const { return desc(w, t, tag::hwio); }
+  memory::desc any_weights(dtype t) const { return desc(w, t, tag::any); }
+  memory::desc dst(dtype t) const { return desc(y, t, tag::nhwc); }
+
+  dnnl::convolution_forward::primitive_desc forward(dtype dst_type) const {
     return {cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-            src, any_weights, dst, strides, pad_l, pad_r};
+            src(compute), any_weights(compute), dst(dst_type), strides, pad_l, pad_r};
   }
-  dnnl::convolution_backward_data::primitive_desc backward_data() const {
-    return {cpu_engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_l, pad_r,
-            forward()};
+  dnnl::convolution_backward_data::primitive_desc backward_data(dtype diff_src_type) const {
+    return {cpu_engine(), dnnl::algorithm::convolution_direct, src(diff_src_type), any_weights(compute),
+            dst(compute), strides, pad_l, pad_r, forward(dtype::f32)};
   }
-  dnnl::convolution_backward_weights::primitive_desc backward_weights() const {
-    return {cpu_engine(), dnnl::algorithm::convolution_direct, src, any_weights, dst, strides, pad_l, pad_r,
-            forward()};
+  dnnl::convolution_backward_weights::primitive_desc backward_weights(dtype diff_weights_type) const {
+    return {cpu_engine(), dnnl::algorithm::convolution_direct, src(compute), any_weights(diff_weights_type),
+            dst(compute), strides, pad_l, pad_r, forward(dtype::f32)};
   }
 };
 
@@ -70,38 +81,39 @@ ffi::Error run(const char* what, const std::function<void(dnnl::stream&)>& body)
   }
 }
 
-ffi::Error ConvForward(F32 x, F32 w, F32Result y, int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error ConvForward(Any x, Any w, AnyResult y, int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return run("conv forward", [&](dnnl::stream& s) {
-    Conv c(x.dimensions(), w.dimensions(), y->dimensions(), stride, pt, pb, pl, pr);
-    auto pd = c.forward();
-    memory weights = to_layout(wrap(c.weights, w.typed_data()), pd.weights_desc(), s);
-    dnnl::convolution_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src, x.typed_data())},
+    Conv c(x.dimensions(), w.dimensions(), y->dimensions(), type_of(x.element_type()), stride, pt, pb, pl, pr);
+    auto pd = c.forward(type_of(y->element_type()));
+    memory weights = to_layout(wrap(c.weights(type_of(w.element_type())), w.untyped_data()), pd.weights_desc(), s);
+    dnnl::convolution_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src(c.compute), x.untyped_data())},
                                               {DNNL_ARG_WEIGHTS, weights},
-                                              {DNNL_ARG_DST, wrap(c.dst, y->typed_data())}});
+                                              {DNNL_ARG_DST, wrap(pd.dst_desc(), y->untyped_data())}});
   });
 }
 
-ffi::Error ConvBackwardData(F32 dy, F32 w, F32Result dx, int64_t stride, int64_t pt, int64_t pb, int64_t pl,
+ffi::Error ConvBackwardData(Any dy, Any w, AnyResult dx, int64_t stride, int64_t pt, int64_t pb, int64_t pl,
                             int64_t pr) {
   return run("conv backward data", [&](dnnl::stream& s) {
-    Conv c(dx->dimensions(), w.dimensions(), dy.dimensions(), stride, pt, pb, pl, pr);
-    auto pd = c.backward_data();
-    memory weights = to_layout(wrap(c.weights, w.typed_data()), pd.weights_desc(), s);
-    dnnl::convolution_backward_data(pd).execute(s, {{DNNL_ARG_DIFF_DST, wrap(c.dst, dy.typed_data())},
+    Conv c(dx->dimensions(), w.dimensions(), dy.dimensions(), type_of(dy.element_type()), stride, pt, pb, pl, pr);
+    auto pd = c.backward_data(type_of(dx->element_type()));
+    memory weights = to_layout(wrap(c.weights(type_of(w.element_type())), w.untyped_data()), pd.weights_desc(), s);
+    dnnl::convolution_backward_data(pd).execute(s, {{DNNL_ARG_DIFF_DST, wrap(c.dst(c.compute), dy.untyped_data())},
                                                     {DNNL_ARG_WEIGHTS, weights},
-                                                    {DNNL_ARG_DIFF_SRC, wrap(c.src, dx->typed_data())}});
+                                                    {DNNL_ARG_DIFF_SRC, wrap(pd.diff_src_desc(), dx->untyped_data())}});
   });
 }
 
-ffi::Error ConvBackwardWeights(F32 x, F32 dy, F32Result dw, int64_t stride, int64_t pt, int64_t pb, int64_t pl,
+ffi::Error ConvBackwardWeights(Any x, Any dy, AnyResult dw, int64_t stride, int64_t pt, int64_t pb, int64_t pl,
                                int64_t pr) {
   return run("conv backward weights", [&](dnnl::stream& s) {
-    Conv c(x.dimensions(), dw->dimensions(), dy.dimensions(), stride, pt, pb, pl, pr);
-    auto pd = c.backward_weights();
-    memory out = wrap(c.weights, dw->typed_data());
-    memory blocked = pd.diff_weights_desc() == c.weights ? out : memory(pd.diff_weights_desc(), cpu_engine());
-    dnnl::convolution_backward_weights(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src, x.typed_data())},
-                                                       {DNNL_ARG_DIFF_DST, wrap(c.dst, dy.typed_data())},
+    Conv c(x.dimensions(), dw->dimensions(), dy.dimensions(), type_of(x.element_type()), stride, pt, pb, pl, pr);
+    dtype out_type = type_of(dw->element_type());
+    auto pd = c.backward_weights(out_type);
+    memory out = wrap(c.weights(out_type), dw->untyped_data());
+    memory blocked = pd.diff_weights_desc() == c.weights(out_type) ? out : memory(pd.diff_weights_desc(), cpu_engine());
+    dnnl::convolution_backward_weights(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src(c.compute), x.untyped_data())},
+                                                       {DNNL_ARG_DIFF_DST, wrap(c.dst(c.compute), dy.untyped_data())},
                                                        {DNNL_ARG_DIFF_WEIGHTS, blocked}});
     if (blocked != out) dnnl::reorder(blocked, out).execute(s, blocked, out);
   });
@@ -112,29 +124,31 @@ dnnl::pooling_forward::primitive_desc pool_forward(const memory::desc& src, cons
   return {cpu_engine(), prop, dnnl::algorithm::pooling_max, src, dst, {k, k}, {k, k}, {0, 0}, {0, 0}, {0, 0}};
 }
 
-ffi::Error MaxPoolForward(F32 x, F32Result y, int64_t window) {
+ffi::Error MaxPoolForward(Any x, AnyResult y, int64_t window) {
   return run("max pool forward", [&](dnnl::stream& s) {
-    memory::desc src = desc(nchw(x.dimensions()), tag::nhwc), dst = desc(nchw(y->dimensions()), tag::nhwc);
+    dtype t = type_of(x.element_type());
+    memory::desc src = desc(nchw(x.dimensions()), t, tag::nhwc), dst = desc(nchw(y->dimensions()), t, tag::nhwc);
     dnnl::pooling_forward(pool_forward(src, dst, window, dnnl::prop_kind::forward_inference))
-        .execute(s, {{DNNL_ARG_SRC, wrap(src, x.typed_data())}, {DNNL_ARG_DST, wrap(dst, y->typed_data())}});
+        .execute(s, {{DNNL_ARG_SRC, wrap(src, x.untyped_data())}, {DNNL_ARG_DST, wrap(dst, y->untyped_data())}});
   });
 }
 
 // The gradient goes to each window's first maximum: the forward pass runs again here for its
 // workspace (the maxima's positions), which is cheaper than carrying it between the two calls.
-ffi::Error MaxPoolBackward(F32 x, F32 dy, F32Result dx, int64_t window) {
+ffi::Error MaxPoolBackward(Any x, Any dy, AnyResult dx, int64_t window) {
   return run("max pool backward", [&](dnnl::stream& s) {
-    memory::desc src = desc(nchw(x.dimensions()), tag::nhwc), dst = desc(nchw(dy.dimensions()), tag::nhwc);
+    dtype t = type_of(x.element_type());
+    memory::desc src = desc(nchw(x.dimensions()), t, tag::nhwc), dst = desc(nchw(dy.dimensions()), t, tag::nhwc);
     auto forward = pool_forward(src, dst, window, dnnl::prop_kind::forward_training);
     dnnl::pooling_backward::primitive_desc backward(cpu_engine(), dnnl::algorithm::pooling_max, src, dst,
                                                     {window, window}, {window, window}, {0, 0}, {0, 0}, {0, 0},
                                                     forward);
     memory workspace(forward.workspace_desc(), cpu_engine());
-    dnnl::pooling_forward(forward).execute(s, {{DNNL_ARG_SRC, wrap(src, x.typed_data())},
+    dnnl::pooling_forward(forward).execute(s, {{DNNL_ARG_SRC, wrap(src, x.untyped_data())},
                                                {DNNL_ARG_DST, memory(dst, cpu_engine())},
                                                {DNNL_ARG_WORKSPACE, workspace}});
-    dnnl::pooling_backward(backward).execute(s, {{DNNL_ARG_DIFF_DST, wrap(dst, dy.typed_data())},
-                                                 {DNNL_ARG_DIFF_SRC, wrap(src, dx->typed_data())},
+    dnnl::pooling_backward(backward).execute(s, {{DNNL_ARG_DIFF_DST, wrap(dst, dy.untyped_data())},
+                                                 {DNNL_ARG_DIFF_SRC, wrap(src, dx->untyped_data())},
                                                  {DNNL_ARG_WORKSPACE, workspace}});
   });
 }
@@ -142,13 +156,13 @@ ffi::Error MaxPoolBackward(F32 x, F32 dy, F32Result dx, int64_t window) {
 }  // namespace
 
 #define CONV_BINDING                                                                                  \
-  ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("stride").Attr<int64_t>("pad_top") \
+  ffi::Ffi::Bind().Arg<Any>().Arg<Any>().Ret<Any>().Attr<int64_t>("stride").Attr<int64_t>("pad_top") \
       .Attr<int64_t>("pad_bottom").Attr<int64_t>("pad_left").Attr<int64_t>("pad_right")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ConvForward, CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, ConvBackwardData, CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, ConvBackwardWeights, CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMaxPoolForward, MaxPoolForward,
-                              ffi::Ffi::Bind().Arg<F32>().Ret<F32>().Attr<int64_t>("window"));
+                              ffi::Ffi::Bind().Arg<Any>().Ret<Any>().Attr<int64_t>("window"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnMaxPoolBackward, MaxPoolBackward,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("window"));
+                              ffi::Ffi::Bind().Arg<Any>().Arg<Any>().Ret<Any>().Attr<int64_t>("window"));
