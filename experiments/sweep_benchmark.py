@@ -82,7 +82,8 @@ def _row(mode: str, runs: int, result: dict, images_per_run: int, alone: list) -
     total = images_per_run * runs
     steady = (f"{images_per_run // result['epochs'] * runs / result['last_epoch_seconds']:8.0f}"
               if result.get("last_epoch_seconds") else "       -")
-    same = "-" if not alone else ("yes" if result["test_accuracy"] == alone[:runs] else "no")
+    shown = lambda accuracies: [None if a is None else round(a, 4) for a in accuracies]   # noqa: E731 - as printed
+    same = "-" if not alone else ("yes" if shown(result["test_accuracy"]) == shown(alone[:runs]) else "no")
     return (f"{mode:10s} {runs:3d} {result['seconds']:9.1f} {total / result['seconds'] / runs:10.0f} "
             f"{total / result['seconds']:10.0f} {steady} {same:>6s}")
 
