@@ -81,14 +81,21 @@ ffi::Error run(const char* what, const std::function<void(dnnl::stream&)>& body)
   }
 }
 
+// A primitive that reads an activation (`in` at `in_arg`) and the weights and writes an activation
+// (`out` at `out_arg`): the forward pass, and the backward pass to the data.
+template <typename Primitive, typename Desc>
+void execute_with_weights(dnnl::stream& s, const Desc& pd, const Conv& c, Any w, int in_arg, memory in, int out_arg,
+                          memory out) {
+  memory weights = to_layout(wrap(c.weights(type_of(w.element_type())), w.untyped_data()), pd.weights_desc(), s);
+  Primitive(pd).execute(s, {{in_arg, in}, {DNNL_ARG_WEIGHTS, weights}, {out_arg, out}});
+}
+
 ffi::Error ConvForward(Any x, Any w, AnyResult y, int64_t stride, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return run("conv forward", [&](dnnl::stream& s) {
     Conv c(x.dimensions(), w.dimensions(), y->dimensions(), type_of(x.element_type()), stride, pt, pb, pl, pr);
     auto pd = c.forward(type_of(y->element_type()));
-    memory weights = to_layout(wrap(c.weights(type_of(w.element_type())), w.untyped_data()), pd.weights_desc(), s);
-    dnnl::convolution_forward(pd).execute(s, {{DNNL_ARG_SRC, wrap(c.src(c.compute), x.untyped_data())},
-                                              {DNNL_ARG_WEIGHTS, weights},
-                                              {DNNL_ARG_DST, wrap(pd.dst_desc(), y->untyped_data())}});
+    execute_with_weights<dnnl::convolution_forward>(s, pd, c, w, DNNL_ARG_SRC, wrap(c.src(c.compute), x.untyped_data()),
+                                                    DNNL_ARG_DST, wrap(pd.dst_desc(), y->untyped_data()));
   });
 }
 
@@ -97,10 +104,9 @@ ffi::Error ConvBackwardData(Any dy, Any w, AnyResult dx, int64_t stride, int64_t
   return run("conv backward data", [&](dnnl::stream& s) {
     Conv c(dx->dimensions(), w.dimensions(), dy.dimensions(), type_of(dy.element_type()), stride, pt, pb, pl, pr);
     auto pd = c.backward_data(type_of(dx->element_type()));
-    memory weights = to_layout(wrap(c.weights(type_of(w.element_type())), w.untyped_data()), pd.weights_desc(), s);
-    dnnl::convolution_backward_data(pd).execute(s, {{DNNL_ARG_DIFF_DST, wrap(c.dst(c.compute), dy.untyped_data())},
-                                                    {DNNL_ARG_WEIGHTS, weights},
-                                                    {DNNL_ARG_DIFF_SRC, wrap(pd.diff_src_desc(), dx->untyped_data())}});
+    execute_with_weights<dnnl::convolution_backward_data>(
+        s, pd, c, w, DNNL_ARG_DIFF_DST, wrap(c.dst(c.compute), dy.untyped_data()), DNNL_ARG_DIFF_SRC,
+        wrap(pd.diff_src_desc(), dx->untyped_data()));
   });
 }
 
