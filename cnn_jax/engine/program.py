@@ -191,11 +191,6 @@ def build(configs: Sequence[Config], dataset: data_lib.Dataset, num_steps: int,
     return _stacked(configs, num_steps)
 
 
-def host_state(state: TrainState, slot: int | None) -> TrainState:
-    """Run `slot`'s state of a stacked state (None: the state of a single run), on the host."""
-    return jax.device_get(state if slot is None else state_lib.unstack(state, slot))
-
-
 def take(state: TrainState, keep: Sequence[int]) -> TrainState:
     """The runs `keep` of a stacked state, in that order (a group after some runs stopped)."""
     index = jnp.asarray(np.asarray(keep), jnp.int32)
