@@ -14,7 +14,7 @@ import pytest
 from cnn_jax import config as config_lib
 from cnn_jax import model, run
 from cnn_jax.config import Config, ConfigError
-from cnn_jax.engine import evaluation, optim, state as state_lib, train
+from cnn_jax.engine import evaluation, train
 from cnn_jax.models import cnn_blocks
 from cnn_jax.nn import layers, lowering, onednn
 from cnn_jax.rundir import checkpoint
@@ -182,12 +182,12 @@ def test_a_bfloat16_run_resumes_bit_exactly_from_a_mid_epoch_checkpoint(tiny, tm
     manager = checkpoint.open_manager(workdir)
 
     def on_stop(state, log):
-        checkpoint.save(manager, state, run.checkpoint_meta(log, config, 10))
+        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, 10))
 
     with pytest.raises(train.Stopped):
         train.fit(config, tiny, hooks=train.Hooks(should_stop=lambda step: step == 13, on_stop=on_stop))
     manager.close()
-    start = run.restore_state(workdir, config, 10)
+    start = checkpoint.restore_state(workdir, config, 10)
     final, history = train.fit(config, tiny, start=start)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(whole.params)))
     assert [h["test_loss"] for h in history] == [h["test_loss"] for h in whole_history]

@@ -84,9 +84,16 @@ def validate(config):
 
 # --------------------------------------------------------------------------- tests
 
-models.register("tiny", __name__)
 TINY = config_lib.replace(Config(), model="tiny", epochs=2, batch_size=32, log_every=5, loop="step",
                           train_eval="running", eval_batch_size=100)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_family():
+    """The family of this file, selectable while its tests run (and not in other files' tests)."""
+    models.register("tiny", __name__)
+    yield
+    models.unregister("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,11 @@ def register(name: str, module: str) -> None:
     _plugins[name] = module
 
 
+def unregister(name: str) -> None:
+    """Undo `register(name, ...)` (a family registered for a while, e.g. by a test module)."""
+    _plugins.pop(name, None)
+
+
 def _env_plugins() -> dict[str, str]:
     """The families named in $CNN_JAX_MODELS (`name=module,...`)."""
     out = {}

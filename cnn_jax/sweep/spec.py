@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import math
@@ -37,8 +38,11 @@ def field_kind(name: str) -> type:
 
 
 def _unknown(name: str, where: str) -> ConfigError:
-    return ConfigError(f"{where}: unknown flag {shown(name)}; sweepable flags are the config fields: "
-                       f"{', '.join(config_lib.field_names())}")
+    """One line naming the unknown flag, the closest config fields and where they are all listed."""
+    close = difflib.get_close_matches(str(name), config_lib.field_names(), n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ConfigError(f"{where}: unknown flag {shown(name)}; {hint}sweepable flags are the config fields "
+                       "(experiments/train.py --helpshort lists them)")
 
 
 def coerce_value(name: str, value: Any, where: str = "--sweep") -> Any:
