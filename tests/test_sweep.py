@@ -194,8 +194,9 @@ def test_the_default_group_holds_many_runs_and_its_estimate_bounds_xlas_own_figu
     assert sweep.auto_max_parallel(config, 4 << 30) >= 16
 
 
-def test_the_estimate_follows_every_family_and_where_evaluation_runs(monkeypatch):
+def test_the_estimate_follows_every_family_and_where_evaluation_runs(monkeypatch, request):
     models.register("tiny", "test_models")   # the family defined in tests/test_models.py
+    request.addfinalizer(lambda: models.unregister("tiny"))   # registered for this test only
     for family in ("cnn", "vgg", "resnet", "tiny"):
         config = model.validate(config_lib.replace(Config(), model=family))
         memory = sweep.program_memory(config)
