@@ -17,7 +17,8 @@ trained as one jit-compiled program: the train step of `cnn_jax.engine.step` is 
 over a leading run axis of the train state (params, optimiser state with the run's
 hyperparameters, model state, rng) and of the batches. Each run keeps its own initial state,
 rng and data order (`data.sources.epoch_permutation(seed, epoch, n)`), so it computes what it
-computes alone.
+computes alone: bit for bit in a group of one (the run's own program), up to rounding when several
+are vmapped together (docs/sweeps.md).
 Fields that change shapes or the program (filters, kernels, batch size, pool, optimizer,
 ...) split runs into separate groups.
 
