@@ -7,11 +7,11 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from resume_checks import stop_and_resume
 
 from cnn_jax import config as config_lib
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.engine import evaluation, optim, state as state_lib, step as step_lib, train
-from cnn_jax.rundir import checkpoint
 from cnn_jax.search import trials
 from cnn_jax import sweep
 
@@ -92,19 +92,8 @@ def test_a_search_batch_evaluates_each_trials_averaged_params(tiny):
 
 def test_a_run_with_an_average_resumes_bit_exactly_from_a_mid_epoch_checkpoint(tiny, tmp_path):
     config = config_lib.replace(EMA, loop="step")   # a stop request is polled after every step
-    workdir = str(tmp_path / "run")
-    whole, whole_history = train.fit(config, tiny)
-    manager = checkpoint.open_manager(workdir)
-
-    def on_stop(state, log):
-        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, 10))
-
-    with pytest.raises(train.Stopped):
-        train.fit(config, tiny, hooks=train.Hooks(should_stop=lambda step: step == 13, on_stop=on_stop))
-    manager.close()
-    start = checkpoint.restore_state(workdir, config, 10)
+    (whole, whole_history), (final, history), start = stop_and_resume(config, tiny, str(tmp_path / "run"), 13, 10)
     assert start[1].step == 13 and start[0].ema is not None
-    final, history = train.fit(config, tiny, start=start)
     assert _same(final.params, whole.params) and _same(final.ema, whole.ema)
     assert [h["test_accuracy"] for h in history] == [h["test_accuracy"] for h in whole_history]
     assert [h["test_loss"] for h in history] == [h["test_loss"] for h in whole_history]

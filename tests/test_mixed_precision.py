@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from resume_checks import stop_and_resume
 
 from cnn_jax import config as config_lib
 from cnn_jax import model, run
@@ -177,17 +178,6 @@ def test_a_checkpoint_trained_in_one_dtype_evaluates_in_the_other(tiny, tmp_path
 @needs_bf16
 def test_a_bfloat16_run_resumes_bit_exactly_from_a_mid_epoch_checkpoint(tiny, tmp_path):
     config = config_lib.replace(FAMILIES["cnn"], epochs=2, loop="step", compute_dtype=BF16)
-    workdir = str(tmp_path / "run")
-    whole, whole_history = train.fit(config, tiny)
-    manager = checkpoint.open_manager(workdir)
-
-    def on_stop(state, log):
-        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, 10))
-
-    with pytest.raises(train.Stopped):
-        train.fit(config, tiny, hooks=train.Hooks(should_stop=lambda step: step == 13, on_stop=on_stop))
-    manager.close()
-    start = checkpoint.restore_state(workdir, config, 10)
-    final, history = train.fit(config, tiny, start=start)
+    (whole, whole_history), (final, history), _ = stop_and_resume(config, tiny, str(tmp_path / "run"), 13, 10)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(whole.params)))
     assert [h["test_loss"] for h in history] == [h["test_loss"] for h in whole_history]
