@@ -20,11 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnn_jax import models
-
 from cnn_jax import config as config_lib
-from cnn_jax.nn import lowering
+from cnn_jax import models
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.nn import lowering
 
 Params = dict[str, Any]
 ModelState = dict[str, Any]

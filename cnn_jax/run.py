@@ -28,14 +28,12 @@ from typing import Any, Callable
 import jax
 
 from cnn_jax import model
-
-from cnn_jax.rundir import checkpoint, lock, plots, progress, report, signals
-
-from cnn_jax.engine import state as state_lib, train
-from cnn_jax.data import sources as data_lib
-from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config
+from cnn_jax.data import sources as data_lib
+from cnn_jax.engine import state as state_lib, train
 from cnn_jax.engine.state import TrainState
+from cnn_jax.rundir import checkpoint, lock, plots, progress, report, signals
+from cnn_jax.rundir import workdir as workdir_lib
 
 
 def train_and_evaluate(config: Config, workdir: str | None = None,

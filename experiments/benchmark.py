@@ -40,15 +40,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from cnn_jax import cli, model
-
+from cnn_jax import config as config_lib
+from cnn_jax.config import Config, ConfigError
+from cnn_jax.data import sources as data_lib
 from cnn_jax.engine import evaluation, optim
 from cnn_jax.engine import state as state_lib
 from cnn_jax.engine import step as step_lib
-from cnn_jax import config as config_lib
-from cnn_jax.data import sources as data_lib
 from cnn_jax.nn import lowering
 from cnn_jax.rundir import workdir as workdir_lib
-from cnn_jax.config import Config, ConfigError
 
 flags.DEFINE_string("data_dir", "", "MNIST IDX folder (real images); empty: synthetic arrays of MNIST shape.")
 flags.DEFINE_list("batch_sizes", ["64", "1024"], "Training batch sizes to time.")

@@ -13,9 +13,7 @@ from absl import app, flags, logging
 
 from cnn_jax import cli
 from cnn_jax import config as config_lib
-
 from cnn_jax.data import sources as data
-
 from cnn_jax.rundir import checkpoint, report
 
 flags.DEFINE_string("workdir", None, "Run directory written by experiments/train.py --workdir.")

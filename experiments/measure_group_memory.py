@@ -21,10 +21,9 @@ import sys
 from absl import app, flags
 
 from cnn_jax import cli, model, sweep
-
-from cnn_jax.data import sources as data
 from cnn_jax import config as config_lib
 from cnn_jax.config import ConfigError
+from cnn_jax.data import sources as data
 
 cli.define_config_flags()
 flags.DEFINE_list("group_sizes", ["1", "4"], "Group sizes to measure, each in its own process (at least two).")

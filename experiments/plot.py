@@ -14,9 +14,7 @@ import os
 from absl import app, flags, logging
 
 from cnn_jax import cli, model
-
 from cnn_jax.data import sources as data
-
 from cnn_jax.rundir import checkpoint, lock, plots, report
 from cnn_jax.rundir import workdir as workdir_lib
 

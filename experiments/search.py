@@ -31,11 +31,9 @@ matplotlib.use("Agg")
 from absl import app, flags, logging
 
 from cnn_jax import cli, sweep
-
-from cnn_jax.data import sources as data
-
-from cnn_jax.engine import train
 from cnn_jax.config import ConfigError
+from cnn_jax.data import sources as data
+from cnn_jax.engine import train
 from cnn_jax.search import results as results_lib
 from cnn_jax.search import space as space_lib
 from cnn_jax.search import storage as storage_lib

@@ -20,11 +20,10 @@ import sys
 from absl import app, flags, logging
 
 from cnn_jax import cli
-
-from cnn_jax.data import sources as data
 from cnn_jax import config as config_lib
 from cnn_jax import sweep
 from cnn_jax.config import ConfigError
+from cnn_jax.data import sources as data
 
 cli.define_config_flags()
 flags.DEFINE_string("sweep", None, "Grid of runs: space-separated name=v1,v2,... terms, e.g. "

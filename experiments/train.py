@@ -17,9 +17,7 @@ from absl import app, flags, logging
 
 from cnn_jax import cli, config as config_lib, run, sweep
 from cnn_jax.data import sources as data_lib
-
 from cnn_jax.engine import parallel
-
 from cnn_jax.rundir import signals
 from cnn_jax.rundir import workdir as workdir_lib
 

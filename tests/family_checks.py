@@ -9,13 +9,11 @@ import numpy as np
 import numerics
 import pytest
 
-from cnn_jax import model, sweep
-
-from cnn_jax.engine import evaluation, optim, state, step, train
-
-from cnn_jax.nn import onednn
 from cnn_jax import config as config_lib
+from cnn_jax import model, sweep
+from cnn_jax.engine import evaluation, optim, state, step, train
 from cnn_jax.models import common
+from cnn_jax.nn import onednn
 
 # The convolution `--conv_impl=auto` runs for these families on CPU: oneDNN where it builds.
 CPU_CONV = "onednn" if onednn.available() else "patches"

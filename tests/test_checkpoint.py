@@ -17,14 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnn_jax import model
-
-from cnn_jax.rundir import checkpoint
-
-from cnn_jax.engine import optim, state
 from cnn_jax import config as config_lib
-from cnn_jax.rundir import workdir as workdir_lib
+from cnn_jax import model
 from cnn_jax.config import Config
+from cnn_jax.engine import optim, state
+from cnn_jax.rundir import checkpoint
+from cnn_jax.rundir import workdir as workdir_lib
 from test_readers import PROPERTY, damaged, json_values, value_or_one_line_error
 
 CONFIG = config_lib.replace(Config(), optimizer="adam", schedule="cosine")

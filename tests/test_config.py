@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from cnn_jax import config as config_lib
 from cnn_jax import model, models
-
-from cnn_jax.data import registry as datasets
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.data import registry as datasets
 from test_readers import PROPERTY, json_values, value_or_one_line_error
 
 

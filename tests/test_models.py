@@ -16,13 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnn_jax import model, models, sweep
-
-from cnn_jax.nn import layers
-
-from cnn_jax.engine import optim, state, train
 from cnn_jax import config as config_lib
+from cnn_jax import model, models, sweep
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.engine import optim, state, train
+from cnn_jax.nn import layers
 import family_checks
 from conftest import REPO_ROOT
 

@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnn_jax import cli
-
-from cnn_jax.rundir import readers
 from cnn_jax.config import ConfigError
+from cnn_jax.rundir import readers
 
 FIX = "restore the file"
 

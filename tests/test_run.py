@@ -17,14 +17,12 @@ import jax
 import numpy as np
 import pytest
 
-from cnn_jax import run
-
-from cnn_jax.rundir import checkpoint, lock, report
-
-from cnn_jax.engine import train
 from cnn_jax import config as config_lib
-from cnn_jax.rundir import workdir as workdir_lib
+from cnn_jax import run
 from cnn_jax.config import Config, ConfigError
+from cnn_jax.engine import train
+from cnn_jax.rundir import checkpoint, lock, report
+from cnn_jax.rundir import workdir as workdir_lib
 import script_runner
 from conftest import REPO_ROOT
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from cnn_jax import config as config_lib
-from cnn_jax.data import sources as data
 from cnn_jax.search import trials
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from cnn_jax import config as config_lib
 from cnn_jax import model
+from cnn_jax.nn import layers
 from cnn_jax.engine import optim, state, step
 from cnn_jax.config import Config
 
@@ -85,7 +86,6 @@ def test_augmentation_is_checked_against_the_image_size():
 def test_label_smoothing_trains_on_its_formula_and_evaluation_keeps_the_plain_loss(small):
     """--label_smoothing e: the training loss is (1 - e) * CE + e * mean_k(-log p_k) per example;
     evaluation's loss stays the plain cross-entropy."""
-    from cnn_jax.nn import layers
     config = config_lib.replace(Config(), label_smoothing=0.2)
     params, model_state = model.init(jax.random.key(0), config)
     images, labels = jnp.asarray(small.train_images[:32]), jnp.asarray(small.train_labels[:32])
@@ -107,7 +107,6 @@ def test_mixup_in_the_step_trains_on_the_mixed_batch_with_the_weighted_pair_of_l
     """--mixup_alpha / --cutmix_alpha: the step's update is the manual one on augment.mix_batch's
     images from fold_in(step key, MIX_STREAM) with the loss lam * CE(label) + (1 - lam) * CE(partner's)."""
     from cnn_jax.data import augment
-    from cnn_jax.nn import layers
     for alphas in ({"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}):
         config = config_lib.replace(config_lib.PRESETS["tutorial"], **alphas)
         opt = optim.make_optimizer(config, 1)
@@ -130,7 +129,6 @@ def test_mixup_in_the_step_trains_on_the_mixed_batch_with_the_weighted_pair_of_l
 
 def test_flip_averaging_evaluates_the_mean_logits_of_the_image_and_its_mirror(small):
     """--tta_flip: eval_batch's logits are (f(x) + f(mirror x)) / 2, its loss and accuracy theirs."""
-    from cnn_jax.nn import layers
     config = config_lib.replace(Config(), tta_flip=True)
     plain = config_lib.replace(config, tta_flip=False)
     params, model_state = model.init(jax.random.key(0), config)

@@ -11,8 +11,7 @@ import pytest
 from cnn_jax import config as config_lib
 from cnn_jax import model
 from cnn_jax.data import sources as data
-from cnn_jax.engine import evaluation, state, step, train
-from cnn_jax.nn import lowering
+from cnn_jax.engine import evaluation, state, train
 from cnn_jax.config import Config
 
 

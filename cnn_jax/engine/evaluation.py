@@ -11,12 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn_jax import model
-
-from cnn_jax.nn import lowering
-
-from cnn_jax.engine import step
 from cnn_jax.config import Config
+from cnn_jax.engine import step
 from cnn_jax.engine.state import unstack
+from cnn_jax.nn import lowering
 
 
 def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int):

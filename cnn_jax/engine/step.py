@@ -17,14 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from cnn_jax import model
-
-from cnn_jax.data import augment
-
-from cnn_jax.nn import layers, lowering
-
-from cnn_jax.engine import optim
 from cnn_jax.config import Config
+from cnn_jax.data import augment
+from cnn_jax.engine import optim
 from cnn_jax.engine.state import TrainState, step_rng
+from cnn_jax.nn import layers, lowering
 
 Metrics = dict[str, jax.Array]
 Batch = tuple[jax.Array, jax.Array]

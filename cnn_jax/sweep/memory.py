@@ -22,12 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Var, jaxprs_in_params
 
+from cnn_jax.config import Config
 from cnn_jax.engine import evaluation, optim
-
-from cnn_jax.nn import lowering
 from cnn_jax.engine import state as state_lib
 from cnn_jax.engine import step as step_lib
-from cnn_jax.config import Config
+from cnn_jax.nn import lowering
 
 # Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
 MEMORY_FRACTION = 0.25

@@ -11,12 +11,11 @@ import jax
 import numpy as np
 
 
-from cnn_jax.rundir import checkpoint, lock, readers, report
-
-from cnn_jax.engine import train
-from cnn_jax.data import sources as data_lib
-from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import ConfigError
+from cnn_jax.data import sources as data_lib
+from cnn_jax.engine import train
+from cnn_jax.rundir import checkpoint, lock, readers, report
+from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.sweep.group import train_group
 from cnn_jax.sweep.spec import Run, coerce_value
 
