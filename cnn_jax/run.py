@@ -30,7 +30,7 @@ import jax
 from cnn_jax import model
 from cnn_jax.config import Config
 from cnn_jax.data import sources as data_lib
-from cnn_jax.engine import state as state_lib, train
+from cnn_jax.engine import train
 from cnn_jax.engine.state import TrainState
 from cnn_jax.rundir import checkpoint, lock, plots, progress, report, signals
 from cnn_jax.rundir import workdir as workdir_lib
@@ -85,46 +85,48 @@ def train_in_workdir(config: Config, workdir: str, dataset: data_lib.Dataset | N
                      resume: bool = False, overwrite: bool = False, tensorboard: bool = False,
                      print_fn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train `config` keeping everything in `workdir`; return the per-epoch history (all epochs).
-    What the run reports (data source, strategy, epoch lines) goes to `print_fn`."""
-    if not os.path.isdir(workdir):   # a file as workdir, or a fresh one: refused before the lock creates it
-        workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+    What the run reports (data source, strategy, epoch lines) goes to `print_fn`.
+
+    Nothing is written until the workdir, the data and (with `resume`) the checkpoint are good."""
+    workdir_lib.check_target(workdir, resume=resume, overwrite=overwrite)   # before the lock creates it
     # In a multi-host run only process 0 writes files; every process takes part in checkpoints.
     primary = jax.process_index() == 0
     with lock.hold(workdir) if primary else contextlib.nullcontext():
         # Under the lock: a run another process is writing is refused as in use, not as foreign.
         workdir_lib.check(workdir, config, resume=resume, overwrite=overwrite)
+        if dataset is None:
+            dataset = data_lib.load(config)
+            print_fn(f"data: {dataset.source}")
         try:
-            return _train_locked(config, workdir, dataset, resume=resume, overwrite=overwrite,
-                                 tensorboard=tensorboard, primary=primary, print_fn=print_fn)
+            session = train.prepare(config, dataset)
+            start = checkpoint.restore_state(workdir, session.state, session.steps_per_epoch) if resume else None
+            if start is not None:
+                workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
+                step, steps = start[1].step, session.steps_per_epoch
+                print_fn(f"resuming {workdir} at step {step} (epoch {step // steps}, step {step % steps}/{steps})")
+            if primary:
+                workdir_lib.start(workdir, session.config, overwrite=overwrite)
+            state, history, records = _fit_keeping(session, start, workdir, tensorboard, primary, print_fn)
+            _write_results(session, workdir, state, history, records, primary)
+            return history
         except (BrokenPipeError, InterruptedError):
             raise
         except OSError as e:   # checkpoints, metrics, results, plots, TensorBoard events
             raise write_failed(workdir, e) from None
 
 
-def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None, *, resume: bool,
-                  overwrite: bool, tensorboard: bool, primary: bool,
-                  print_fn: Callable[[str], None]) -> list[dict[str, Any]]:
-    if dataset is None:
-        dataset = data_lib.load(config)
-        print_fn(f"data: {dataset.source}")
-    steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
-    start = checkpoint.restore_state(workdir, config, steps_per_epoch) if resume else None
+def _fit_keeping(session: train.Session, start: tuple[TrainState, train.RunLog] | None, workdir: str,
+                 tensorboard: bool, primary: bool,
+                 print_fn: Callable[[str], None]) -> tuple[TrainState, list[dict[str, Any]], list[dict[str, Any]]]:
+    """`train.fit_session` keeping the run in `workdir`: metrics and TensorBoard scalars as they come,
+    a checkpoint after every epoch and when a signal stops the run; (state, history, metrics records)."""
     start_step = start[1].step if start else None
-    if start is not None:
-        workdir_lib.read_metrics(workdir)   # a damaged metrics.jsonl fails here, before anything is written
-        print_fn(f"resuming {workdir} at step {start_step} (epoch {start_step // steps_per_epoch}, "
-                 f"step {start_step % steps_per_epoch}/{steps_per_epoch})")
-
-    # The data and the checkpoint are good: from here on the workdir is written.
-    if primary:
-        workdir_lib.start(workdir, config, overwrite=overwrite)
     metrics = workdir_lib.MetricsLog(workdir, keep_until_step=start_step, write=primary)
     manager = checkpoint.open_manager(workdir)
     writer = _tensorboard_writer(workdir, start_step) if tensorboard and primary else None
     closers = [metrics.flush] + ([writer.close] if writer else []) + [manager.close]
     try:
-        state, history = _fit_keeping(config, dataset, start, workdir, metrics, manager, writer, print_fn)
+        state, history = _fit_hooked(session, start, workdir, metrics, manager, writer, print_fn)
     except BaseException:
         for close in closers:   # the error in flight is the one to report
             with contextlib.suppress(Exception):
@@ -132,20 +134,17 @@ def _train_locked(config: Config, workdir: str, dataset: data_lib.Dataset | None
         raise
     for close in closers:
         close()
-    _write_results(config, workdir, dataset, state, history, metrics.records, primary)
-    return history
+    return state, history, metrics.records
 
 
-def _fit_keeping(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, train.RunLog] | None,
-                 workdir: str, metrics: workdir_lib.MetricsLog, manager: Any, writer: Any,
-                 print_fn: Callable[[str], None]) -> tuple[TrainState, list[dict[str, Any]]]:
-    """`train.fit` with the workdir's hooks: metrics and TensorBoard scalars as they come, a
-    checkpoint after every epoch and when a signal stops the run."""
-    steps_per_epoch = train.steps_per_epoch(config, len(dataset.train_labels))
+def _fit_hooked(session: train.Session, start: tuple[TrainState, train.RunLog] | None,
+                workdir: str, metrics: workdir_lib.MetricsLog, manager: Any, writer: Any,
+                print_fn: Callable[[str], None]) -> tuple[TrainState, list[dict[str, Any]]]:
+    """The hooks of `_fit_keeping` around `train.fit_session`; a signal or a diverged run raises in one line."""
 
     def save(state: TrainState, log: train.RunLog) -> None:
         metrics.flush()
-        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, config, steps_per_epoch))
+        checkpoint.save(manager, state, checkpoint.checkpoint_meta(log, session.config, session.steps_per_epoch))
 
     def on_log(record: dict[str, Any]) -> None:
         metrics.append(record)
@@ -165,7 +164,7 @@ def _fit_keeping(config: Config, dataset: data_lib.Dataset, start: tuple[TrainSt
         hooks = train.Hooks(on_log=on_log, on_epoch=on_epoch, should_stop=lambda step: stop.requested,
                             on_stop=save, progress=progress.epoch_progress, print_fn=print_fn)
         try:
-            return train.fit(config, dataset, start, hooks)
+            return train.fit_session(session, start, hooks)
         except train.Stopped as e:
             raise signals.Interrupted(stop.signum or signal.SIGINT, e.step,
                                       checkpoint.checkpoint_dir(workdir)) from None
@@ -176,16 +175,19 @@ def _fit_keeping(config: Config, dataset: data_lib.Dataset, start: tuple[TrainSt
             raise FloatingPointError(f"{e}; {kept}") from None
 
 
-def _write_results(config: Config, workdir: str, dataset: data_lib.Dataset, state: TrainState,
-                   history: list[dict[str, Any]], records: list[dict[str, Any]], primary: bool) -> None:
+def _write_results(session: train.Session, workdir: str, state: TrainState, history: list[dict[str, Any]],
+                   records: list[dict[str, Any]], primary: bool) -> None:
     """results.json (the test set evaluated with the weights the run evaluates, by every process)
     and the plots (by process 0)."""
-    result = report.evaluate_test(state_lib.eval_params(state), state.model_state, dataset, config)
+    dataset = session.dataset
+    result, = session.program.evaluate(state, dataset.test_images, dataset.test_labels, True)
+    result = report.summarize_test(result, dataset)
     if not primary:
         return
     step = history[-1]["step"] if history else 0
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
                            report.results_json(result, dataset.class_names, step))
-    plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), config, records,
-                          model.first_conv(jax.device_get(state.params), config), dataset.test_images, dataset.test_labels,
+    plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), session.config, records,
+                          model.first_conv(jax.device_get(state.params), session.config),
+                          dataset.test_images, dataset.test_labels,
                           result["predictions"], result["confusion"], dataset.class_names)

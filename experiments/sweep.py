@@ -114,12 +114,13 @@ def main(argv):
         if group[0].config.batch_size > n:
             raise ConfigError(f"run {group[0].name}: --batch_size={group[0].config.batch_size} is larger "
                               f"than the {n} training images")
+    programs = {}   # compiled once per program key and group size, reused by the later groups
     for i, group in enumerate(groups):
         print(f"group {i + 1}/{len(groups)}: {len(group)} run(s) together: "
               + "  ".join(r.name for r in group), flush=True)
         key = sweep.data_key(group[0].config)
         rows = sweep.run_group(FLAGS.workdir, group, datasets[key], print_fn=lambda line: print(line, flush=True),
-                               validation=held_out[key])
+                               validation=held_out[key], programs=programs)
         seconds = rows[0]["time_s"]
         print(f"group {i + 1}/{len(groups)} done in {seconds:.1f} s", flush=True)
         sweep.write_results(FLAGS.workdir)

@@ -19,5 +19,5 @@ def stop_and_resume(config, dataset, workdir: str, stop_step: int, steps_per_epo
     with pytest.raises(train.Stopped):
         train.fit(config, dataset, hooks=train.Hooks(should_stop=lambda step: step == stop_step, on_stop=on_stop))
     manager.close()
-    start = checkpoint.restore_state(workdir, config, steps_per_epoch)
+    start = checkpoint.restore_state(workdir, checkpoint.fresh_state(config), steps_per_epoch)
     return whole, train.fit(config, dataset, start=start), start

@@ -174,11 +174,7 @@ def test_the_comparison_fails_a_planted_device_split_bug(mnist_dir, one_device, 
     """The comparison above is not loose: a run with any of these bugs fails it."""
     name, replacement = PLANTED[bug]
     monkeypatch.setattr(step, name, replacement())
-    train.compiled_runner.cache_clear()     # compile the step again with the bug in it
-    try:
-        planted = _one_device_params(mnist_dir, "scan")
-    finally:
-        train.compiled_runner.cache_clear()
+    planted = _one_device_params(mnist_dir, "scan")   # each run builds (and compiles) its own program
     with pytest.raises(AssertionError, match="above"):
         numerics.assert_updates_close(planted, one_device["scan"], _start(mnist_dir), what=bug)
 
@@ -187,11 +183,7 @@ def test_the_comparison_admits_rounding_level_gradient_noise(mnist_dir, one_devi
     """Updates off by 1e-4 relative (a hundred times float32 rounding of these sums, as another CPU
     might round them) still pass: the tolerance does not depend on this CPU's rounding."""
     monkeypatch.setattr(optim, "apply_updates", numerics.perturb_updates(1e-4))
-    train.compiled_runner.cache_clear()
-    try:
-        noisy = _one_device_params(mnist_dir, "scan")
-    finally:
-        train.compiled_runner.cache_clear()
+    noisy = _one_device_params(mnist_dir, "scan")
     assert any(not np.array_equal(noisy[k], one_device["scan"][k]) for k in noisy)
     numerics.assert_updates_close(noisy, one_device["scan"], _start(mnist_dir), what="noisy updates")
 

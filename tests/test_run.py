@@ -134,12 +134,12 @@ def test_checkpoint_meta_round_trips_a_mid_epoch_state(tiny, tmp_path):
     with pytest.raises(train.Stopped):
         train.fit(TINY, tiny, hooks=train.Hooks(should_stop=lambda step: step == 7, on_stop=on_stop))
     manager.close()
-    start = checkpoint.restore_state(workdir, TINY, 10)
+    start = checkpoint.restore_state(workdir, checkpoint.fresh_state(TINY), 10)
     assert start[1].step == int(start[0].step) == 7 and len(start[1].epoch_losses) == 7
     final, _ = train.fit(TINY, tiny, start=start)
     assert leaves_equal(final, whole)
     with pytest.raises(ConfigError, match="steps per epoch"):
-        checkpoint.restore_state(workdir, TINY, 20)
+        checkpoint.restore_state(workdir, checkpoint.fresh_state(TINY), 20)
 
 
 def test_a_foreign_workdir_is_refused_and_left_untouched(tiny, tmp_path):

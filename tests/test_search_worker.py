@@ -87,7 +87,7 @@ def test_a_worker_prunes_trials_out_of_their_group_and_tells_the_study(tmp_path,
         records = workdir_lib.read_metrics(str(run_dir))
         assert [r["kind"] for r in records].count("evaluation") == 2
         assert [r["validation_accuracy"] for r in records if r["kind"] == "epoch"] == [t.intermediate_values[2]]
-        _, log = checkpoint.restore_state(str(run_dir), workdir_lib.read_config(str(run_dir)), 8)
+        _, log = checkpoint.restore_state(str(run_dir), checkpoint.fresh_state(workdir_lib.read_config(str(run_dir))), 8)
         assert log.step == 8 and [r["validation_accuracy"] for r in log.history] == [t.intermediate_values[2]]
 
 

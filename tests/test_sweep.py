@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from cnn_jax import config as config_lib
 from cnn_jax import model
 from cnn_jax import models, sweep
-from cnn_jax.engine import evaluation, optim, step, train
+from cnn_jax.engine import evaluation, optim, program as program_lib, step, train
 from cnn_jax.engine import state as state_lib
 from cnn_jax.rundir import workdir as workdir_lib
 from cnn_jax.config import Config, ConfigError
@@ -281,6 +281,25 @@ def test_a_group_of_one_trains_the_program_the_run_trains_alone(small_dataset):
                                                     jax.tree.leaves(jax.device_get(alone.params))))
 
 
+def test_runs_one_after_another_reuse_one_program_and_keep_their_own_digits(small_dataset):
+    """A sweep trained one run at a time builds (and compiles) its program once: the next run of
+    the same key draws its own state and trains the same program, with the digits it has alone."""
+    base = config_lib.replace(Config(), optimizer="adam", batch_size=32, epochs=1, log_every=2)
+    configs = [config_lib.replace(base, learning_rate=lr, seed=s) for lr, s in ((0.001, 0), (0.004, 3))]
+    programs = {}
+    results = [sweep.train_group([c], small_dataset, programs=programs) for c in configs]
+    assert len(programs) == 1
+    program, = programs.values()
+    again, _ = program_lib.build([configs[1]], small_dataset, results[1].steps_per_epoch, programs=programs)
+    assert again is program and len(programs) == 1
+    for config, result in zip(configs, results):
+        alone, history = train.fit(config, small_dataset)
+        assert _without_times(result.histories[0]) == _without_times(history)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(result.states[0].params)),
+                                                        jax.tree.leaves(jax.device_get(alone.params))))
+    assert _without_times(results[0].histories[0]) != _without_times(results[1].histories[0])
+
+
 def test_a_vmapped_group_stays_within_rounding_of_its_runs_alone_over_a_whole_run(small_dataset):
     """A vmapped program sums in another order than the runs alone (batched kernels), so on CPU its
     digits differ; over a whole short run (2 epochs of Adam) the difference stays a rounding-level
@@ -330,11 +349,7 @@ def test_the_comparison_fails_a_swapped_run_or_a_scaled_gradient(group_and_alone
                                       what="swapped")
     loss_fn = step.loss_fn
     monkeypatch.setattr(step, "loss_fn", lambda *args: (lambda loss, m: (1.01 * loss, m))(*loss_fn(*args)))
-    train.compiled_runner.cache_clear()
-    try:
-        scaled = train.fit(configs[0], tiny_dataset)[0].params
-    finally:
-        train.compiled_runner.cache_clear()
+    scaled = train.fit(configs[0], tiny_dataset)[0].params
     with pytest.raises(AssertionError, match="above"):
         numerics.assert_updates_close(scaled, alone[0][0].params, _start(configs[0]), what="gradient x 1.01")
 

@@ -15,7 +15,6 @@ sweep or as a search trial; several runs train as one program vmapped over a lea
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from typing import Any, Callable, Sequence
 
@@ -48,16 +47,14 @@ def resolve_loop(config: Config) -> str:
     return lowering.resolve(config).loop
 
 
-@functools.lru_cache(maxsize=16)
 def compiled_runner(config: Config, total_steps: int, loop: str):
-    """(optimizer, jitted runner) of one run; cached, so training a config again (a resumed or
-    repeated run, the next run of a sweep) reuses the compiled step instead of recompiling it."""
+    """(optimizer, jitted runner) of one run. Runs of one program key reuse it through the
+    `Program` that holds it (`build`'s `programs`), not through a cache of this module."""
     optimizer = optim.make_optimizer(config, total_steps)
     train_step = parallel.data_parallel(config).wrap_step(step_lib.make_train_step(config, optimizer))
     return optimizer, step_lib.make_runner(config, train_step, loop)
 
 
-@functools.lru_cache(maxsize=16)
 def compiled_group_runner(key: Config, total_steps: int, loop: str):
     """The jitted runner of several runs: the train step vmapped over the run axis of the state
     and of the batches. The per-run values it reads are in the state, so one key compiles once
@@ -128,7 +125,7 @@ class Program:
     runner: Callable              # (state, images, labels, order, first[, count]) -> (state, metrics)
     evaluate: Evaluate            # (state, images, labels, predictions) -> one result per run
     place: Callable[[Any], Any]   # puts arrays where the runner wants them (replicated over devices)
-    describe: str                 # the start-up `strategy:` line
+    describe: str                 # the start-up `strategy:` line (and the layer shapes with --debug)
 
 
 def _single(config: Config, dataset: data_lib.Dataset, num_steps: int,
@@ -144,8 +141,7 @@ def _single(config: Config, dataset: data_lib.Dataset, num_steps: int,
         compiling = threading.Thread(target=lambda: compiled.append(compile_ahead(
             key, dataset, optimizer, runner, loop, num_steps)), daemon=True)
         compiling.start()
-    if state is None:   # the run's own hyperparameters in its optimiser state, not the key's
-        state = state_lib.create(config, optim.make_optimizer(config, num_steps * config.epochs))
+    state = initial_state([config], num_steps, state)
     evals: dict[tuple[int, ...], Callable] = {}
     if compiling is not None:
         compiling.join()
@@ -158,8 +154,11 @@ def _single(config: Config, dataset: data_lib.Dataset, num_steps: int,
         return [evaluation.evaluate(state_lib.eval_params(state), state.model_state, images, labels, key,
                                     return_predictions=predictions, batch_fn=evals.get(shape))]
 
+    state = dp.replicate(state)
     describe = f"strategy: {model.strategy(config).describe()}, {dp.describe()}"
-    return Program(key, loop, False, runner, evaluate, dp.replicate, describe), dp.replicate(state)
+    if config.debug:
+        describe += "\n" + model.format_layer_shapes(config)
+    return Program(key, loop, False, runner, evaluate, dp.replicate, describe), state
 
 
 def _stacked(configs: Sequence[Config], num_steps: int) -> tuple[Program, TrainState]:
@@ -167,7 +166,7 @@ def _stacked(configs: Sequence[Config], num_steps: int) -> tuple[Program, TrainS
     config = configs[0]
     loop, key, total = resolve_loop(config), program_key(config), num_steps * config.epochs
     runner = compiled_group_runner(key, total, loop)
-    state = state_lib.stack([state_lib.create(c, optim.make_optimizer(c, total)) for c in configs])
+    state = initial_state(configs, num_steps)
 
     def evaluate(state: TrainState, images: Any, labels: Any, predictions: bool = False) -> list[dict[str, Any]]:
         result = evaluation.evaluate_runs(state_lib.eval_params(state), state.model_state, images, labels, key,
@@ -178,17 +177,37 @@ def _stacked(configs: Sequence[Config], num_steps: int) -> tuple[Program, TrainS
     return Program(key, loop, True, runner, evaluate, lambda tree: jax.tree.map(jnp.asarray, tree), describe), state
 
 
-def build(configs: Sequence[Config], dataset: data_lib.Dataset, num_steps: int,
-          start: TrainState | None = None) -> tuple[Program, TrainState]:
+def initial_state(configs: Sequence[Config], num_steps: int, start: TrainState | None = None) -> TrainState:
+    """The runs' initial states (stacked on a run axis when there are several), each with its own
+    hyperparameters in its optimiser state, not the key's; `start` (one run) continues a saved one."""
+    if start is not None:
+        return start
+    states = [state_lib.create(c, optim.make_optimizer(c, num_steps * c.epochs)) for c in configs]
+    return states[0] if len(states) == 1 else state_lib.stack(states)
+
+
+def build(configs: Sequence[Config], dataset: data_lib.Dataset, num_steps: int, start: TrainState | None = None,
+          programs: dict[tuple, Program] | None = None) -> tuple[Program, TrainState]:
     """(the program, the initial state on its devices) for `configs` (one `program_key`); `start`
-    (one run only) continues a saved state instead of drawing a fresh one."""
+    (one run only) continues a saved state instead of drawing a fresh one.
+
+    `programs` holds the programs built before (a sweep or a search passes one dict for all its
+    groups): one built for the same key, group size and data shapes is reused, so the next run
+    of a sweep draws its state and trains without compiling again."""
     if len({program_key(c) for c in configs}) != 1:
         raise ValueError("runs trained together must differ only in PER_RUN_FIELDS")
-    if len(configs) == 1:
-        return _single(configs[0], dataset, num_steps, start)
-    if start is not None:
+    if len(configs) > 1 and start is not None:
         raise ValueError("only a single run continues a saved state")
-    return _stacked(configs, num_steps)
+    shapes = (program_key(configs[0]), len(configs), num_steps, dataset.train_images.shape,
+              dataset.train_images.dtype.str, dataset.test_images.shape)
+    if programs is not None and shapes in programs:
+        program = programs[shapes]
+        return program, program.place(initial_state(configs, num_steps, start))
+    program, state = (_stacked(configs, num_steps) if len(configs) > 1
+                      else _single(configs[0], dataset, num_steps, start))
+    if programs is not None:
+        programs[shapes] = program
+    return program, state
 
 
 def take(state: TrainState, keep: Sequence[int]) -> TrainState:

@@ -1,4 +1,5 @@
-"""`fit`: one run trained by the loop (`engine.loop`), from a fresh state or a checkpoint.
+"""`fit`: one run trained by the loop (`engine.loop`), from a fresh state or a checkpoint; a
+`Session` is one run prepared (its program built, its fresh state drawn) before it trains.
 
 The pieces other modules and tests reach through here (the RunLog, the epoch line, the
 compiled single-run runner) live in `engine.runlog` and `engine.program`.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from cnn_jax import model
 from cnn_jax.config import Config
 from cnn_jax.data import sources as data_lib
 from cnn_jax.engine import loop, program as program_lib
@@ -43,6 +43,26 @@ class Hooks:
     print_fn: Callable[[str], None] = print
 
 
+@dataclasses.dataclass
+class Session:
+    """One run ready to train, built once from its config: the data, the steps per epoch, the
+    program (`engine.program.build`) and the fresh state on the program's devices. What comes
+    after (a checkpoint restored into its state, training, the final evaluation) needs no config."""
+
+    config: Config
+    dataset: data_lib.Dataset
+    steps_per_epoch: int
+    program: program_lib.Program
+    state: TrainState
+
+
+def prepare(config: Config, dataset: data_lib.Dataset, state: TrainState | None = None) -> Session:
+    """The session of `config` on `dataset`, starting from `state` (default: a fresh one)."""
+    num_steps = steps_per_epoch(config, len(dataset.train_labels))
+    program, state = program_lib.build([config], dataset, num_steps, state)
+    return Session(config, dataset, num_steps, program, state)
+
+
 def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunLog] | None = None,
         hooks: Hooks | None = None) -> tuple[TrainState, list[Record]]:
     """Train on `dataset` from `start` (default: a fresh state); return (final state, history).
@@ -51,12 +71,15 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
     already done, with its moving loss and partial sums, so a resumed run computes what an
     uninterrupted one does. A non-finite loss or parameter raises FloatingPointError naming the
     step. The strategy line and the epoch lines go to `hooks.print_fn`."""
+    return fit_session(prepare(config, dataset, None if start is None else start[0]), start, hooks)
+
+
+def fit_session(session: Session, start: tuple[TrainState, RunLog] | None = None,
+                hooks: Hooks | None = None) -> tuple[TrainState, list[Record]]:
+    """`fit` of a prepared session, from its state or from `start` (a restored state and its log)."""
     hooks = hooks or Hooks()
-    num_steps = steps_per_epoch(config, len(dataset.train_labels))
-    program, state = program_lib.build([config], dataset, num_steps, None if start is None else start[0])
+    config, dataset, program = session.config, session.dataset, session.program
     hooks.print_fn(program.describe)
-    if config.debug:
-        hooks.print_fn(model.format_layer_shapes(config))
 
     def on_epoch(r: int, log: RunLog, record: Record, state: Callable[[], TrainState]) -> None:
         hooks.print_fn(format_epoch(record))
@@ -67,8 +90,8 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
         on_stop=lambda r, state, log: hooks.on_stop(state, log),
         **({} if hooks.progress is None else {"progress": hooks.progress}))
     plan = loop.Plan({"test": (dataset.test_images, dataset.test_labels)}, full_train=config.train_eval == "full")
-    outcome, = loop.train_runs([config], dataset, program, state, [RunLog() if start is None else start[1]],
-                               engine_hooks, plan)
+    state, log = (session.state, RunLog()) if start is None else (program.place(start[0]), start[1])
+    outcome, = loop.train_runs([config], dataset, program, state, [log], engine_hooks, plan)
     if outcome.status == loop.DIVERGED:
         raise FloatingPointError(outcome.message)
     return outcome.state, outcome.log.history

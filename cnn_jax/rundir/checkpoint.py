@@ -22,9 +22,9 @@ which `latest_step` ignores: the previous checkpoint stays the latest readable o
 A save that fails (disk full, read-only filesystem, run directory deleted) raises
 `workdir.WriteError` in one line and removes what it had written; whatever it could not
 remove is cleared by the next writer (`open_manager`).
-Restoring builds the target structure from the config (`jax.eval_shape` of the model
-and optimiser init) and reads plain NumPy arrays, so a checkpoint written on a GPU
-machine restores on a CPU-only one.
+Restoring reads into the structure of the run's fresh state (built from the config, or the
+one the training session already drew) as plain NumPy arrays, so a checkpoint written on a
+GPU machine restores on a CPU-only one.
 """
 
 from __future__ import annotations
@@ -155,46 +155,51 @@ def latest_step(workdir: str) -> int | None:
         manager.close()
 
 
-def abstract_state(config: Config) -> state_lib.TrainState:
-    """Shape/dtype tree of the TrainState for `config`, computed without allocating."""
-    return state_lib.abstract(config, optim.make_optimizer(config, total_steps=1))
+def fresh_state(config: Config) -> state_lib.TrainState:
+    """The TrainState a fresh run of `config` starts from: what a checkpoint of it must match."""
+    return state_lib.create(config, optim.make_optimizer(config, total_steps=1))
 
 
 def _zeros(tree: Any) -> Any:
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
 
 
-def _targets(config: Config, meta: dict[str, Any]) -> tuple[dict[str, Any], state_lib.TrainState]:
-    """(what to read, the abstract TrainState) for a checkpoint with `meta`: the arrays of a
+def _target(like: state_lib.TrainState, meta: dict[str, Any]) -> dict[str, Any]:
+    """What to read for a checkpoint with `meta`, shaped like the state `like`: the arrays of a
     TrainState, or, for a checkpoint of the format before it, params and the bare optimiser's
     state leaves."""
-    shapes = abstract_state(config)
     if "format" not in meta:
-        inner = shapes.opt_state.inner_state
-        return {"params": _zeros(shapes.params), "opt_state": [_zeros(s) for s in jax.tree.leaves(inner)]}, shapes
-    return _arrays(_zeros(shapes)), shapes
+        inner = like.opt_state.inner_state
+        return {"params": _zeros(like.params), "opt_state": [_zeros(s) for s in jax.tree.leaves(inner)]}
+    return _arrays(_zeros(like))
 
 
-def _state_from(arrays: dict[str, Any], shapes: state_lib.TrainState, config: Config,
-                meta: dict[str, Any]) -> state_lib.TrainState:
-    """The TrainState of restored arrays; a checkpoint of the format before it is migrated."""
+def _state_from(arrays: dict[str, Any], like: state_lib.TrainState, meta: dict[str, Any]) -> state_lib.TrainState:
+    """The TrainState of restored arrays; a checkpoint of the format before it is migrated (its
+    optimiser hyperparameters and rng are those of the fresh state `like`)."""
     if "format" not in meta:
         step = np.int32(meta["step"])
-        fresh = optim.make_optimizer(config, total_steps=1).init(arrays["params"])
-        inner = jax.tree.unflatten(jax.tree.structure(shapes.opt_state.inner_state), arrays["opt_state"])
-        opt_state = fresh._replace(count=np.asarray(step), inner_state=inner,
-                                   hyperparams=jax.tree.map(np.asarray, fresh.hyperparams))
-        return state_lib.TrainState(arrays["params"], opt_state, {}, np.asarray(state_lib.run_rng(config)),
-                                    np.asarray(step))
-    opt_state = jax.tree.unflatten(jax.tree.structure(shapes.opt_state), arrays["opt_state"])
-    model_state = jax.tree.unflatten(jax.tree.structure(shapes.model_state), arrays.get("model_state", []))
+        inner = jax.tree.unflatten(jax.tree.structure(like.opt_state.inner_state), arrays["opt_state"])
+        opt_state = like.opt_state._replace(count=np.asarray(step), inner_state=inner,
+                                            hyperparams=jax.tree.map(np.asarray, like.opt_state.hyperparams))
+        return state_lib.TrainState(arrays["params"], opt_state, {}, np.asarray(like.rng), np.asarray(step))
+    opt_state = jax.tree.unflatten(jax.tree.structure(like.opt_state), arrays["opt_state"])
+    model_state = jax.tree.unflatten(jax.tree.structure(like.model_state), arrays.get("model_state", []))
     return state_lib.TrainState(arrays["params"], opt_state, model_state, arrays["rng"], arrays["step"],
                                 arrays.get("ema"))
 
 
 def restore(workdir: str, config: Config, step: int | None = None,
             meta_fields: dict[str, readers.Kind] | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
-    """(TrainState, meta) of checkpoint `step` (default: the latest), as NumPy arrays.
+    """(TrainState, meta) of checkpoint `step` (default: the latest) of a run of `config`, as NumPy
+    arrays (`restore_like` with the config's fresh state)."""
+    return restore_like(workdir, fresh_state(config), step, meta_fields)
+
+
+def restore_like(workdir: str, like: state_lib.TrainState, step: int | None = None,
+                 meta_fields: dict[str, readers.Kind] | None = None) -> tuple[state_lib.TrainState, dict[str, Any]]:
+    """(TrainState, meta) of checkpoint `step` (default: the latest), as NumPy arrays, checked
+    to have the structure, shapes and dtypes of `like` (a fresh state of the run's config).
 
     The meta item must be a JSON object; with `meta_fields` (e.g. `RUN_META_FIELDS`) those
     fields must be there and of their kinds. Any other meta is a one-line CheckpointError.
@@ -230,7 +235,7 @@ def restore(workdir: str, config: Config, step: int | None = None,
             raise CheckpointError(f"{where}/{step}: checkpoint format {meta['format']!r} is not known to this "
                                   f"version (it reads {FORMAT} and the format before it); use the version "
                                   "that wrote it")
-        target, shapes = _targets(config, meta)
+        target = _target(like, meta)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises many types for damaged or mismatched checkpoints
@@ -239,7 +244,7 @@ def restore(workdir: str, config: Config, step: int | None = None,
         manager.close()
     arrays = jax.tree.map(np.asarray, restored["state"])
     _check_matches(arrays, target, f"{where}/{step}")
-    return _state_from(arrays, shapes, config, meta), meta
+    return _state_from(arrays, like, meta), meta
 
 
 def _older_checkpoints_hint(where: str, steps: list[int], step: int) -> str:
@@ -299,11 +304,13 @@ def checkpoint_meta(log: RunLog, config: Config, steps_per_epoch: int) -> dict[s
     }
 
 
-def restore_state(workdir: str, config: Config, steps_per_epoch: int) -> tuple[state_lib.TrainState, RunLog] | None:
-    """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none."""
+def restore_state(workdir: str, like: state_lib.TrainState,
+                  steps_per_epoch: int) -> tuple[state_lib.TrainState, RunLog] | None:
+    """The (TrainState, RunLog) of the workdir's latest checkpoint, or None when it has none;
+    `like` is the run's fresh state (its structure, shapes and dtypes are the checkpoint's)."""
     if latest_step(workdir) is None:
         return None
-    state, meta = restore(workdir, config, meta_fields=RUN_META_FIELDS)
+    state, meta = restore_like(workdir, like, meta_fields=RUN_META_FIELDS)
     if meta.get("steps_per_epoch") != steps_per_epoch:
         raise ConfigError(f"the checkpoint in {workdir} has {meta.get('steps_per_epoch')} steps per epoch "
                           f"but this config gives {steps_per_epoch}: the data or --batch_size differ")

@@ -28,8 +28,12 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
 
 def evaluate_test(params: Any, model_state: Any, dataset: Dataset, config: Config) -> dict[str, Any]:
     """Test loss, accuracy (the same numbers `train.fit` prints), predictions, confusion, per-class."""
-    result = evaluation.evaluate(params, model_state, jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels),
-                            config, return_predictions=True)
+    return summarize_test(evaluation.evaluate(params, model_state, jnp.asarray(dataset.test_images),
+                                           jnp.asarray(dataset.test_labels), config, return_predictions=True), dataset)
+
+
+def summarize_test(result: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+    """An evaluation of the test set with its predictions, plus the confusion matrix and per-class accuracy."""
     confusion = confusion_matrix(dataset.test_labels, result["predictions"], dataset.num_classes)
     return {**result, "confusion": confusion, "per_class_accuracy": per_class_accuracy(confusion)}
 

@@ -23,6 +23,7 @@ the file it was replacing is untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -173,13 +174,10 @@ def holds_run(workdir: str) -> bool:
 
 def config_differences(stored: Config, given: Config, ignore: Iterable[str] = ()) -> list[str]:
     """`--name=given (run has stored)` for every field that differs, except those in `ignore`."""
-    skip = set(ignore)
-    out = []
-    for name, value in config_lib.to_dict(given).items():
-        old = config_lib.to_dict(stored)[name]
-        if name not in skip and value != old:
-            out.append(f"--{name}={value} (the run has {old})")
-    return out
+    shown = lambda value: list(value) if isinstance(value, tuple) else value   # noqa: E731 - as in config.json
+    names = [f.name for f in dataclasses.fields(given) if f.name not in set(ignore)]
+    return [f"--{name}={shown(getattr(given, name))} (the run has {shown(getattr(stored, name))})"
+            for name in names if getattr(given, name) != getattr(stored, name)]
 
 
 def resume_config(workdir: str, given: Config, present: Iterable[str]) -> Config:
@@ -199,17 +197,23 @@ def resume_config(workdir: str, given: Config, present: Iterable[str]) -> Config
     return model_lib.validate(merged)
 
 
+def check_target(workdir: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse flags that exclude each other and a workdir that is a file (one-line ConfigError):
+    what `check` refuses before the run's lock creates the folder."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run "
+                          f"in {workdir}, --overwrite deletes it")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+
+
 def check(workdir: str, config: Config, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse, before anything is written, a workdir that cannot take this run (one-line ConfigError).
 
     A workdir holding another run is refused unless `resume` (continue it; its config must
     match `config` up to `RESUMABLE_FIELDS`) or `overwrite` (replace it).
     """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run "
-                          f"in {workdir}, --overwrite deletes it")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir={workdir} is a file, not a directory")
+    check_target(workdir, resume, overwrite)
     if not holds_run(workdir):
         return
     if not resume and not overwrite:

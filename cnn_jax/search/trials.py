@@ -63,7 +63,8 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
                  val_labels: np.ndarray, eval_every: int,
                  decide: Callable[[list[int], list[dict[str, Any]]], Sequence[bool]],
                  on_record: Callable[[int, dict[str, Any]], None] = lambda i, r: None,
-                 on_stop: Callable[[int, TrialResult], None] = lambda i, r: None) -> list[TrialResult]:
+                 on_stop: Callable[[int, TrialResult], None] = lambda i, r: None,
+                 programs: dict[tuple, program_lib.Program] | None = None) -> list[TrialResult]:
     """Train `configs` (one `sweep.group_key`) on `dataset`'s training images as one vmapped group.
 
     At each evaluation point (the last one too, whose answer is ignored: a trial that
@@ -72,10 +73,11 @@ def train_trials(configs: Sequence[Config], dataset: data_lib.Dataset, val_image
     "validation_loss", "validation_accuracy"}) and returns, per member, whether to stop it
     (pruned). `on_record(i, record)` gets every metrics record of member i as it is made;
     `on_stop(i, result)` each member's result as soon as it stops or finishes. Returns the
-    results in the order of `configs`.
+    results in the order of `configs`. `programs` (one dict for a whole search) reuses the
+    programs of earlier batches (`engine.program.build`).
     """
     num_steps = train.steps_per_epoch(configs[0], len(dataset.train_labels))   # ConfigError without a full batch
-    program, state = program_lib.build(configs, dataset, num_steps)
+    program, state = program_lib.build(configs, dataset, num_steps, programs=programs)
     records: list[list[dict[str, Any]]] = [[] for _ in configs]
 
     def record(i: int, rec: dict[str, Any]) -> None:

@@ -76,6 +76,7 @@ def run_worker(study: optuna.Study, storage: optuna.storages.RDBStorage, setting
     start = time.perf_counter()
     heartbeats = Heartbeats(storage, heartbeat_interval)
     datasets: dict[tuple, tuple] = {}
+    programs: dict[tuple, Any] = {}   # the compiled programs, reused by the next batches (`engine.program.build`)
     waiting_said = False
     try:
         report_kept(study, settings, search_dir, result, print_fn)
@@ -94,7 +95,7 @@ def run_worker(study: optuna.Study, storage: optuna.storages.RDBStorage, setting
                 time.sleep(heartbeat_interval)
                 continue
             waiting_said = False
-            _train_batch(study, settings, search_dir, asked, load_dataset, datasets, heartbeats,
+            _train_batch(study, settings, search_dir, asked, load_dataset, (datasets, programs), heartbeats,
                          max_parallel, result, print_fn)
     finally:
         heartbeats.close()
@@ -163,12 +164,13 @@ class _Deferred:
         return True
 
 
-def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, heartbeats, max_parallel,
+def _train_batch(study, settings, search_dir, asked, load_dataset, loaded, heartbeats, max_parallel,
                  result, print_fn) -> None:
     """Train one asked batch: its trials grouped by shape (`sweep.group_runs`), each group trained
     by `_train_group`. On SIGINT or an error nothing asked is lost: what was not finished is told
     failed and re-queued."""
     guard = storage_lib.guard_of(study._storage)
+    datasets, programs = loaded
     runs = [sweep.Run(f"trial_{t.number:05d}", dict(t.params), study_lib.trial_config(settings, t.params)) for t in asked]
     by_name = {run.name: trial for run, trial in zip(runs, asked)}
     untold = {t.number for t in asked}     # not finished: failed and re-queued if the worker stops
@@ -180,7 +182,7 @@ def _train_batch(study, settings, search_dir, asked, load_dataset, datasets, hea
                 datasets[key] = study_lib.split_validation(load_dataset(group[0].config), settings)
             tells = _GroupTells(study, settings, [by_name[r.name] for r in group], heartbeats, result, print_fn,
                                 guard, deferred)
-            _train_group(search_dir, group, tells, datasets[key], untold)
+            _train_group(search_dir, group, tells, datasets[key], untold, programs)
     except storage_lib.StorageUnavailable:
         raise   # what is unfinished stays RUNNING: its heartbeats stop, and a rerun re-queues it
     except BaseException:
@@ -262,7 +264,8 @@ class _GroupTells:
                       + (f" ({outcome.message})" if outcome.message else ""))
 
 
-def _train_group(search_dir: str, group: list, tells: _GroupTells, data: tuple, untold: set[int]) -> None:
+def _train_group(search_dir: str, group: list, tells: _GroupTells, data: tuple, untold: set[int],
+                 programs: dict[tuple, Any]) -> None:
     """Train one group's trials in their run directories (each locked while it trains), telling
     each trial's outcome as soon as it has one."""
     train_data, val_images, val_labels = data
@@ -288,7 +291,7 @@ def _train_group(search_dir: str, group: list, tells: _GroupTells, data: tuple, 
 
         trials_lib.train_trials([r.config for r in group], train_data, val_images, val_labels,
                                 tells.settings.eval_every, tells.decide, lambda i, record: logs[i].append(record),
-                                on_stop)
+                                on_stop, programs)
         tells.deferred.flush(wait=True)   # still holding the directories: no rerun reports them meanwhile
 
 

@@ -75,7 +75,8 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
                 on_log: Callable[[int, dict[str, Any]], None] = _noop,
                 on_epoch: Callable[[int, dict[str, Any]], None] = _noop,
                 validation: tuple[np.ndarray, np.ndarray] | None = None,
-                progress: Callable[[int, int, int], Any] | None = None) -> GroupResult:
+                progress: Callable[[int, int, int], Any] | None = None,
+                programs: dict[tuple, program_lib.Program] | None = None) -> GroupResult:
     """Train runs that share a `group_key` together, through the training loop (`engine.loop`):
     one run trains its own program (the digits `train.fit` gives), several one vmapped program.
 
@@ -83,12 +84,13 @@ def train_group(configs: Sequence[Config], dataset: data_lib.Dataset,
     on_epoch(run_index, record) the per-epoch record. A run whose loss or params become
     non-finite is marked diverged (its history stops) while the others go on. With
     `validation` (images, labels held out of `dataset`'s training images: `data.sources.hold_out`),
-    each epoch's record also holds `validation_loss` and `validation_accuracy`.
+    each epoch's record also holds `validation_loss` and `validation_accuracy`. `programs` (one
+    dict for a whole sweep) reuses the programs of earlier groups (`engine.program.build`).
     """
     start_time = time.perf_counter()
     config = configs[0]
     num_steps = steps_per_epoch(config, len(dataset.train_labels))
-    program, state = program_lib.build(configs, dataset, num_steps)
+    program, state = program_lib.build(configs, dataset, num_steps, programs=programs)
     held_out = {"test": (dataset.test_images, dataset.test_labels)}
     if validation is not None:
         held_out["validation"] = validation

@@ -81,10 +81,12 @@ def result_row(run: Run, history: list[dict[str, Any]], status: str, message: st
 
 def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
               print_fn: Callable[[str], None] = print,
-              validation: tuple[Any, Any] | None = None) -> list[dict[str, Any]]:
+              validation: tuple[Any, Any] | None = None,
+              programs: dict[tuple, Any] | None = None) -> list[dict[str, Any]]:
     """Train one group and keep each run in its directory; return the runs' result rows.
     With `validation` (images and labels held out of `dataset`'s training images), the rows
-    also hold the final validation loss and accuracy.
+    also hold the final validation loss and accuracy. `programs` (one dict for the whole sweep)
+    reuses the programs compiled for earlier groups (`engine.program.build`).
 
     Each run directory is locked for the group's whole training (`cnn_jax.rundir.lock`: another
     process training the same run is refused; the sweep directory itself is shared by every
@@ -102,7 +104,7 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
                 raise ConfigError(f"{path} was finished by another process meanwhile; run the command "
                                   "again to train the runs still missing")
         try:
-            return _run_group_locked(runs, paths, dataset, print_fn, validation)
+            return _run_group_locked(runs, paths, dataset, print_fn, validation, programs)
         except (BrokenPipeError, InterruptedError):
             raise
         except OSError as e:
@@ -113,7 +115,8 @@ def run_group(sweep_dir: str, runs: Sequence[Run], dataset: data_lib.Dataset,
 
 
 def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.Dataset,
-                      print_fn: Callable[[str], None], validation: tuple[Any, Any] | None) -> list[dict[str, Any]]:
+                      print_fn: Callable[[str], None], validation: tuple[Any, Any] | None,
+                      programs: dict[tuple, Any] | None) -> list[dict[str, Any]]:
     for path, r in zip(paths, runs):
         workdir_lib.start(path, r.config, overwrite=True)
     logs = [workdir_lib.MetricsLog(path) for path in paths]
@@ -126,7 +129,7 @@ def _run_group_locked(runs: Sequence[Run], paths: list[str], dataset: data_lib.D
         logs[i].flush()
         print_fn(f"{runs[i].name}: {train.format_epoch(record)}")
 
-    result = train_group([r.config for r in runs], dataset, on_log, on_epoch, validation)
+    result = train_group([r.config for r in runs], dataset, on_log, on_epoch, validation, programs=programs)
     rows = []
     for i, (path, r) in enumerate(zip(paths, runs)):
         logs[i].flush()

@@ -71,10 +71,11 @@ def train_seeds(config: Config, seeds: Sequence[int], dataset: data_lib.Dataset,
     configs = [config_lib.replace(config, seed=seed) for seed in seeds]
     size = max(1, max_parallel or default_max_parallel(config))
     finals: list[dict[str, Any]] = []
+    programs: dict[tuple, Any] = {}   # compiled once, reused by every chunk of seeds
     for first in range(0, len(configs), size):
         chunk = configs[first:first + size]
         result = train_group(chunk, dataset, on_epoch=lambda r, record, chunk=chunk: print_fn(
-            f"seed {chunk[r].seed}: {format_epoch(record)}"))
+            f"seed {chunk[r].seed}: {format_epoch(record)}"), programs=programs)
         for c, history, diverged in zip(chunk, result.histories, result.diverged):
             if diverged:
                 print_fn(f"seed {c.seed}: diverged: {diverged}")
