@@ -85,8 +85,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     """Replace every `auto` of the config by the choice measured fastest on `backend`
     (docs/performance.md, docs/lowering.md).
 
-    CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
-    NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; but
+    CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling, an
+    NHWC layout or bfloat16 products: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; but
     one call per batch for the lax convolution, which XLA:CPU runs far slower inside a loop body
     (jax-ml/jax#12868; docs/performance.md).
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
@@ -98,9 +98,9 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     if pool == "auto":
         pool = "reshape" if config.pool_window == config.pool_stride else "reduce_window"
     conv = config.conv_impl
-    if conv == "auto":
-        conv = ("winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches") \
-            if cpu else "lax"
+    if conv == "auto":   # Winograd's transforms lose ~3% in bfloat16 products: patches there
+        winograd = pool == "reshape" and config.layout in ("auto", "CHWN") and config.compute_dtype == layers.FLOAT32
+        conv = ("winograd" if winograd else "patches") if cpu else "lax"
     if conv == "onednn":
         onednn.require("conv_impl", "auto or lax", backend)
     layout = config.layout if config.layout != "auto" else (
