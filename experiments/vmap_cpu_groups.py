@@ -15,6 +15,10 @@ Variants, each a scanned epoch of `--steps` batches per run, interleaved in `--r
   another inside the program (one run's working set at a time);
 - `shared_conv1_unrolled`: the same conv1, the rest written R times into the program, one copy
   per run (independent graphs that XLA:CPU may run side by side);
+- `serial`: `unrolled` with each run's step chained after the previous run's (optimisation
+  barriers), so that the program runs one run's working set at a time;
+- `shared_conv1_serial`: conv1 forward once (filters concatenated), then each run's later layers
+  forward and backward one run after another (chained), then conv1's backward once for all runs;
 - `map_all`: the whole network by `lax.map` on the shared batch (conv1 not concatenated);
 - `unrolled`: each run's own train step (`make_train_step`, unvmapped) on its slice of the stacked
   state, written R times into one program: R independent graphs that XLA:CPU may run side by side.
@@ -48,7 +52,8 @@ flags.DEFINE_integer("steps", 64, "Batches per run in each timed call.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds (each variant once per round).")
 FLAGS = flags.FLAGS
 LR_FACTORS = (1.0, 0.5, 2.0, 0.25)
-GROUP_VARIANTS = ("shared_conv1", "shared_conv1_map", "shared_conv1_unrolled", "map_all", "unrolled")
+GROUP_VARIANTS = ("shared_conv1", "shared_conv1_map", "shared_conv1_unrolled", "map_all", "unrolled",
+                  "serial", "shared_conv1_serial")
 
 
 def _per_run_layers(p, x, config, strategy, first: int):
@@ -83,14 +88,20 @@ def make_group_step(config: config_lib.Config, optimizer, variant: str) -> Calla
     """A step over a stacked state and one shared (unstacked) batch: `make_train_step` vmapped,
     but for configs without augmentation or model state (the tutorial CNN's defaults). `unrolled`:
     each run's own `make_train_step` on its slice of the state, R independent graphs in one program."""
-    if variant == "unrolled":
+    if variant in ("unrolled", "serial"):
         one_step = step_lib.make_train_step(config, optimizer)
 
         def unrolled_step(state, batch):
-            runs = state.step.shape[0]
-            outs = [one_step(state_lib.unstack(state, r), batch) for r in range(runs)]
+            outs = []
+            for r in range(state.step.shape[0]):
+                mine = state_lib.unstack(state, r)
+                if variant == "serial" and outs:   # run r starts once run r - 1's step is done
+                    mine, _ = jax.lax.optimization_barrier((mine, outs[-1][0]))
+                outs.append(one_step(mine, batch))
             return state_lib.stack([s for s, _ in outs]), state_lib.stack([m for _, m in outs])
         return unrolled_step
+    if variant == "shared_conv1_serial":
+        return _shared_conv1_serial_step(config, optimizer)
 
     def loss(params, images, labels):
         logits = group_logits(params, images, config, variant)
@@ -107,6 +118,52 @@ def make_group_step(config: config_lib.Config, optimizer, variant: str) -> Calla
         grads, metrics = jax.grad(loss, has_aux=True)(state.params, *batch)
         params, opt_state = jax.vmap(update)(grads, state.opt_state, state.params)
         return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return train_step
+
+
+def _shared_conv1_serial_step(config: config_lib.Config, optimizer) -> Callable:
+    """conv1 forward once for all runs (filters concatenated); then each run's layers after conv1,
+    forward and backward, one run after another (chained by optimisation barriers); then conv1's
+    backward once for all runs; the optimiser update vmapped."""
+    strategy = lowering.resolve(config)
+
+    def conv1(w, b, x):
+        return cnn_blocks.conv_block(x, w, b, config, strategy)
+
+    def rest_loss(p, y, labels):
+        logits = _per_run_layers(p, y, config, strategy, 2)
+        losses = layers.softmax_cross_entropy(logits, labels, config.label_smoothing)
+        loss = losses.sum() if config.loss_reduction == "sum" else losses.mean()
+        return loss, {"loss": losses.mean(), "correct": jnp.sum(jnp.argmax(logits, axis=-1) == labels)}
+
+    def update(g, opt_state, p):
+        updates, opt_state = optimizer.update(g, opt_state, p)
+        return optim.apply_updates(p, updates), opt_state
+
+    def train_step(state, batch):
+        images, labels = batch
+        x = jnp.transpose(images, (3, 1, 2, 0))
+        w, b = state.params["conv1"]["w"], state.params["conv1"]["b"]
+        runs, kh, kw, c, o = w.shape
+        y, conv1_vjp = jax.vjp(lambda w, b: conv1(w, b, x), jnp.moveaxis(w, 0, 3).reshape(kh, kw, c, runs * o),
+                               b.reshape(runs * o))
+        y = y.reshape(runs, o, *y.shape[1:])
+        rest = {name: layer for name, layer in state.params.items() if name != "conv1"}
+        grads, dys, metrics = [], [], []
+        for r in range(runs):
+            mine = (state_lib.unstack(rest, r), y[r])
+            if dys:
+                mine, _ = jax.lax.optimization_barrier((mine, dys[-1]))
+            (g, dy), m = jax.grad(rest_loss, argnums=(0, 1), has_aux=True)(*mine, labels)
+            grads.append(g)
+            dys.append(dy)
+            metrics.append(m)
+        dw, db = conv1_vjp(jnp.concatenate(dys))
+        grads = state_lib.stack(grads)
+        grads["conv1"] = {"w": jnp.moveaxis(dw.reshape(kh, kw, c, runs, o), 3, 0), "b": db.reshape(runs, o)}
+        params, opt_state = jax.vmap(update)(grads, state.opt_state, state.params)
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), state_lib.stack(metrics)
 
     return train_step
 
