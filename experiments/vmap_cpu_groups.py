@@ -24,8 +24,9 @@ Variants, each a scanned epoch of `--steps` batches per run, interleaved in `--r
   state, written R times into one program: R independent graphs that XLA:CPU may run side by side.
 
 The optimiser update is vmapped in every group variant. Each group variant is checked against
-`vmapped` (largest parameter difference after 5 steps). Figures: images/s of all runs together
-(best of the rounds) and the ratio to `sequential`'s best in the same process.
+`vmapped` (largest parameter difference after 5 steps). With `--batch_rows`, one run's own program
+at batch R x `--batch_size` too (the group's images per step, one set of weights). Figures: images/s
+of all runs together (best of the rounds) and the ratio to `sequential`'s best in the same process.
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ from cnn_jax.engine import optim, program, state as state_lib, step as step_lib
 from cnn_jax.models import cnn_blocks
 from cnn_jax.nn import layers, lowering
 
+GROUP_VARIANTS = ("shared_conv1", "shared_conv1_map", "shared_conv1_unrolled", "map_all", "unrolled",
+                  "serial", "shared_conv1_serial")
+
 cli.define_config_flags()
 flags.DEFINE_list("runs", ["2", "4", "8"], "Group sizes R to time.")
 flags.DEFINE_integer("steps", 64, "Batches per run in each timed call.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds (each variant once per round).")
+flags.DEFINE_list("variants", list(GROUP_VARIANTS), "Group variants to time besides vmapped.")
+flags.DEFINE_bool("batch_rows", False, "Also time one run at batch R x --batch_size (a group's images per step "
+                  "in one run's program: what a larger working set costs).")
 FLAGS = flags.FLAGS
 LR_FACTORS = (1.0, 0.5, 2.0, 0.25)
-GROUP_VARIANTS = ("shared_conv1", "shared_conv1_map", "shared_conv1_unrolled", "map_all", "unrolled",
-                  "serial", "shared_conv1_serial")
 
 
 def _per_run_layers(p, x, config, strategy, first: int):
@@ -192,8 +197,11 @@ def main(argv):
                                          for c in configs[:r]])
     optimizer, single = program.compiled_runner(key, total, loop)
     vmapped = program.compiled_group_runner(key, total, loop)
+    unknown = sorted(set(FLAGS.variants) - set(GROUP_VARIANTS))
+    if unknown:
+        raise config_lib.ConfigError(f"--variants={','.join(unknown)}: use {', '.join(GROUP_VARIANTS)}")
     groups = {v: step_lib.make_runner(key, make_group_step(key, optim.make_optimizer(key, total), v), loop)
-              for v in GROUP_VARIANTS}
+              for v in FLAGS.variants}
 
     def timed(runner, state, order_):
         box = [state]
@@ -207,6 +215,14 @@ def main(argv):
     calls: dict[str, tuple[Callable, int]] = {
         "sequential": (timed(single, state_lib.create(configs[0], optimizer), order), 1)}
     for r in counts:
+        if FLAGS.batch_rows and steps % r == 0:
+            wide = config_lib.replace(base, batch_size=bs * r)
+            wide_optimizer, wide_runner = program.compiled_runner(program.program_key(wide), total, loop)
+            box = [state_lib.create(wide, wide_optimizer)]
+
+            def wide_call(box=box, runner=wide_runner, count=steps // r):
+                box[0] = jax.block_until_ready(runner(box[0], images, labels, order, jnp.int32(0), count)[0])
+            calls[f"one run, batch {bs * r}"] = (wide_call, 1)
         calls[f"vmapped R={r}"] = (timed(vmapped, stacked(r), jnp.stack([order] * r)), r)
         reference = timed(vmapped, stacked(r), jnp.stack([order] * r))(5)[0].params
         for v, runner in groups.items():
