@@ -23,7 +23,7 @@ Variants, each a scanned epoch of `--steps` batches per run, interleaved in `--r
 - `unrolled`: each run's own train step (`make_train_step`, unvmapped) on its slice of the stacked
   state, written R times into one program: R independent graphs that XLA:CPU may run side by side.
 
-The optimiser update is vmapped in every group variant. Each group variant is checked against
+The optimiser update is vmapped in every group variant but `unrolled` and `serial`. Each group variant is checked against
 `vmapped` (largest parameter difference after 5 steps). With `--batch_rows`, one run's own program
 at batch R x `--batch_size` too (the group's images per step, one set of weights). Figures: images/s
 of all runs together (best of the rounds) and the ratio to `sequential`'s best in the same process.
