@@ -38,7 +38,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from cnn_jax import cli
 from cnn_jax import config as config_lib
@@ -182,10 +182,16 @@ def _check(config: config_lib.Config) -> None:
 
 
 @cli.main_guard
+@cli.main_guard
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     base = cli.config_from_flags()
     _check(base)
+    unknown = sorted(set(FLAGS.variants) - set(GROUP_VARIANTS))
+    if unknown:
+        raise config_lib.ConfigError(f"--variants={','.join(unknown)}: use {', '.join(GROUP_VARIANTS)}")
     dataset = data.load(base)
     bs, steps, total = base.batch_size, FLAGS.steps, 100_000
     n = bs * steps
@@ -197,9 +203,6 @@ def main(argv):
                                          for c in configs[:r]])
     optimizer, single = program.compiled_runner(key, total, loop)
     vmapped = program.compiled_group_runner(key, total, loop)
-    unknown = sorted(set(FLAGS.variants) - set(GROUP_VARIANTS))
-    if unknown:
-        raise config_lib.ConfigError(f"--variants={','.join(unknown)}: use {', '.join(GROUP_VARIANTS)}")
     groups = {v: step_lib.make_runner(key, make_group_step(key, optim.make_optimizer(key, total), v), loop)
               for v in FLAGS.variants}
 
