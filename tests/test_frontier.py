@@ -1,5 +1,5 @@
-"""experiments/frontier.py: the measured presets (docs/frontier.csv) read and drawn against the
-published anchors; a bad CSV is one line."""
+"""cnn_jax/rundir/frontier.py (and experiments/frontier.py): the measured presets (docs/frontier.csv)
+read and drawn against the published anchors; a bad CSV is one line."""
 
 import os
 import sys
@@ -8,15 +8,13 @@ import pytest
 import script_runner
 
 from cnn_jax.config import ConfigError
-
-sys.path.insert(0, os.path.join(script_runner.REPO_ROOT, "experiments"))
-import frontier  # noqa: E402
+from cnn_jax.rundir import frontier
 
 HEADER = ",".join(frontier.COLUMNS)
 
 
 def test_the_docs_rows_parse_and_cover_both_datasets():
-    rows = frontier.read_rows(os.path.join(frontier.DOCS, "frontier.csv"))
+    rows = frontier.read_rows(os.path.join(script_runner.REPO_ROOT, "docs", "frontier.csv"))
     assert {r["dataset"] for r in rows} == set(frontier.DATASETS)
     for r in rows:
         assert 0.9 < r["test_accuracy_mean"] < 1 and 0 <= r["test_accuracy_std"] < 0.05
