@@ -5,7 +5,8 @@ given (`train_in_workdir`):
 
 1. take the workdir's lock (`cnn_jax.rundir.lock`: a second process on it is refused) and check
    the workdir (only reads: a foreign run is refused unless resume/overwrite);
-2. load the data and, with `resume`, the latest checkpoint (a bad file fails here,
+2. load the data, prepare the run once (`engine.train.prepare`: its program and fresh state)
+   and, with `resume`, restore the latest checkpoint into that state (a bad file fails here,
    before anything is written);
 3. write config.json, then train with hooks that append metrics, checkpoint after every
    epoch, and on SIGINT/SIGTERM checkpoint the current step and raise `signals.Interrupted`;

@@ -175,7 +175,8 @@ def holds_run(workdir: str) -> bool:
 def config_differences(stored: Config, given: Config, ignore: Iterable[str] = ()) -> list[str]:
     """`--name=given (run has stored)` for every field that differs, except those in `ignore`."""
     shown = lambda value: list(value) if isinstance(value, tuple) else value   # noqa: E731 - as in config.json
-    names = [f.name for f in dataclasses.fields(given) if f.name not in set(ignore)]
+    skip = set(ignore)
+    names = [f.name for f in dataclasses.fields(given) if f.name not in skip]
     return [f"--{name}={shown(getattr(given, name))} (the run has {shown(getattr(stored, name))})"
             for name in names if getattr(given, name) != getattr(stored, name)]
 
