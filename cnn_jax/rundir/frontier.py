@@ -4,8 +4,8 @@ datasets, beside the published anchors (docs/frontier.png, drawn by experiments/
 A recipes CSV has one row per preset and dataset as docs/recipes.md measured it: the mean and
 sample std of its test accuracy over its seeds, the minutes of one run (`minutes_are` says how they
 were taken), the CPU and the commit. The anchors are the published figures the recipes are held
-against (issue 27: the Fashion-MNIST repository's benchmark table, the KMNIST repository's MNIST
-column, the tutorial's published result). The figure is built without pyplot (`plots.py`'s rule).
+against (the Fashion-MNIST repository's benchmark table, the KMNIST repository's MNIST column,
+the tutorial's published result). The figure is built without pyplot (`plots.py`'s rule).
 """
 
 from __future__ import annotations
