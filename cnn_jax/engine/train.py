@@ -71,7 +71,10 @@ def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunL
     already done, with its moving loss and partial sums, so a resumed run computes what an
     uninterrupted one does. A non-finite loss or parameter raises FloatingPointError naming the
     step. The strategy line and the epoch lines go to `hooks.print_fn`."""
-    return fit_session(prepare(config, dataset, None if start is None else start[0]), start, hooks)
+    if start is None:
+        return fit_session(prepare(config, dataset), None, hooks)
+    session = prepare(config, dataset, start[0])   # the saved state, placed once
+    return fit_session(session, (session.state, start[1]), hooks)
 
 
 def fit_session(session: Session, start: tuple[TrainState, RunLog] | None = None,
