@@ -132,3 +132,29 @@ def test_log_lines_of_one_scanned_epoch_share_its_rate(small):
     assert [r["step"] for r in records] == list(range(2, 11, 2))
     rates = {r["images_per_second"] for r in records}
     assert len(rates) == 1 and rates.pop() > 0
+
+
+def test_start_hook_gives_the_start_and_on_finish_gets_the_end(small):
+    """`hooks.start` sees the prepared session and may hand back a (state, log) to continue (a
+    workdir's restored checkpoint); `on_finish` gets the final state and the history."""
+    config = config_lib.replace(Config(), train_eval="running", loop="step", epochs=2)
+    cut = dataclasses.replace(small, train_images=small.train_images[:640], train_labels=small.train_labels[:640])
+    saved = []
+
+    def stop_after_first_epoch(state, log, record):
+        saved.append((jax.device_get(state), dataclasses.replace(log, history=list(log.history))))
+
+    whole, history = train.fit(config, cut, hooks=train.Hooks(on_epoch=stop_after_first_epoch))
+    seen, finished = [], []
+
+    def start(session):
+        seen.append(session)
+        return saved[0]
+
+    resumed, resumed_history = train.fit(config, cut, hooks=train.Hooks(
+        start=start, on_finish=lambda session, state, history: finished.append((session, state, history))))
+    assert len(seen) == 1 and seen[0].steps_per_epoch == 10 and seen[0].config == config
+    assert int(resumed.step) == 20 and leaves_equal(resumed.params, whole.params)
+    assert [r["test_accuracy"] for r in resumed_history] == [r["test_accuracy"] for r in history]
+    (session, state, finished_history), = finished
+    assert session is seen[0] and state is resumed and finished_history == resumed_history

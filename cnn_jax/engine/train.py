@@ -28,17 +28,22 @@ def _no_op(*args: Any) -> None:
 class Hooks:
     """What `fit` calls besides training; the defaults do nothing (no workdir).
 
+    start(session):             where the prepared run starts: None for its fresh state, or a
+                                (state, log) it continues (a workdir restores its checkpoint here)
     on_log(record):             every `log_every` steps, a {"kind": "train", ...} record
     on_epoch(state, log, rec):  after each epoch's evaluation (a workdir saves metrics and a checkpoint)
     should_stop(step):          polled after every step; True makes `fit` call on_stop, then raise Stopped
     on_stop(state, log):        the state to save before stopping (mid-epoch, or right after an epoch)
+    on_finish(session, state, history): after the last epoch (a workdir writes its results and plots)
     progress(epoch, steps, first): the epoch's progress reporter (silent by default)
     """
 
+    start: Callable[[Session], tuple[TrainState, RunLog] | None] = lambda session: None
     on_log: Callable[[Record], None] = _no_op
     on_epoch: Callable[[TrainState, RunLog, Record], None] = _no_op
     should_stop: Callable[[int], bool] = lambda step: False
     on_stop: Callable[[TrainState, RunLog], None] = _no_op
+    on_finish: Callable[[Session, TrainState, list[Record]], None] = _no_op
     progress: Callable[[int, int, int], Any] | None = None
     print_fn: Callable[[str], None] = print
 
@@ -65,16 +70,19 @@ def prepare(config: Config, dataset: data_lib.Dataset, state: TrainState | None 
 
 def fit(config: Config, dataset: data_lib.Dataset, start: tuple[TrainState, RunLog] | None = None,
         hooks: Hooks | None = None) -> tuple[TrainState, list[Record]]:
-    """Train on `dataset` from `start` (default: a fresh state); return (final state, history).
+    """Train on `dataset` from `start` (default: `hooks.start`'s, a fresh state unless it gives
+    one); return (final state, history).
 
     A `start` taken mid-epoch continues that epoch's permutation after the `log.step` batches
     already done, with its moving loss and partial sums, so a resumed run computes what an
     uninterrupted one does. A non-finite loss or parameter raises FloatingPointError naming the
     step. The strategy line and the epoch lines go to `hooks.print_fn`."""
-    if start is None:
-        return fit_session(prepare(config, dataset), None, hooks)
-    session = prepare(config, dataset, start[0])   # the saved state, placed once
-    return fit_session(session, (session.state, start[1]), hooks)
+    hooks = hooks or Hooks()
+    session = prepare(config, dataset, None if start is None else start[0])   # a saved state is placed once
+    start = hooks.start(session) if start is None else (session.state, start[1])
+    state, history = fit_session(session, start, hooks)
+    hooks.on_finish(session, state, history)
+    return state, history
 
 
 def fit_session(session: Session, start: tuple[TrainState, RunLog] | None = None,

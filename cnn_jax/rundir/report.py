@@ -1,15 +1,19 @@
-"""Test-set reports: accuracy, per-class accuracy and the confusion matrix, as numbers and text."""
+"""Test-set reports: accuracy, per-class accuracy and the confusion matrix, as numbers and text,
+and a finished run's results.json and plots."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from cnn_jax import model
 from cnn_jax.engine import evaluation
 from cnn_jax.config import Config
 from cnn_jax.data.sources import Dataset
+from cnn_jax.rundir import plots, workdir as workdir_lib
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -48,6 +52,18 @@ def results_json(result: dict[str, Any], class_names: tuple[str, ...], step: int
         "class_names": list(class_names),
         "confusion_matrix": result["confusion"].tolist(),
     }
+
+
+def write_results(workdir: str, config: Config, dataset: Dataset, result: dict[str, Any], params: Any,
+                  step: int, records: Sequence[dict[str, Any]]) -> None:
+    """A finished run's results.json and plots in `workdir`: `result` is the test set evaluated
+    with predictions (`summarize_test`), `params` the weights it was evaluated with, `records`
+    the run's metrics."""
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.RESULTS_FILE),
+                           results_json(result, dataset.class_names, step))
+    plots.write_run_plots(os.path.join(workdir, workdir_lib.PLOTS_DIR), config, records,
+                          model.first_conv(params, config), dataset.test_images, dataset.test_labels,
+                          result["predictions"], result["confusion"], dataset.class_names)
 
 
 def format_per_class(result: dict[str, Any], class_names: tuple[str, ...]) -> str:
