@@ -384,10 +384,11 @@ def torch_eval_throughput(config: Config, images: np.ndarray, repeats: int) -> f
     return len(x_all) / float(np.median(times))
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Best observed f32 GFLOP/s of one jitted size x size matmul on the default device."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32))
-    f = jax.jit(lambda x: x @ x)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best observed GFLOP/s of one jitted size x size matmul on the default device, its inputs in
+    `dtype` and accumulated in float32 (bfloat16: the ceiling the bfloat16 rows work under)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size), np.float32), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -544,7 +545,9 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['machine']['cpu_count']} CPUs, "
              f"jax {report['machine']['jax']}, torch {report['machine']['torch'] or 'absent'}",
              f"the tutorial's network and SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
-             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s; data: {report['data']}",
+             f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s"
+             + (f" (bfloat16 inputs: {report['matmul_peak_gflops_bfloat16']:.0f})"
+                if report.get("matmul_peak_gflops_bfloat16") else "") + f"; data: {report['data']}",
              f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
              "PyTorch's most)",
@@ -688,13 +691,14 @@ def main(argv: list[str]) -> None:
     images, labels = jnp.asarray(train_x), jnp.asarray(train_y)
     forward, total = model_flops(base)
     peak = matmul_peak_gflops()
+    bf16_peak = matmul_peak_gflops(dtype="bfloat16") if "bfloat16" in FLAGS.compute_dtypes else None
     report: dict[str, Any] = {
         "machine": {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                     "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "jax": jax.__version__,
                     "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "data": data, "flops_per_image": total, "forward_flops_per_image": forward,
-        "matmul_peak_gflops": peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
+        "matmul_peak_gflops": peak, "matmul_peak_gflops_bfloat16": bf16_peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
         "families": [], "run_rows": [], "time_to_99": [], "run_data": None,
     }
     for pool in FLAGS.pools:

@@ -55,6 +55,15 @@ def test_torch_network_computes_the_jax_network(pool):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_peak_times_the_dtype_asked_for(dtype, monkeypatch):
+    seen = []
+    real_dot = benchmark.jnp.dot
+    monkeypatch.setattr(benchmark.jnp, "dot", lambda a, b, **kw: seen.append((a.dtype, kw)) or real_dot(a, b, **kw))
+    assert benchmark.matmul_peak_gflops(size=64, repeats=2, dtype=dtype) > 0
+    assert seen == [(jax.numpy.dtype(dtype), {"preferred_element_type": jax.numpy.float32})]
+
+
 def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     output = tmp_path / "bench.json"
     proc = script_runner.run(
@@ -73,6 +82,7 @@ def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
         assert len(r["repeats_images_per_second"]) == 2 and r["images_per_second"] > 0
         assert r["compile_s"] > 0 and r["gflops"] > 0
     assert report["matmul_peak_gflops"] > 0
+    assert report["matmul_peak_gflops_bfloat16"] is None   # measured only where bfloat16 rows are timed
     assert {e["name"] for e in report["evaluation"]} == {"default", "reference"} | ({"torch"} if has_torch else set())
     assert "conv=winograd pool=reshape layout=CHWN loop=scan ynnpack=off" in group["results"][0]["description"]
     assert "vs torch" in proc.stdout and "default" in proc.stdout
