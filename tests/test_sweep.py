@@ -2,6 +2,7 @@
 results tables and plot, and the command line end to end (all on small real MNIST subsets)."""
 
 import csv
+import io
 import json
 import os
 import re
@@ -411,6 +412,7 @@ def test_results_files_hold_every_run_the_summary_and_a_plot(tmp_path):
     assert len(table) == 8
     assert table[1]["learning_rate"] == "0.01" and table[1]["seed"] == "1"
     assert float(table[1]["test_accuracy"]) == 0.99 and table[6]["status"] == "diverged"
+    assert [r["epochs_done"] for r in table[5:7]] == ["1", "0"]
     markdown = (tmp_path / sweep.RESULTS_MD).read_text()
     assert "| 0.01 | max | 2 | 0.9800 | 0.0141 |" in markdown
     assert markdown.index("| 0.01 | max | 2 |") < markdown.index("| 0.1 | max | 2 |")
@@ -418,6 +420,13 @@ def test_results_files_hold_every_run_the_summary_and_a_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert sweep.plot_axis(ROWS) == "learning_rate"
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]     # atomic writes leave no temporaries
+
+
+def test_results_csv_keeps_a_swept_epochs_apart_from_the_epochs_done():
+    rows = [dict(_row(0.01, "max", 0, None, "diverged"), settings={"epochs": 3}, name="epochs=3")]
+    header, line = list(csv.reader(io.StringIO(sweep.results_csv(rows))))
+    assert len(header) == len(set(header))
+    assert (line[header.index("epochs")], line[header.index("epochs_done")]) == ("3", "0")
 
 
 def test_plot_axis_prefers_a_numeric_swept_value():

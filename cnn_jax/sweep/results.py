@@ -78,13 +78,14 @@ def _num(value: Any, digits: int = 4) -> str:
 
 
 def results_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per run: its settings, status, final metrics, time."""
+    """One line per run: its settings, status, epochs finished (`epochs_done`: a swept `epochs` is
+    the number asked for), final metrics, time."""
     fields = swept_fields(rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     metrics = ["train_loss", "train_accuracy", "test_loss", "test_accuracy", "validation_loss",
                "validation_accuracy", "moving_loss"]
-    writer.writerow(["name", *fields, "status", "epochs", *metrics, "time_s", "group_size", "message"])
+    writer.writerow(["name", *fields, "status", "epochs_done", *metrics, "time_s", "group_size", "message"])
     for row in rows:
         writer.writerow([row["name"], *_settings_text(row["settings"], fields), row["status"], row["epochs"],
                          *["" if row.get(m) is None else repr(row[m]) for m in metrics],
