@@ -698,8 +698,9 @@ def main(argv: list[str]) -> None:
                     "jax": jax.__version__,
                     "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "data": data, "flops_per_image": total, "forward_flops_per_image": forward,
-        "matmul_peak_gflops": peak, "matmul_peak_gflops_bfloat16": bf16_peak, "repeats": FLAGS.repeats, "training": [], "evaluation": [], "runs": [],
-        "families": [], "run_rows": [], "time_to_99": [], "run_data": None,
+        "matmul_peak_gflops": peak, "matmul_peak_gflops_bfloat16": bf16_peak, "repeats": FLAGS.repeats,
+        "training": [], "evaluation": [], "runs": [], "families": [], "run_rows": [], "time_to_99": [],
+        "run_data": None,
     }
     for pool in FLAGS.pools:
         for batch_size in batch_sizes:

@@ -54,7 +54,6 @@ def test_torch_network_computes_the_jax_network(pool):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmul_peak_times_the_dtype_asked_for(dtype, monkeypatch):
     seen = []
@@ -64,6 +63,7 @@ def test_matmul_peak_times_the_dtype_asked_for(dtype, monkeypatch):
     assert seen == [(jax.numpy.dtype(dtype), {"preferred_element_type": jax.numpy.float32})]
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_run_writes_its_table_and_json(tmp_path):
     output = tmp_path / "bench.json"
     proc = script_runner.run(
