@@ -547,7 +547,7 @@ def format_table(report: dict[str, Any]) -> str:
              f"the tutorial's network and SGD; {report['flops_per_image'] / 1e6:.1f} MFLOP per training image; "
              f"matmul peak {report['matmul_peak_gflops']:.0f} GFLOP/s"
              + (f" (bfloat16 inputs: {report['matmul_peak_gflops_bfloat16']:.0f})"
-                if report.get("matmul_peak_gflops_bfloat16") else "") + f"; data: {report['data']}",
+                if report["matmul_peak_gflops_bfloat16"] is not None else "") + f"; data: {report['data']}",
              f"1-min load average at start / end: {report['machine']['load_average_1min']['start']:.1f} / "
              f"{report['machine']['load_average_1min']['end']:.1f} (other processes slow every figure, "
              "PyTorch's most)",
