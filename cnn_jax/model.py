@@ -87,6 +87,15 @@ def strategy(config: Config) -> lowering.Strategy:
     return lowering.resolve(config)
 
 
+def inference_config(config: Config) -> Config:
+    """The config evaluation runs (its `auto` lowerings set for the forward pass alone): the
+    family's `inference_config` when it has one, else `lowering.inference_config`."""
+    module = family(config)
+    if hasattr(module, "inference_config"):
+        return module.inference_config(config)
+    return lowering.inference_config(config)
+
+
 def first_conv(params: Params, config: Config) -> np.ndarray:
     """The first conv layer's (kh, kw, in, out) weights, for the filters plot: the family's
     `first_conv` when it has one, else the first 4-D weight in layer order."""

@@ -109,6 +109,24 @@ def training_moves_state_and_draws_dropout_per_step(config, dataset, min_accurac
     return final
 
 
+def evaluation_runs_the_lowering_training_runs(config, dataset, monkeypatch):
+    """Where the family trains with oneDNN, it evaluates with it (its forward is the faster one),
+    to XLA's convolution's accuracy and loss; explicit choices are kept; without oneDNN, `auto`
+    evaluates with XLA's convolution (faster forward than patches)."""
+    params, model_state = model.init(jax.random.key(0), config)
+    if CPU_CONV == "onednn":
+        assert model.inference_config(config) == config
+        lax_config = config_lib.replace(config, conv_impl="lax", layout="NHWC")
+        ours, reference = (evaluation.evaluate(params, model_state, dataset.test_images, dataset.test_labels, c)
+                           for c in (config, lax_config))
+        assert ours["accuracy"] == reference["accuracy"]
+        np.testing.assert_allclose(ours["loss"], reference["loss"], rtol=1e-5)
+    explicit = config_lib.replace(config, conv_impl="patches")
+    assert model.inference_config(explicit) == explicit
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert model.inference_config(config).conv_impl == "lax"
+
+
 def evaluation_is_deterministic_and_uses_running_averages(config, final, dataset):
     images, labels = dataset.test_images[:100], dataset.test_labels[:100]
     a = evaluation.evaluate(final.params, final.model_state, images, labels, config)

@@ -20,7 +20,7 @@ from cnn_jax import config as config_lib
 from cnn_jax import model, models, sweep
 from cnn_jax.config import Config, ConfigError
 from cnn_jax.engine import optim, state, train
-from cnn_jax.nn import layers
+from cnn_jax.nn import layers, lowering
 import family_checks
 from conftest import REPO_ROOT
 
@@ -139,6 +139,9 @@ def test_apply_uses_the_state_in_evaluation_and_the_rng_in_training():
     assert not np.array_equal(a, c) and not np.array_equal(a, eval_logits)
     assert np.all(np.asarray(new_state["centre"]["mean"]) != 0)
     np.testing.assert_array_equal(model.first_conv(params, TINY), params["conv1"]["w"])   # the default
+    # Without its own `inference_config`, a family evaluates with `lowering.inference_config`'s.
+    assert model.inference_config(TINY) == lowering.inference_config(TINY)
+    assert model.inference_config(TINY).conv_impl == "lax"
 
 
 def test_fit_trains_it_and_a_mid_epoch_stop_resumes_bit_exactly(small):

@@ -59,6 +59,10 @@ def test_patches_and_lax_convolutions_agree():
     checks.conv_lowerings_agree(TINY)
 
 
+def test_evaluation_runs_the_onednn_lowering_training_runs(small, monkeypatch):
+    checks.evaluation_runs_the_lowering_training_runs(TINY, small, monkeypatch)
+
+
 def test_training_evaluation_and_resume(small):
     final = checks.training_moves_state_and_draws_dropout_per_step(TINY, small, min_accuracy=0.3)
     checks.evaluation_is_deterministic_and_uses_running_averages(TINY, final, small)

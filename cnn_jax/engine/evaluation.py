@@ -14,7 +14,6 @@ from cnn_jax import model
 from cnn_jax.config import Config
 from cnn_jax.engine import step
 from cnn_jax.engine.state import unstack
-from cnn_jax.nn import lowering
 
 
 def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int):
@@ -43,7 +42,7 @@ def evaluate(params: model.Params, model_state: model.ModelState, images: jax.Ar
     n = len(labels)
     loss_sum, correct_sum, predictions = 0.0, 0, []
     if batch_fn is None:
-        inference = lowering.inference_config(config)
+        inference = model.inference_config(config)
         batch_fn = lambda p, s, x, y, m: step.eval_batch(p, s, x, y, m, inference)   # noqa: E731
     for x, y, mask, real in eval_batches(images, labels, config.eval_batch_size):
         batch_loss, batch_correct, logits = batch_fn(params, model_state, x, y, mask)
@@ -59,7 +58,7 @@ def evaluate(params: model.Params, model_state: model.ModelState, images: jax.Ar
 
 @functools.lru_cache(maxsize=16)
 def _eval_runs_fn(config: Config):
-    config = lowering.inference_config(config)   # what `evaluate` runs
+    config = model.inference_config(config)   # what `evaluate` runs
     return jax.jit(jax.vmap(lambda p, s, x, y, m: step.eval_batch(p, s, x, y, m, config),
                             in_axes=(0, 0, None, None, None)))
 

@@ -86,7 +86,7 @@ def compile_ahead(config: Config, dataset: data_lib.Dataset, optimizer: optax.Gr
         sources = (model.family(config).__file__,)
         whole_epochs = compile_cache.load_or_compile(runner, args, context=(config, num_steps * config.epochs, loop),
                                                      sources=sources)
-        inference = lowering.inference_config(config)
+        inference = model.inference_config(config)
         evals = {}
         for images, labels in ((dataset.train_images, dataset.train_labels),
                                (dataset.test_images, dataset.test_labels)):

@@ -12,7 +12,8 @@ A family module provides
 and may provide `first_conv(params)`, the first conv layer's (kh, kw, in, out) weights for the
 filters plot (default: the first 4-D weight in layer order), and `strategy(config)`, the
 `lowering.Strategy` it runs, for the start-up `strategy:` line (default: `lowering.resolve`, what
-the tutorial's fused blocks run). `config.model` names the family.
+the tutorial's fused blocks run), and `inference_config(config)`, the config evaluation runs
+(default: `lowering.inference_config`). `config.model` names the family.
 
 Built-in families are listed in `FAMILIES` (name -> module path), imported on first use like
 big_vision's `importlib.import_module(f"...models.{name}")`. A family kept outside the package

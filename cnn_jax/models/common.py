@@ -71,6 +71,13 @@ def strategy(config: Config, pool: str) -> lowering.Strategy:
     return lowering.Strategy(conv_impl(config), pool, "NHWC", base.loop, base.ynnpack, config.compute_dtype)
 
 
+def inference_config(config: Config) -> Config:
+    """The config evaluation runs: unchanged where these families train with oneDNN (its forward pass
+    runs faster than XLA:CPU's convolution, in float32 and far more in bfloat16: docs/lowering.md),
+    else `lowering.inference_config` (XLA's convolution, faster forward than patches + matmul)."""
+    return config if conv_impl(config) == "onednn" else lowering.inference_config(config)
+
+
 def weight(key: jax.Array, shape: tuple[int, ...], config: Config, gain: float = 2.0) -> jax.Array:
     """Initial weights of `shape` (fan_in: every axis but the last) as `--init` says: N(0, gain /
     fan_in) for `he` (gain 2 for a layer followed by relu; pass 1 for the classifier), N(0, 1 /

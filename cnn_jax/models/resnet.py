@@ -79,6 +79,11 @@ def strategy(config: Config) -> lowering.Strategy:
     return common.strategy(config, "global_mean")
 
 
+def inference_config(config: Config) -> Config:
+    """The config evaluation runs (`common.inference_config`: oneDNN where training runs it)."""
+    return common.inference_config(config)
+
+
 def first_conv(params: Params) -> jax.Array:
     """The stem's (3, 3, in, out) weights: what the filters plot shows."""
     return params["stem"]["w"]

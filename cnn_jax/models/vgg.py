@@ -52,6 +52,11 @@ def strategy(config: Config) -> lowering.Strategy:
     return common.strategy(config, common.pool_impl(config))
 
 
+def inference_config(config: Config) -> Config:
+    """The config evaluation runs (`common.inference_config`: oneDNN where training runs it)."""
+    return common.inference_config(config)
+
+
 def first_conv(params: Params) -> jax.Array:
     """conv1_1's (3, 3, in, out) weights: what the filters plot shows."""
     return params["conv1_1"]["w"]

@@ -118,7 +118,8 @@ def inference_config(config: Config) -> Config:
     Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
     faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
     convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling (the
-    faster average pooling of the forward pass). Explicit choices are kept."""
+    faster average pooling of the forward pass). Explicit choices are kept. The default of
+    `model.inference_config`; the batch-normalised families keep oneDNN (`models.common`)."""
     if config.conv_impl != "auto" or config.layout != "auto":
         return config
     pool_impl = config.pool_impl

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import Jaxpr, Var, jaxprs_in_params
 
+from cnn_jax import model
 from cnn_jax.config import Config
 from cnn_jax.engine import evaluation, optim
 from cnn_jax.engine import state as state_lib
 from cnn_jax.engine import step as step_lib
-from cnn_jax.nn import lowering
 
 # Bytes of memory that `auto_max_parallel` lets one group use, as a fraction of what is free.
 MEMORY_FRACTION = 0.25
@@ -88,7 +88,7 @@ def program_memory(config: Config) -> ProgramMemory:
     n = config.eval_batch_size
     eval_batch = (jax.ShapeDtypeStruct((n, *config.input_shape), jnp.float32),
                   jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.bool_))
-    inference = lowering.inference_config(config)
+    inference = model.inference_config(config)
     eval_jaxpr = jax.make_jaxpr(lambda params, model_state, *batch: step_lib.eval_batch(
         params, model_state, *batch, inference))(state.params, state.model_state, *eval_batch).jaxpr
     return ProgramMemory(tree_bytes(state), tree_bytes(train_batch) + peak_live_bytes(train_jaxpr),
