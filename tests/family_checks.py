@@ -113,9 +113,9 @@ def evaluation_runs_the_lowering_training_runs(config, dataset, monkeypatch):
     """Where the family trains with oneDNN, it evaluates with it (its forward is the faster one),
     to XLA's convolution's accuracy and loss; explicit choices are kept; without oneDNN, `auto`
     evaluates with XLA's convolution (faster forward than patches)."""
-    params, model_state = model.init(jax.random.key(0), config)
     if CPU_CONV == "onednn":
         assert model.inference_config(config) == config
+        params, model_state = model.init(jax.random.key(0), config)
         lax_config = config_lib.replace(config, conv_impl="lax", layout="NHWC")
         ours, reference = (evaluation.evaluate(params, model_state, dataset.test_images, dataset.test_labels, c)
                            for c in (config, lax_config))
