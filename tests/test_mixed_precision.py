@@ -128,13 +128,22 @@ def test_a_cpu_without_bfloat16_instructions_is_one_line(monkeypatch):
 
 def test_auto_leaves_winograd_to_float32(monkeypatch):
     """Winograd's transforms amplify bfloat16's rounding (~3% off in value): in bfloat16 the
-    tutorial CNN's `auto` convolution is patches; explicit Winograd is still honoured."""
+    tutorial CNN's `auto` convolution is oneDNN's (NHWC, and evaluation keeps it), or patches
+    without oneDNN or in a CHWN layout; explicit Winograd is still honoured."""
     monkeypatch.setattr(lowering, "bf16_support", lambda: "AVX512_BF16")
+    monkeypatch.setattr(onednn, "available", lambda: True)
     bf16 = config_lib.replace(Config(), compute_dtype=BF16)
     assert lowering.resolve(Config(), "cpu").conv_impl == "winograd"
-    assert lowering.resolve(bf16, "cpu").conv_impl == "patches"
-    assert lowering.resolve(bf16, "cpu").layout == "CHWN"
+    assert (lowering.resolve(bf16, "cpu").conv_impl, lowering.resolve(bf16, "cpu").layout) == ("onednn", "NHWC")
+    assert lowering.resolve(bf16, "gpu").conv_impl == "lax"
+    if jax.default_backend() == "cpu":
+        assert lowering.inference_config(bf16) == bf16
+    chwn = config_lib.replace(bf16, layout="CHWN")
+    assert lowering.resolve(chwn, "cpu").conv_impl == "patches"
     assert lowering.resolve(config_lib.replace(bf16, conv_impl="winograd"), "cpu").conv_impl == "winograd"
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert (lowering.resolve(bf16, "cpu").conv_impl, lowering.resolve(bf16, "cpu").layout) == ("patches", "CHWN")
+    assert lowering.inference_config(bf16).conv_impl == "lax"
 
 
 def test_the_field_is_checked_and_named_on_the_strategy_line():

@@ -154,11 +154,12 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 def conv_fn(config: Config):
     """The convolution of the layer-by-layer path (`--debug`, or reduce_window pooling with an
     NHWC layout). The fused blocks of `cnn_jax.nn.lowering`, Winograd among them, do not run there, so
-    `auto` means patches + matmul on CPU and the reference `lax` convolution elsewhere; `lax`,
+    `auto` means what `lowering.resolve` chooses with patches + matmul for Winograd; `lax`,
     `patches` and `onednn` run as asked."""
     impl = config.conv_impl
     if impl == "auto":
-        impl = "patches" if jax.default_backend() == "cpu" else "lax"
+        impl = lowering.resolve(config).conv_impl
+        impl = "patches" if impl == "winograd" else impl
     return lowering.nhwc_conv(impl, config.compute_dtype)
 
 

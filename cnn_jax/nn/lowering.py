@@ -81,14 +81,22 @@ def check_compute_dtype(config: Config, backend: str | None = None) -> None:
                           "slower than float32: use --compute_dtype=float32")
 
 
+def _auto_conv(config: Config, pool: str) -> str:
+    """The CPU convolution `auto` means for the tutorial CNN (`resolve`)."""
+    if config.compute_dtype != layers.FLOAT32:
+        return "onednn" if config.layout in ("auto", "NHWC") and onednn.available() else "patches"
+    return "winograd" if pool == "reshape" and config.layout in ("auto", "CHWN") else "patches"
+
+
 def resolve(config: Config, backend: str | None = None) -> Strategy:
     """Replace every `auto` of the config by the choice measured fastest on `backend`
     (docs/performance.md, docs/lowering.md).
 
-    CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling, an
-    NHWC layout or bfloat16 products: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; but
-    one call per batch for the lax convolution, which XLA:CPU runs far slower inside a loop body
-    (jax-ml/jax#12868; docs/performance.md).
+    CPU: Winograd conv where it applies and patches elsewhere (with reduce_window pooling or an
+    NHWC layout: patches), reshape pooling, CHWN layout, scanned epochs, YNNPACK fusions off; in
+    bfloat16 products oneDNN's convolutions (NHWC) where oneDNN builds, else patches (Winograd's
+    transforms lose ~3% there); but one call per batch for the lax convolution, which XLA:CPU runs
+    far slower inside a loop body (jax-ml/jax#12868; docs/performance.md).
     Elsewhere (GPU/TPU): the reference lax convolution, reshape pooling, NHWC, scanned epochs.
     """
     backend = backend or jax.default_backend()
@@ -98,9 +106,8 @@ def resolve(config: Config, backend: str | None = None) -> Strategy:
     if pool == "auto":
         pool = "reshape" if config.pool_window == config.pool_stride else "reduce_window"
     conv = config.conv_impl
-    if conv == "auto":   # Winograd's transforms lose ~3% in bfloat16 products: patches there
-        winograd = pool == "reshape" and config.layout in ("auto", "CHWN") and config.compute_dtype == layers.FLOAT32
-        conv = ("winograd" if winograd else "patches") if cpu else "lax"
+    if conv == "auto":
+        conv = _auto_conv(config, pool) if cpu else "lax"
     if conv == "onednn":
         onednn.require("conv_impl", "auto or lax", backend)
     layout = config.layout if config.layout != "auto" else (
@@ -118,9 +125,11 @@ def inference_config(config: Config) -> Config:
     Evaluation needs no gradient, and XLA:CPU's own convolution runs the forward pass
     faster than patches + matmul at evaluation batch sizes, so on CPU `auto` means the lax
     convolution (NHWC) there, with reshape max pooling but `reduce_window` average pooling (the
-    faster average pooling of the forward pass). Explicit choices are kept. The default of
-    `model.inference_config`; the batch-normalised families keep oneDNN (`models.common`)."""
-    if config.conv_impl != "auto" or config.layout != "auto":
+    faster average pooling of the forward pass); but where training resolves to oneDNN (bfloat16
+    products) evaluation keeps it, faster forward than XLA's convolution there (docs/lowering.md).
+    Explicit choices are kept. The default of `model.inference_config`; the batch-normalised
+    families keep oneDNN (`models.common`)."""
+    if config.conv_impl != "auto" or config.layout != "auto" or resolve(config).conv_impl == "onednn":
         return config
     pool_impl = config.pool_impl
     if pool_impl == "auto" and config.pool == "avg":
