@@ -4,6 +4,7 @@
     python experiments/evaluate.py --workdir=runs/max --step=1874        # an older checkpoint
     python experiments/evaluate.py --workdir=copied_run --data_dir=path/to/mnist   # from another machine
     python experiments/evaluate.py --workdir=runs/bf16 --compute_dtype=float32     # in the other dtype
+    python experiments/evaluate.py --workdir=runs/fashion --notta_flip             # without flip-averaging
 
 Everything is rebuilt from the run's config.json and checkpoint; the test accuracy is
 the one training printed for the checkpoint's epoch (same numbers on the same machine).
@@ -22,6 +23,8 @@ flags.DEFINE_string("data_dir", None, "Replaces the run's --data_dir (e.g. a run
 flags.DEFINE_enum("compute_dtype", None, list(config_lib.COMPUTE_DTYPES),
                   "Replaces the run's --compute_dtype: a checkpoint trained in one evaluates in the other "
                   "(params are float32 either way).")
+flags.DEFINE_boolean("tta_flip", None, "Replaces the run's --tta_flip: evaluate with (--tta_flip) or without "
+                     "(--notta_flip) the average of each image's and its mirror's predictions.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
@@ -42,12 +45,14 @@ def main(argv):
     config, state, meta = checkpoint.restore_run(FLAGS.workdir, FLAGS.step, FLAGS.data_dir)
     if FLAGS.compute_dtype:
         config = config_lib.replace(config, compute_dtype=FLAGS.compute_dtype)
+    if FLAGS.tta_flip is not None:
+        config = config_lib.replace(config, tta_flip=FLAGS.tta_flip)
     dataset = data.load(config)
     result = report.evaluate_test(state.params, state.model_state, dataset, config)
     n = len(dataset.test_labels)
     correct = int(result["confusion"].trace())
     print(f"run {FLAGS.workdir}: checkpoint {describe_checkpoint(meta)}, "
-          f"{config.dataset} test set of {n} images")
+          f"{config.dataset} test set of {n} images" + (", flip-averaged" if config.tta_flip else ""))
     print(f"Test_acc {result['accuracy']:.4f} ({correct}/{n}; exactly {result['accuracy']!r}), "
           f"test loss {result['loss']:.4f}")
     print(report.format_per_class(result, dataset.class_names))

@@ -14,6 +14,9 @@ import sys
 import pytest
 
 import script_runner
+from cnn_jax import config as config_lib
+from cnn_jax.data import sources
+from cnn_jax.rundir import checkpoint, report
 from conftest import REPO_ROOT
 
 
@@ -60,6 +63,24 @@ def test_evaluate_prints_the_accuracy_training_printed(trained, env):
     table = lines[lines.index("confusion matrix (rows: true class, columns: predicted class):") + 2:][:10]
     assert sum(int(v) for row in table for v in row.split()[1:]) == 500
     assert saved["confusion_matrix"] == [[int(v) for v in row.split()[1:]] for row in table]
+
+
+def test_evaluate_replaces_flip_averaging(trained, env):
+    """--tta_flip evaluates the saved params with flip-averaged predictions: what the evaluation
+    code gives for them in that config, not what training printed."""
+    workdir, training_acc = trained
+    result = run([script("evaluate.py"), f"--workdir={workdir}", "--tta_flip"], env)
+    assert result.returncode == 0, result.stderr
+    assert "test set of 500 images, flip-averaged" in result.stdout
+    config, state, _ = checkpoint.restore_run(workdir)
+    flipped = config_lib.replace(config, tta_flip=True)
+    expected = report.evaluate_test(state.params, state.model_state, sources.load(flipped), flipped)
+    _, correct, _, exact = printed_accuracy(result.stdout)
+    assert float(exact) == expected["accuracy"] and int(correct) == int(expected["confusion"].trace())
+    plain = run([script("evaluate.py"), f"--workdir={workdir}", "--notta_flip"], env)
+    assert printed_accuracy(plain.stdout)[0] == training_acc and "flip-averaged" not in plain.stdout
+    loss = lambda out: re.search(r"test loss ([\d.]+)", out).group(1)  # noqa: E731
+    assert loss(result.stdout) != loss(plain.stdout)   # the mirrored digits move the predictions
 
 
 def test_evaluate_and_plot_a_run_copied_from_another_machine(trained, env, mnist_dir, tmp_path):
