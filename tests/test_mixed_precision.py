@@ -134,7 +134,8 @@ def test_auto_leaves_winograd_to_float32(monkeypatch):
     monkeypatch.setattr(onednn, "available", lambda: True)
     bf16 = config_lib.replace(Config(), compute_dtype=BF16)
     assert lowering.resolve(Config(), "cpu").conv_impl == "winograd"
-    assert (lowering.resolve(bf16, "cpu").conv_impl, lowering.resolve(bf16, "cpu").layout) == ("onednn", "NHWC")
+    on_cpu = lowering.resolve(bf16, "cpu")
+    assert (on_cpu.conv_impl, on_cpu.layout) == ("onednn", "NHWC")
     assert lowering.resolve(bf16, "gpu").conv_impl == "lax"
     if jax.default_backend() == "cpu":
         assert lowering.inference_config(bf16) == bf16
@@ -142,7 +143,8 @@ def test_auto_leaves_winograd_to_float32(monkeypatch):
     assert lowering.resolve(chwn, "cpu").conv_impl == "patches"
     assert lowering.resolve(config_lib.replace(bf16, conv_impl="winograd"), "cpu").conv_impl == "winograd"
     monkeypatch.setattr(onednn, "available", lambda: False)
-    assert (lowering.resolve(bf16, "cpu").conv_impl, lowering.resolve(bf16, "cpu").layout) == ("patches", "CHWN")
+    without_onednn = lowering.resolve(bf16, "cpu")
+    assert (without_onednn.conv_impl, without_onednn.layout) == ("patches", "CHWN")
     assert lowering.inference_config(bf16).conv_impl == "lax"
 
 

@@ -154,7 +154,7 @@ def init(key: jax.Array, config: Config) -> tuple[Params, dict]:
 def conv_fn(config: Config):
     """The convolution of the layer-by-layer path (`--debug`, or reduce_window pooling with an
     NHWC layout). The fused blocks of `cnn_jax.nn.lowering`, Winograd among them, do not run there, so
-    `auto` means what `lowering.resolve` chooses with patches + matmul for Winograd; `lax`,
+    `auto` means `lowering.resolve`'s choice, with patches + matmul in place of Winograd; `lax`,
     `patches` and `onednn` run as asked."""
     impl = config.conv_impl
     if impl == "auto":
